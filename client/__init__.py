@@ -1,0 +1,1 @@
+"""Benchmarks against any OpenAI-compatible endpoint: instruction following and load."""

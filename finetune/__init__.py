@@ -1,0 +1,1 @@
+"""LoRA fine-tuning of instruction-tuned causal LMs: data, prompt rendering, training, adapter export."""

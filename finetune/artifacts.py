@@ -1,0 +1,143 @@
+"""What a finished run leaves besides the adapter weights.
+
+The manifest, the loss plot, and the atomic move of the finished folder into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """One hash over every non-hidden file's relative path and content (a model folder's identity)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def base_identity(base_model: str, revision: str | None, commit: str | None) -> dict[str, Any]:
+    """Which base the adapter was trained on: a local folder's content hash, or a hub id and its commit."""
+    local = Path(base_model)
+    if local.is_dir():
+        started = time.monotonic()
+        content = folder_sha256(local)
+        log.info("hashed base model folder %s in %.1fs", local, time.monotonic() - started)
+        return {
+            "source": "local",
+            "name": base_model,
+            "path": str(local.resolve()),
+            "content_sha256": content,
+        }
+    return {"source": "hub", "name": base_model, "revision": revision, "commit": commit}
+
+
+def set_adapter_base(adapter_dir: Path, base_model: str) -> None:
+    """Record the base exactly as the user named it (hub id or path) in adapter_config.json."""
+    config_path = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def package_version() -> str:
+    try:
+        return version("tuneserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_manifest(
+    adapter_dir: Path, config: FinetuneConfig, model: Any, *, data_hash: str, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "package": {"name": "tuneserve", "version": package_version()},
+        "base_model": base_identity(config.base_model, config.revision, commit),
+        "data": {"source": config.data.path, "sha256": data_hash},
+        "lora": config.lora.model_dump(mode="json"),
+        "steps": metrics["steps"],
+        "final_eval_loss": metrics["final_eval_loss"],
+        "files": {
+            path.name: file_sha256(path)
+            for path in sorted(adapter_dir.iterdir())
+            if path.name.startswith("adapter_") and path.is_file()
+        },
+    }
+
+
+def plot_loss(metrics: dict[str, Any], path: Path) -> None:
+    """Train and eval loss against optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    train = metrics["train_loss"]
+    evals = metrics["eval_loss"]
+    if train:
+        axis.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss", linewidth=1.2)
+    if evals:
+        axis.plot(
+            [p["step"] for p in evals], [p["loss"] for p in evals], "o-", label="eval loss", linewidth=1.5
+        )
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy per target token")
+    axis.set_title("LoRA fine-tuning loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def make_readable(folder: Path) -> None:
+    """Give files the usual umask permissions (safetensors writes 0600), so a server user can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def publish(staging: Path, output_dir: Path, *, overwrite: bool) -> None:
+    """Move a complete staging folder to output_dir with one rename, so readers never see half an adapter."""
+    make_readable(staging)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if output_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} already exists; set overwrite=true to replace it")
+        previous = output_dir.with_name(output_dir.name + ".replaced")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(output_dir, previous)
+    os.replace(staging, output_dir)
+    if previous is not None:
+        shutil.rmtree(previous)

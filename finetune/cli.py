@@ -1,0 +1,76 @@
+"""Command line of the fine-tuning module.
+
+`python -m finetune tiny-base --out DIR` and `python -m finetune run --config FILE [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-base", help="build (or reuse) the small embedded base model")
+    tiny.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    tiny.add_argument("--seed", type=int, default=None, help="seed (default: the built-in spec's)")
+    tiny.add_argument("--pretrain-steps", type=int, default=None, help="synthetic pre-training steps")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if --out holds another build")
+
+    run = commands.add_parser(
+        "run",
+        help="fine-tune a LoRA adapter",
+        description="Fine-tune a LoRA adapter. Any config field can be overridden as dotted key=value, "
+        "e.g. training.max_steps=200 lora.r=8 data.path=my.jsonl",
+    )
+    run.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imports are deferred so `--help` and config errors answer without loading torch.
+    from finetune.config import ConfigError, dump_config, load_config
+
+    try:
+        if args.command == "tiny-base":
+            from dataclasses import replace
+
+            from finetune.tiny_base import DEFAULT_SPEC, build_tiny_base
+
+            spec = DEFAULT_SPEC
+            if args.seed is not None:
+                spec = replace(spec, seed=args.seed)
+            if args.pretrain_steps is not None:
+                spec = replace(spec, pretrain_steps=args.pretrain_steps)
+            print(build_tiny_base(args.out, spec, force=args.force))
+            return 0
+
+        if args.config is None and not args.overrides:
+            print("error: give --config FILE and/or key=value overrides", file=sys.stderr)
+            return 2
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(config), end="")
+            return 0
+        from finetune.data import DataError
+        from finetune.prompting import PromptError
+        from finetune.recipe import TrainingError, run
+
+        try:
+            print(run(config, resume=args.resume))
+        except (DataError, PromptError, TrainingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    except (ConfigError, ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

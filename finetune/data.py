@@ -1,0 +1,454 @@
+"""Instruction data in, validated normalized records out: alpaca, chat and prompt/completion
+records from local .jsonl/.json/.parquet files, `save_to_disk` folders or hub datasets.
+
+Every problem names the file, the line or row and the field, and says what to fix; nothing is dropped
+without being counted (bad records, duplicates and records beyond `limit` all appear in the report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant")
+MAX_BAD_EXAMPLES = 5
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A missing path ending like a data file is a typo'd local path, never a hub id.
+_FILE_LIKE_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow")
+_SHAPES = (
+    "alpaca {instruction, input?, output}, chat {messages: [{role, content}, ...]}, "
+    "prompt_completion {prompt, completion}"
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file, line/row and field, and says what to fix."""
+
+
+class _BadRecord(Exception):
+    """One record that fails validation; `load_data` raises it as a DataError or counts it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One normalized training example: a conversation, or a raw (prompt, completion) pair."""
+
+    messages: tuple[tuple[str, str], ...]
+    raw: tuple[str, str] | None = None
+    origin: str = ""
+
+    def to_messages(self) -> list[dict[str, str]]:
+        """The conversation in the chat-template shape; empty for raw records."""
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def content_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+        """What makes two records duplicates: their content, not where they came from."""
+        return (self.messages, self.raw)
+
+
+@dataclass
+class DataReport:
+    """What `load_data` read and what became of every record (for the run log and metadata)."""
+
+    source: str
+    n_read: int
+    n_bad_skipped: int
+    n_duplicates: int
+    n_train: int
+    n_eval: int
+    formats: dict[str, int]
+    bad_examples: list[str]
+    data_hash: str
+    n_beyond_limit: int = 0
+    """Records dropped because `limit` was reached; n_read is the sum of all the counts."""
+
+    def summary(self) -> str:
+        formats = ", ".join(f"{name}={count}" for name, count in sorted(self.formats.items()))
+        return (
+            f"data {self.source}: read {self.n_read} ({formats}), {self.n_bad_skipped} bad skipped, "
+            f"{self.n_duplicates} duplicates, {self.n_beyond_limit} beyond limit -> "
+            f"{self.n_train} train / {self.n_eval} eval, hash {self.data_hash[:12]}"
+        )
+
+
+# ---------------------------------------------------------------- validation of one record
+
+
+def _present(row: dict[str, Any], key: str) -> bool:
+    # Columnar sources (parquet, datasets) give every row every column, None where a record lacks it.
+    return key in row and row[key] is not None
+
+
+def _text(row: dict[str, Any], key: str, where: str | None = None) -> str:
+    name = where or key
+    if not _present(row, key):
+        raise _BadRecord(f"field '{name}': is missing (it must be a non-empty string)")
+    value = row[key]
+    if not isinstance(value, str):
+        raise _BadRecord(f"field '{name}': must be a non-empty string, not {type(value).__name__}")
+    if not value.strip():
+        raise _BadRecord(f"field '{name}': must be a non-empty string")
+    return value
+
+
+def _keys(row: dict[str, Any]) -> str:
+    keys = [key for key in row if row[key] is not None]
+    return f"it has keys: {', '.join(keys)}" if keys else "it has no fields"
+
+
+def _detect_format(row: dict[str, Any]) -> str:
+    # Checked in order of how distinctive a key is, so a record with a typo in one field is still
+    # reported against its intended format ("field 'output': is missing") instead of as unknown.
+    if _present(row, "messages"):
+        return "chat"
+    if _present(row, "instruction") or _present(row, "output"):
+        return "alpaca"
+    if _present(row, "prompt") or _present(row, "completion"):
+        return "prompt_completion"
+    raise _BadRecord(f"record matches no known format ({_keys(row)}); expected one of {_SHAPES}")
+
+
+def _alpaca(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    instruction = _text(row, "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise _BadRecord(f"field 'input': must be a string (or absent), not {type(extra).__name__}")
+    output = _text(row, "output")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return (("user", prompt), ("assistant", output))
+
+
+def _chat(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    if not _present(row, "messages"):
+        raise _BadRecord("field 'messages': is missing (it must be a list of {role, content} objects)")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _BadRecord("field 'messages': must be a non-empty list of {role, content} objects")
+    turns: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _BadRecord(f"field '{where}': must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role is None:
+            raise _BadRecord(f"field '{where}.role': is missing (it must be one of {', '.join(ROLES)})")
+        if role not in ROLES:
+            raise _BadRecord(f"field '{where}.role': {role!r} is not one of {', '.join(ROLES)}")
+        content = _text(message, "content", f"{where}.content")
+        if role == "system":
+            if index != 0:
+                raise _BadRecord(f"field '{where}.role': a system message may only come first")
+        else:
+            previous = turns[-1][0] if turns else "system"
+            expected = "assistant" if previous == "user" else "user"
+            if role != expected:
+                raise _BadRecord(
+                    f"field '{where}.role': expected '{expected}' after '{previous}', got '{role}' "
+                    "(turns must alternate user/assistant, starting with user)"
+                )
+        turns.append((role, content))
+    if turns[-1][0] != "assistant":
+        last = f"messages[{len(turns) - 1}]"
+        raise _BadRecord(
+            f"field '{last}.role': the conversation must end with an assistant turn, not '{turns[-1][0]}'"
+        )
+    return tuple(turns)
+
+
+def _record(row: Any, origin: str, cfg: DataConfig) -> tuple[Record, str]:
+    """Validate and normalize one raw record; returns the record and its format, or raises _BadRecord."""
+    if not isinstance(row, dict):
+        raise _BadRecord(f"record must be a JSON object with named fields, not {type(row).__name__}")
+    fmt = _detect_format(row) if cfg.format == "auto" else cfg.format
+    raw: tuple[str, str] | None = None
+    if fmt == "alpaca":
+        messages = _alpaca(row)
+    elif fmt == "chat":
+        messages = _chat(row)
+    else:
+        prompt, completion = _text(row, "prompt"), _text(row, "completion")
+        if cfg.prompt_completion_style == "raw":
+            messages, raw = (), (prompt, completion)
+        else:
+            messages = (("user", prompt), ("assistant", completion))
+    if cfg.system_prompt and messages and messages[0][0] != "system":
+        messages = (("system", cfg.system_prompt), *messages)
+    return Record(messages=messages, raw=raw, origin=origin), fmt
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            origin = f"{name}:{number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield origin, _BadRecord(f"line is not UTF-8 text ({exc.reason}); re-save the file as UTF-8")
+                continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                yield origin, json.loads(text)
+            except json.JSONDecodeError as exc:
+                problem = f"invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+                yield origin, _BadRecord(problem)
+
+
+def _json_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{name}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); a .json file "
+            "must hold one list of objects (for one object per line, name the file .jsonl)"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{name}: a .json file must hold a list of objects, not a {type(data).__name__}")
+    for number, row in enumerate(data, start=1):
+        yield f"{name} record {number}", row
+
+
+def _parquet_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{name}: not a readable parquet file ({exc})") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{name} row {number}", row
+
+
+def _dataset_rows(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
+    number = 0
+    for batch in dataset.iter(batch_size=1024):
+        columns = list(batch)
+        for values in zip(*(batch[column] for column in columns), strict=True):
+            number += 1
+            yield f"{label} row {number}", dict(zip(columns, values, strict=True))
+
+
+def _saved_dataset_rows(path: Path, name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(
+                    f"{name}: has no split {split!r} (it has {', '.join(loaded)}); "
+                    "set data.split to one of them"
+                )
+            return _dataset_rows(loaded[split], f"{name}[{split}]")
+        return _dataset_rows(loaded, name)
+    # A plain folder of data files: let `datasets` pick the builder from the file types.
+    return _hub_rows(str(path), split, name)
+
+
+def _hub_rows(path: str, split: str, name: str | None = None) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, split=split)
+    except Exception as exc:  # datasets raises many types (not found, no access, offline, bad split)
+        raise DataError(
+            f"{name or path}: could not load dataset split {split!r} ({type(exc).__name__}: {exc}); "
+            "check the id, data.split, your network and `hf auth login` for gated datasets"
+        ) from exc
+    return _dataset_rows(dataset, f"{name or path}[{split}]")
+
+
+def _rows(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    """(origin, raw record) pairs from any supported source; a raw record may be a _BadRecord."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return _saved_dataset_rows(local, path, split)
+    if local.is_file():
+        suffix = local.suffix.lower()
+        if suffix == ".jsonl":
+            return _jsonl_rows(local, path)
+        if suffix == ".json":
+            return _json_rows(local, path)
+        if suffix == ".parquet":
+            return _parquet_rows(local, path)
+        raise DataError(
+            f"{path}: unsupported file type {local.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(SUPPORTED_EXTENSIONS)}, a folder saved with datasets' save_to_disk, "
+            "or a hub dataset id"
+        )
+    looks_local = path.startswith(("/", ".", "~")) or path.lower().endswith(_FILE_LIKE_SUFFIXES)
+    if looks_local or not _HUB_ID.match(path):
+        raise DataError(
+            f"{path}: not found; give an existing .jsonl/.json/.parquet file or folder, or a hub dataset id "
+            "such as owner/name"
+        )
+    return _hub_rows(path, split)
+
+
+def read_records(path: str, cfg: DataConfig) -> tuple[list[Record], int, list[str], dict[str, int]]:
+    """Read and validate one source: (records, bad records skipped, first bad messages, records per format).
+
+    With `cfg.on_bad_record == "error"` the first bad record raises DataError. Line, record and row
+    numbers in origins are 1-based.
+    """
+    records: list[Record] = []
+    n_bad = 0
+    bad_messages: list[str] = []
+    formats: dict[str, int] = {}
+    for origin, row in _rows(path, cfg.split):
+        try:
+            if isinstance(row, _BadRecord):
+                raise row
+            record, fmt = _record(row, origin, cfg)
+        except _BadRecord as exc:
+            message = f"{origin}: {exc}"
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{message} (or set data.on_bad_record=skip to skip bad records)") from None
+            n_bad += 1
+            if len(bad_messages) < MAX_BAD_EXAMPLES:
+                bad_messages.append(message)
+            continue
+        records.append(record)
+        formats[fmt] = formats.get(fmt, 0) + 1
+    if not records and not n_bad:
+        raise DataError(f"{path}: holds no records; check that it is the right file and not empty")
+    if n_bad:
+        logger.warning("%s: skipped %d bad record(s); first: %s", path, n_bad, bad_messages[0])
+    return records, n_bad, bad_messages, formats
+
+
+# ---------------------------------------------------------------- the whole data set
+
+
+def _dedupe(records: list[Record]) -> tuple[list[Record], int]:
+    seen: set[Any] = set()
+    kept: list[Record] = []
+    for record in records:
+        key = record.content_key()
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    n = len(records)
+    # round() first so that e.g. 0.1 * 30 = 3.0000000000000004 holds out 3, not 4.
+    n_eval = math.ceil(round(fraction * n, 9)) if fraction > 0 else 0
+    if fraction > 0 and n >= 2:
+        n_eval = max(n_eval, 1)
+    n_eval = min(n_eval, n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:n_eval])
+    # Both parts keep file order; the trainer shuffles per epoch.
+    train = [record for index, record in enumerate(records) if index not in held_out]
+    evaluation = [record for index, record in enumerate(records) if index in held_out]
+    return train, evaluation
+
+
+def _content(record: Record) -> dict[str, Any]:
+    if record.raw is not None:
+        return {"raw": list(record.raw)}
+    return {"messages": [list(turn) for turn in record.messages]}
+
+
+def data_hash(train: list[Record], evaluation: list[Record]) -> str:
+    """sha256 of the canonical JSON of the records' content (not their origins), train then eval."""
+    canonical = json.dumps(
+        {"train": [_content(r) for r in train], "eval": [_content(r) for r in evaluation]},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_data(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record], DataReport]:
+    """Read, validate, de-duplicate, limit and split the data: (train, eval, report).
+
+    `limit` applies to the training source after de-duplication (and, with `eval_path`, after removing
+    records that also appear in eval). The same input and seed always give the same split and hash.
+    """
+    records, n_bad, bad_messages, formats = read_records(cfg.path, cfg)
+    n_read = len(records) + n_bad
+    if not records:
+        raise DataError(
+            f"{cfg.path}: no valid records ({n_bad} bad record(s) skipped); first problem: {bad_messages[0]}"
+        )
+    n_duplicates = 0
+    if cfg.dedupe:
+        records, n_duplicates = _dedupe(records)
+
+    n_beyond_limit = 0
+    if cfg.eval_path is None:
+        if cfg.limit is not None and len(records) > cfg.limit:
+            n_beyond_limit = len(records) - cfg.limit
+            records = records[: cfg.limit]
+        train, evaluation = _split(records, cfg.eval_fraction, seed)
+        source = cfg.path
+    else:
+        evaluation, eval_bad, eval_messages, eval_formats = read_records(cfg.eval_path, cfg)
+        n_read += len(evaluation) + eval_bad
+        n_bad += eval_bad
+        bad_messages = (bad_messages + eval_messages)[:MAX_BAD_EXAMPLES]
+        for fmt, count in eval_formats.items():
+            formats[fmt] = formats.get(fmt, 0) + count
+        if not evaluation:
+            raise DataError(
+                f"{cfg.eval_path}: no valid eval records ({eval_bad} bad record(s) skipped); "
+                f"first problem: {eval_messages[0]}"
+            )
+        if cfg.dedupe:
+            evaluation, eval_duplicates = _dedupe(evaluation)
+            n_duplicates += eval_duplicates
+        # Train never sees an eval example, whatever `dedupe` says, or the eval loss means nothing.
+        eval_keys = {record.content_key() for record in evaluation}
+        train = [record for record in records if record.content_key() not in eval_keys]
+        n_duplicates += len(records) - len(train)
+        if cfg.limit is not None and len(train) > cfg.limit:
+            n_beyond_limit = len(train) - cfg.limit
+            train = train[: cfg.limit]
+        source = f"{cfg.path} + eval {cfg.eval_path}"
+    if not train:
+        raise DataError(f"{cfg.path}: no training records left (every one also appears in {cfg.eval_path})")
+
+    report = DataReport(
+        source=source,
+        n_read=n_read,
+        n_bad_skipped=n_bad,
+        n_duplicates=n_duplicates,
+        n_train=len(train),
+        n_eval=len(evaluation),
+        formats=formats,
+        bad_examples=bad_messages,
+        data_hash=data_hash(train, evaluation),
+        n_beyond_limit=n_beyond_limit,
+    )
+    logger.info(report.summary())
+    return train, evaluation, report

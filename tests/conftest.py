@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded tiny base (built once, cached under .cache/), and the GPU skip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    """The same tiny base `make demo` uses, built on first use and reused afterwards."""
+    from finetune.tiny_base import build_tiny_base
+
+    return build_tiny_base(REPO_ROOT / ".cache" / "tiny-base")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)

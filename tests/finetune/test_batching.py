@@ -1,0 +1,124 @@
+"""Packing: samples share a row without seeing each other, so packed and padded losses agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.batching import (
+    collate_packed,
+    collate_padded,
+    plan_packed,
+    plan_padded,
+    token_loss_sum,
+)
+from finetune.prompting import encode_conversation, end_of_turn_ids
+
+
+def _samples(tokenizer, n: int):  # type: ignore[no-untyped-def]
+    stop = end_of_turn_ids(tokenizer)
+    samples = []
+    for i in range(n):
+        words = " ".join(["apple", "river", "stone", "cloud"][: 1 + i % 4] * (1 + i))
+        chat = [
+            {"role": "user", "content": f"Say {words} in capitals."},
+            {"role": "assistant", "content": words.upper()},
+        ]
+        samples.append(encode_conversation(tokenizer, chat, stop))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_base, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+
+
+@torch.no_grad()
+def test_packed_loss_equals_unpacked_loss(model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    samples = _samples(tiny_tokenizer, 5)
+    packed = collate_packed(samples)
+    padded = collate_padded(samples, tiny_tokenizer.pad_token_id)
+    assert packed.input_ids.shape[0] == 1
+    assert packed.n_tokens == padded.n_tokens == sum(len(s.input_ids) for s in samples)
+    assert packed.n_label_tokens == padded.n_label_tokens
+    packed_loss = token_loss_sum(model, packed) / packed.n_label_tokens
+    padded_loss = token_loss_sum(model, padded) / padded.n_label_tokens
+    one_by_one = (
+        sum(float(token_loss_sum(model, collate_packed([s]))) for s in samples) / packed.n_label_tokens
+    )
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    assert abs(float(packed_loss) - one_by_one) < 1e-4
+
+    # The check has teeth: without restarting positions, samples see each other and the loss moves.
+    leaky = collate_packed(samples)
+    leaky.position_ids = torch.arange(leaky.input_ids.shape[1])[None]
+    assert abs(float(token_loss_sum(model, leaky) / leaky.n_label_tokens) - float(packed_loss)) > 1e-3
+
+
+@torch.no_grad()
+def test_eager_attention_packs_too(tiny_base: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    from finetune.recipe import packing_isolates_samples
+
+    samples = _samples(tiny_tokenizer, 3)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, attn_implementation="eager")
+    assert packing_isolates_samples(eager, samples, torch.float32)
+    packed = collate_packed(samples)
+    padded = collate_padded(samples, tiny_tokenizer.pad_token_id)
+    torch.testing.assert_close(
+        token_loss_sum(eager, packed), token_loss_sum(eager, padded), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_packing_probe_detects_leaking_attention(model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A model that ignores position-id restarts (here: positions forced to run on) is caught by the probe."""
+    from finetune.recipe import packing_isolates_samples
+
+    class IgnoresRestarts(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids, **kwargs):  # type: ignore[no-untyped-def]
+            return self.inner(
+                input_ids=input_ids, position_ids=torch.arange(input_ids.shape[1])[None], **kwargs
+            )
+
+    samples = _samples(tiny_tokenizer, 2)
+    assert packing_isolates_samples(model, samples, torch.float32)
+    assert not packing_isolates_samples(IgnoresRestarts(model), samples, torch.float32)
+
+
+def test_plans_cover_every_sample_once_and_respect_the_budget() -> None:
+    lengths = [5, 17, 3, 40, 22, 9, 31, 12, 8, 26]
+    packed = plan_packed(lengths, token_budget=48, seed=3)
+    assert sorted(i for batch in packed for i in batch) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in batch) <= 48 for batch in packed)
+    assert packed == plan_packed(lengths, token_budget=48, seed=3)
+    assert packed != plan_packed(lengths, token_budget=48, seed=4)
+
+    padded = plan_padded(lengths, batch_size=3, seed=3, group=2)
+    assert sorted(i for batch in padded for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) <= 3 for batch in padded)
+    # Length grouping: inside each window of 6, batches hold neighbours in length order.
+    for batch in padded:
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+
+
+def test_padded_batch_masks_padding(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    samples = _samples(tiny_tokenizer, 3)
+    batch = collate_padded(samples, pad_id=tiny_tokenizer.pad_token_id)
+    assert batch.attention_mask is not None
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        assert batch.attention_mask[row, :n].all() and not batch.attention_mask[row, n:].any()
+        assert (batch.labels[row, n:] == -100).all()
+        assert batch.position_ids[row, :n].tolist() == list(range(n))
