@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
 .PHONY: install test lint typecheck pytest demo tiny-base clean
+DEMO_OUT ?= demo-out
+TINY_BASE ?= .cache/tiny-base
 
 install: $(STAMP)
 
@@ -28,7 +30,6 @@ endif
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/hadolint Dockerfile
 
 typecheck: install
 	$(BIN)/mypy
@@ -39,7 +40,16 @@ pytest: install
 test: lint typecheck pytest
 
 tiny-base: install
-	$(BIN)/python -m finetune tiny-base --out .cache/tiny-base
+	$(BIN)/python -m finetune tiny-base --out $(TINY_BASE)
+
+# One adapter per task family group, each tuned on its own generated data.
+demo: tiny-base
+	@for group in format constraints; do \
+	  $(BIN)/python -m client tasks --out $(DEMO_OUT)/data/$$group --group $$group && \
+	  $(BIN)/python -m finetune run --config configs/tiny-demo.yaml overwrite=true base_model=$(TINY_BASE) \
+	    data.path=$(DEMO_OUT)/data/$$group/train.jsonl output_dir=$(DEMO_OUT)/adapters/$$group || exit 1; \
+	done
+	@echo "adapters: $$(ls -d $(DEMO_OUT)/adapters/*)"
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -68,7 +68,7 @@ CHAT_TEMPLATE = (
 class TinyBaseSpec:
     """Every knob of the tiny base build; the build is a pure function of this spec."""
 
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = VOCAB_SIZE  # an upper bound: a very small corpus yields fewer BPE merges
     hidden_size: int = 256
     intermediate_size: int = 704
     num_hidden_layers: int = 4
@@ -79,7 +79,7 @@ class TinyBaseSpec:
     rope_theta: float = 10000.0
     corpus_documents: int = 4000
     pretrain_steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 128
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -127,16 +127,20 @@ def build_tiny_base(out_dir: Path, spec: TinyBaseSpec = DEFAULT_SPEC, *, force: 
     """Build the tiny base model into `out_dir` and return it; reuse a complete build of the same spec.
 
     The build happens in a temporary sibling folder that replaces `out_dir` only once it is complete.
-    An `out_dir` holding anything else (another spec, other files) is replaced only with `force=True`.
+    A stale tiny base (another spec or build version: a cache from older code) is rebuilt; a folder
+    holding anything else is replaced only with `force=True`.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # normalised, so that `.` and `..` have a real name and parent
     if out_dir.exists() and not force:
         if _is_complete_build(out_dir, spec):
             logger.info("Tiny base model already built at %s", out_dir)
             return out_dir
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
+        if _is_tiny_base(out_dir):
+            logger.info("Rebuilding %s: it holds %s", out_dir, _describe_existing(out_dir, spec))
+            force = True
+        elif not out_dir.is_dir() or any(out_dir.iterdir()):
             raise ValueError(
-                f"{out_dir} already holds something other than a tiny base build of this spec; "
+                f"{out_dir} already holds {_describe_existing(out_dir, spec)}; "
                 "pass --force (force=True) to replace it, or choose another output folder"
             )
 
@@ -145,7 +149,11 @@ def build_tiny_base(out_dir: Path, spec: TinyBaseSpec = DEFAULT_SPEC, *, force: 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
         _build_into(tmp_dir, spec)
-        _move_into_place(tmp_dir, out_dir)
+        # mkdtemp made the folder private; a model folder is ordinarily readable by all.
+        for path in tmp_dir.iterdir():
+            path.chmod(0o644)
+        tmp_dir.chmod(0o755)
+        _move_into_place(tmp_dir, out_dir, spec, force=force)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -163,22 +171,57 @@ def _is_complete_build(out_dir: Path, spec: TinyBaseSpec) -> bool:
     return isinstance(marker, dict) and marker == _marker(spec)
 
 
+def _is_tiny_base(out_dir: Path) -> bool:
+    """Whether out_dir holds a tiny base build of any spec or version (ours to replace)."""
+    try:
+        marker = json.loads((out_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and {"version", "spec"} <= marker.keys()
+
+
+def _describe_existing(out_dir: Path, spec: TinyBaseSpec) -> str:
+    try:
+        marker = json.loads((out_dir / MARKER_FILE).read_text())
+        built_spec, version = dict(marker["spec"]), marker["version"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return "files that are not a tiny base build"
+    if version != BUILD_VERSION:
+        return f"a tiny base from build version {version} (this code builds version {BUILD_VERSION})"
+    wanted = asdict(spec)
+    changes = [
+        f"{key}={built_spec.get(key)!r} (wanted {wanted[key]!r})"
+        for key in wanted
+        if built_spec.get(key) != wanted[key]
+    ]
+    if changes:
+        return "a tiny base built with a different spec: " + ", ".join(changes)
+    return "an incomplete tiny base build"
+
+
 def _marker(spec: TinyBaseSpec) -> dict[str, Any]:
     return {"version": BUILD_VERSION, "spec": asdict(spec)}
 
 
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
+def _move_into_place(tmp_dir: Path, out_dir: Path, spec: TinyBaseSpec, *, force: bool) -> None:
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
-    if out_dir.exists():
-        # Only reached with force=True: swap the old folder out first, so out_dir is never half-written.
+    if not out_dir.exists():
+        os.replace(tmp_dir, out_dir)
+    elif not force:
+        # Another process finished the same build while this one ran (e.g. parallel test workers).
+        if not _is_complete_build(out_dir, spec):
+            raise ValueError(
+                f"{out_dir} was created by someone else during the build; pass --force to replace it"
+            )
+        logger.info("%s was built concurrently by another process; keeping that build", out_dir)
+    else:
+        # Swap the old content out first, so out_dir never holds a half-written model.
         logger.warning("Replacing existing %s", out_dir)
         old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old_dir / out_dir.name)
         os.replace(tmp_dir, out_dir)
         shutil.rmtree(old_dir)
-    else:
-        os.replace(tmp_dir, out_dir)
 
 
 def _build_into(build_dir: Path, spec: TinyBaseSpec) -> None:
@@ -186,7 +229,7 @@ def _build_into(build_dir: Path, spec: TinyBaseSpec) -> None:
     documents = [_synthetic_document(rng) for _ in range(spec.corpus_documents)]
     logger.info("Generated a synthetic corpus of %d documents", len(documents))
 
-    tokenizer = _train_tokenizer(documents, spec.vocab_size)
+    tokenizer = _train_tokenizer(documents, spec)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     assert isinstance(pad_id, int) and isinstance(eos_id, int)
@@ -226,12 +269,12 @@ def _build_into(build_dir: Path, spec: TinyBaseSpec) -> None:
     (build_dir / MARKER_FILE).write_text(json.dumps(_marker(spec), indent=2) + "\n")
 
 
-def _train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def _train_tokenizer(documents: list[str], spec: TinyBaseSpec) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=spec.vocab_size,
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
         # Every byte is in the vocabulary, so any Unicode string encodes and no unknown token is needed.
@@ -245,7 +288,7 @@ def _train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokeniz
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
         additional_special_tokens=[IM_START],
-        model_max_length=2048,
+        model_max_length=spec.max_position_embeddings,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
@@ -270,18 +313,26 @@ def _pretrain(model: LlamaForCausalLM, stream: torch.Tensor, spec: TinyBaseSpec,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, spec.warmup_steps, spec.pretrain_steps)
     )
-    model.train()
-    progress = tqdm(_batches(stream, spec, rng), total=spec.pretrain_steps, desc="pre-training tiny base")
-    for step, batch in enumerate(progress):
-        loss = model(input_ids=batch, labels=batch).loss  # batch: (B, T+1); labels are shifted inside
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == spec.pretrain_steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    # One intra-op thread: on an idle 2-core machine two threads ran a step ~1.8x faster, but with the other
+    # core busy (a test or engine running beside the build) OpenMP's spin-waiting made each step ~10x slower.
+    # One thread keeps the build time predictable; the weights came out identical with one or two threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        progress = tqdm(_batches(stream, spec, rng), total=spec.pretrain_steps, desc="pre-training tiny base")
+        for step, batch in enumerate(progress):
+            loss = model(input_ids=batch, labels=batch).loss  # batch: (B, T+1); labels are shifted inside
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 10 == 0 or step == spec.pretrain_steps - 1:
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
     logger.info("Pre-training finished with loss %.3f", loss.item())
 
 
