@@ -130,38 +130,3 @@ def test_chat_template_marks_assistant_tokens(quick_base: Path) -> None:
     ids, mask = encoded["input_ids"], encoded["assistant_masks"]
     trained = tokenizer.decode([token for token, keep in zip(ids, mask, strict=True) if keep])
     assert trained == "- red\n- blue<|im_end|>"
-
-
-@pytest.mark.slow
-def test_vllm_cpu_serves_it(quick_base: Path) -> None:
-    # The engine runs in spawned worker processes (vLLM's default); inside pytest that worked as is,
-    # with no VLLM_ENABLE_V1_MULTIPROCESSING override. Engine start-up takes ~30 s on 2 cores.
-    vllm = pytest.importorskip("vllm")
-
-    # On CPU gpu_memory_utilization is the share of host memory for the KV cache; the default 0.92 is refused.
-    llm = vllm.LLM(
-        model=str(quick_base),
-        enforce_eager=True,
-        gpu_memory_utilization=0.3,
-        max_model_len=512,
-        dtype="float32",
-        seed=0,
-    )
-    try:
-        (result,) = llm.chat([CONVERSATION[:2]], vllm.SamplingParams(temperature=0.0, max_tokens=8))
-    finally:
-        # Stop the engine's processes now: left to interpreter exit, vLLM force-kills them and logs to
-        # pytest's already-closed capture streams.
-        llm.llm_engine.engine_core.shutdown()
-    completion = result.outputs[0]
-    assert completion.token_ids
-    assert isinstance(completion.text, str)
-    assert completion.text
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(quick_base)
-    expected: Any = tokenizer.apply_chat_template(
-        CONVERSATION[:2], add_generation_prompt=True, return_dict=True
-    )
-    assert list(result.prompt_token_ids) == list(expected["input_ids"])
