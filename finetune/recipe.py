@@ -199,19 +199,22 @@ def packing_isolates_samples(
     return bool(((logits_packed - logits_alone).abs().max() / scale) < tolerance)
 
 
-def plan_micro_batches(
-    lengths: list[int], config: FinetuneConfig, packing: bool, n_micro: int, seed: int
-) -> list[list[int]]:
-    """`n_micro` micro-batches of sample indices, epoch after epoch, each epoch in its own seeded order."""
+def plan_epoch(lengths: list[int], config: FinetuneConfig, packing: bool, seed: int) -> list[list[int]]:
+    """One pass over all samples as micro-batches of sample indices, in a seeded order."""
     training = config.training
+    if packing:
+        return plan_packed(lengths, training.micro_batch_size * config.data.max_seq_len, seed)
+    return plan_padded(lengths, training.micro_batch_size, seed)
+
+
+def plan_micro_batches(
+    lengths: list[int], config: FinetuneConfig, packing: bool, n_micro: int
+) -> list[list[int]]:
+    """`n_micro` micro-batches, epoch after epoch, each epoch in its own seeded order."""
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < n_micro:
-        if packing:
-            budget = training.micro_batch_size * config.data.max_seq_len
-            plan.extend(plan_packed(lengths, budget, seed + epoch))
-        else:
-            plan.extend(plan_padded(lengths, training.micro_batch_size, seed + epoch))
+        plan.extend(plan_epoch(lengths, config, packing, config.seed + epoch))
         epoch += 1
     return plan[:n_micro]
 
@@ -220,11 +223,7 @@ def count_steps(lengths: list[int], config: FinetuneConfig, packing: bool, world
     training = config.training
     if training.max_steps is not None:
         return training.max_steps
-    per_epoch = len(
-        plan_packed(lengths, training.micro_batch_size * config.data.max_seq_len, config.seed)
-        if packing
-        else plan_padded(lengths, training.micro_batch_size, config.seed)
-    )
+    per_epoch = len(plan_epoch(lengths, config, packing, config.seed))
     per_step = training.gradient_accumulation_steps * world_size
     return max(1, math.floor(training.epochs * per_epoch / per_step))
 
@@ -330,15 +329,9 @@ class LoraRecipe:
         lengths = [len(s.input_ids) for s in self.train_samples]
         self.total_steps = count_steps(lengths, config, self.packing, world)
         accumulation = training.gradient_accumulation_steps
-        self.plan = plan_micro_batches(
-            lengths, config, self.packing, self.total_steps * accumulation * world, config.seed
-        )
+        self.plan = plan_micro_batches(lengths, config, self.packing, self.total_steps * accumulation * world)
         eval_lengths = [len(s.input_ids) for s in self.eval_samples]
-        self.eval_plan = (
-            plan_micro_batches(eval_lengths, config, self.packing, 1, config.seed)
-            if self.eval_samples
-            else []
-        )
+        self.eval_plan = plan_epoch(eval_lengths, config, self.packing, config.seed)
         self.scheduler = self._make_scheduler()
         if self.resume:
             self._load_checkpoint()

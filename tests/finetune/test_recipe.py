@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.config import ConfigError, load_config
-from finetune.recipe import TrainingError, encode_records, partial_dir, run
+from finetune.recipe import LoraRecipe, TrainingError, encode_records, partial_dir, run
 from tests.finetune.conftest import REPO_ROOT, overrides
 
 
@@ -210,3 +210,15 @@ def test_gpu_bf16_and_qlora_train(
     assert metrics["precision"] == "bfloat16"
     assert metrics["peak_memory_kind"] == "cuda_max_memory_allocated"
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
+
+
+def test_eval_pass_covers_every_eval_sample(tiny_base: Path, task_data: Path, tmp_path: Path) -> None:
+    # A small token budget splits the eval set over several micro-batches.
+    settings = overrides(
+        tiny_base, task_data, tmp_path / "o", "data.eval_fraction=0.3", "training.micro_batch_size=1"
+    )
+    recipe = LoraRecipe(load_config(None, settings))
+    recipe.setup()
+    assert len(recipe.eval_plan) > 1
+    assert sorted(i for batch in recipe.eval_plan for i in batch) == list(range(len(recipe.eval_samples)))
+    assert sorted({i for batch in recipe.plan for i in batch}) == list(range(len(recipe.train_samples)))
