@@ -80,18 +80,29 @@ def inspect_adapter(path: Path, *, max_lora_rank: int | None = None) -> AdapterI
         raw: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"adapter {path}: cannot read {ADAPTER_CONFIG}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"adapter {path}: {ADAPTER_CONFIG} must hold a JSON object")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {path} is a {raw.get('peft_type')} adapter; only LoRA can be served")
     if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
         raise ValueError(f"adapter {path} has no weights file ({' or '.join(ADAPTER_WEIGHTS)})")
-    rank = int(raw.get("r", 0))
+    rank = raw.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(
+            f"adapter {path}: {ADAPTER_CONFIG} field 'r' must be a positive integer, not {rank!r}"
+        )
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"adapter {path}: {ADAPTER_CONFIG} field 'target_modules' must be a list of names")
+    modules_to_save = raw.get("modules_to_save")
+    if modules_to_save is not None and not isinstance(modules_to_save, list):
+        modules_to_save = [str(modules_to_save)]
     problems = check_lora_settings(
         r=rank,
         use_dora=bool(raw.get("use_dora", False)),
-        modules_to_save=raw.get("modules_to_save"),
+        modules_to_save=modules_to_save,
         target_modules=list(targets),
     )
     if max_lora_rank is not None and rank > max_lora_rank:

@@ -1,0 +1,42 @@
+"""`python -m serve --base-model PATH_OR_HUB_ID [--adapters-dir DIR] [--lora NAME=PATH]`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic_settings import CliApp
+
+    from serve.settings import ServeSettings
+
+    try:
+        settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
+            print(f"error: {field}: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from serve.adapters import parse_lora_option
+    from serve.app import build_app
+
+    try:
+        for value in settings.lora:
+            parse_lora_option(value)
+    except ValueError as exc:
+        print(f"error: --lora: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

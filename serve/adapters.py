@@ -1,0 +1,316 @@
+"""Which LoRA adapters the server serves: names, vLLM ids, and the static checks an adapter folder must pass.
+
+vLLM loads the weights afterwards; everything here is decided from files alone, before vLLM sees the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.artifacts import MANIFEST, folder_sha256
+from finetune.servable import ADAPTER_WEIGHTS, inspect_adapter
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Folders `finetune` (and editors) leave while writing: a run's work dir, a checkpoint being written,
+# and the previous adapter during an overwrite (finetune.artifacts.publish).
+UNFINISHED_SUFFIXES = (".partial", ".tmp", ".replaced")
+
+
+class AdapterError(ValueError):
+    """A refusal with a message saying why; `status` is the HTTP status to answer with (400, 404, 409)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter that passed validation; `base_model` is the base it declares (None if it declares none)."""
+
+    name: str
+    path: Path
+    lora_int_id: int
+    rank: int
+    base_model: str | None
+
+    def lora_request(self) -> LoRARequest:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=self.name, lora_int_id=self.lora_int_id, lora_path=str(self.path))
+
+
+def check_name_syntax(name: str) -> None:
+    """Raise ValueError unless `name` can be a model id and a folder name: 1-64 of letters, digits, . _ -"""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-' "
+            "(it becomes the model id in the API)"
+        )
+    if set(name) == {"."}:
+        raise ValueError(f"adapter name {name!r} is not allowed; it would name a folder's parent or itself")
+
+
+def parse_lora_option(value: str) -> tuple[str, Path]:
+    """`--lora NAME=PATH` -> (NAME, PATH); ValueError saying what is wrong otherwise."""
+    name, sep, path = value.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise ValueError(f"--lora expects NAME=PATH (e.g. --lora sql=/adapters/sql), got {value!r}")
+    check_name_syntax(name)
+    return name, Path(path).expanduser()
+
+
+def _is_hub_id(value: str) -> bool:
+    """`org/model` or `model`, not a path that exists here or is written as one."""
+    if value.startswith(("/", "./", "../", "~")) or Path(value).exists():
+        return False
+    return value.count("/") <= 1 and "\\" not in value
+
+
+class AdapterRegistry:
+    """The adapters being served, by name; ids for vLLM are handed out once and never reused."""
+
+    def __init__(self, *, base_model: str, adapters_dir: Path | None, max_lora_rank: int) -> None:
+        if adapters_dir is not None and not adapters_dir.is_dir():
+            raise ValueError(
+                f"--adapters-dir {adapters_dir} is not a folder; create it or leave the option out"
+            )
+        self.base_model = base_model
+        self.adapters_dir = adapters_dir
+        self.max_lora_rank = max_lora_rank
+        self._adapters: dict[str, Adapter] = {}
+        self._last_id = 0
+        # Every id ever registered: vLLM caches weights by id, so a removed adapter's id must never come back.
+        self._used_ids: set[int] = set()
+        self._base_sha256: str | None = None
+
+    # -- the served set -------------------------------------------------------------------------------
+
+    def validate(self, name: str, path: Path) -> Adapter:
+        """Every check that needs no engine; raises AdapterError. Hands out a fresh id, registers nothing."""
+        self._check_name(name)
+        if name in self._adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
+        try:
+            info = inspect_adapter(path, max_lora_rank=self.max_lora_rank)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from exc
+        self._check_weights(path)
+        self._check_base(name, path, info.base_model)
+        self._last_id += 1
+        return Adapter(
+            name=name, path=path, lora_int_id=self._last_id, rank=info.rank, base_model=info.base_model
+        )
+
+    def register(self, adapter: Adapter) -> None:
+        """Add a validated adapter; 409 if its name is taken."""
+        if adapter.name in self._adapters:
+            raise AdapterError(
+                f"an adapter named {adapter.name!r} is already loaded; unload it first", status=409
+            )
+        if adapter.lora_int_id in self._used_ids:
+            raise ValueError(
+                f"lora_int_id {adapter.lora_int_id} was used before; get a fresh Adapter from validate()"
+            )
+        self._adapters[adapter.name] = adapter
+        self._used_ids.add(adapter.lora_int_id)
+        log.info(
+            "serving adapter %s (id %d, rank %d) from %s",
+            adapter.name,
+            adapter.lora_int_id,
+            adapter.rank,
+            adapter.path,
+        )
+
+    def remove(self, name: str) -> Adapter:
+        """Stop serving `name`; 404 if it is not served. Its id stays retired."""
+        adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            raise AdapterError(
+                f"no adapter named {name!r} is loaded; loaded: {self.names() or 'none'}", status=404
+            )
+        log.info("stopped serving adapter %s (id %d)", name, adapter.lora_int_id)
+        return adapter
+
+    def get(self, name: str) -> Adapter | None:
+        return self._adapters.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def __iter__(self) -> Iterator[Adapter]:
+        return iter([self._adapters[name] for name in self.names()])
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    # -- finding adapters on disk ---------------------------------------------------------------------
+
+    def discover(self) -> list[tuple[str, Path]]:
+        """Finished adapter folders directly under adapters_dir whose names are not served yet, by name."""
+        if self.adapters_dir is None:
+            return []
+        found = []
+        for path in sorted(self.adapters_dir.iterdir()):
+            name = path.name
+            if name.startswith(".") or name.endswith(UNFINISHED_SUFFIXES) or name in self._adapters:
+                continue
+            if path.is_dir() and (path / "adapter_config.json").is_file():
+                found.append((name, path))
+        return found
+
+    def resolve_runtime_path(self, raw: str | None, name: str) -> Path:
+        """The folder a runtime load request may use: inside adapters_dir once symlinks are resolved."""
+        if self.adapters_dir is None:
+            raise AdapterError(
+                "this server has no adapters folder; "
+                "start the server with --adapters-dir to load adapters at runtime"
+            )
+        if not raw:
+            self._check_name(name)
+            raw = name
+        requested = Path(raw)
+        if ".." in requested.parts:
+            raise AdapterError(
+                f"lora_path {raw!r} may not contain '..'; give a folder inside the adapters dir"
+            )
+        root = Path(os.path.realpath(self.adapters_dir))
+        try:
+            resolved = Path(os.path.realpath(self.adapters_dir / requested))
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"lora_path {raw!r} is not a usable path: {exc}") from exc
+        if resolved == root or not resolved.is_relative_to(root):
+            raise AdapterError(
+                f"lora_path {raw!r} must be inside the adapters dir {self.adapters_dir} "
+                "(symlinks are followed); copy or link the adapter folder there"
+            )
+        return resolved
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        try:
+            check_name_syntax(name)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from exc
+        if name == self.base_model:
+            raise AdapterError(
+                f"adapter name {name!r} is the served base model's name; "
+                "pick another so requests can tell them apart"
+            )
+
+    def _check_weights(self, path: Path) -> None:
+        """The weights file opens, and a safetensors one holds LoRA pairs of a rank the server takes."""
+        weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
+        if weights is None:
+            raise AdapterError(f"adapter {path}: its weights file disappeared while it was being checked")
+        try:
+            with weights.open("rb") as handle:
+                if not handle.read(8):
+                    raise AdapterError(f"adapter {path}: {weights.name} is empty")
+        except OSError as exc:
+            raise AdapterError(f"adapter {path}: cannot read {weights.name}: {exc}") from exc
+        if weights.suffix != ".safetensors":
+            return
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="numpy") as tensors:
+                keys = list(tensors.keys())
+                ranks = {tensors.get_slice(key).get_shape()[0] for key in keys if ".lora_A." in key}
+                has_b = any(".lora_B." in key for key in keys)
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(
+                f"adapter {path}: {weights.name} is not a readable safetensors file: {exc}"
+            ) from exc
+        if not ranks or not has_b:
+            raise AdapterError(
+                f"adapter {path}: {weights.name} holds no lora_A/lora_B weights; not a LoRA adapter"
+            )
+        # Per-module ranks (PEFT's rank_pattern) can exceed the `r` in adapter_config.json.
+        if max(ranks) > self.max_lora_rank:
+            raise AdapterError(
+                f"adapter {path}: its weights have rank {max(ranks)}, above the server's --max-lora-rank "
+                f"{self.max_lora_rank}; restart with a larger --max-lora-rank"
+            )
+
+    def _check_base(self, name: str, path: Path, declared: str | None) -> None:
+        """Refuse an adapter trained on another base: by manifest content hash, else by declared name."""
+        recorded = self._manifest_base(path)
+        if (
+            recorded is not None
+            and recorded.get("source") == "local"
+            and recorded.get("content_sha256")
+            and Path(self.base_model).is_dir()
+        ):
+            if recorded["content_sha256"] == self._served_base_sha256():
+                return
+            raise AdapterError(
+                f"adapter {name!r} was trained on base model {recorded.get('name')!r} "
+                f"(content sha256 {recorded['content_sha256'][:12]}...), "
+                f"but this server serves {self.base_model!r} "
+                f"(content sha256 {self._served_base_sha256()[:12]}...); they are different models"
+            )
+        if not declared:
+            log.warning(
+                "adapter %s (%s) does not say which base model it was trained on; serving it on %s unchecked",
+                name,
+                path,
+                self.base_model,
+            )
+            return
+        if not self._same_base_name(declared, self.base_model):
+            raise AdapterError(
+                f"adapter {name!r} was trained on base model {declared!r}, but this server serves "
+                f"{self.base_model!r}; serve it with that base (if it is the same model under another name, "
+                "set base_model_name_or_path in its adapter_config.json)"
+            )
+
+    @staticmethod
+    def _manifest_base(path: Path) -> dict[str, Any] | None:
+        """The `base_model` record of the folder's finetune manifest, if it has a readable one."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            record = json.loads(manifest_path.read_text(encoding="utf-8"))["base_model"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "adapter %s: ignoring unreadable %s (%s); checking the base by name", path, MANIFEST, exc
+            )
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _served_base_sha256(self) -> str:
+        if self._base_sha256 is None:
+            started = time.monotonic()
+            self._base_sha256 = folder_sha256(Path(self.base_model))
+            log.info("hashed base model folder %s in %.1fs", self.base_model, time.monotonic() - started)
+        return self._base_sha256
+
+    @staticmethod
+    def _same_base_name(declared: str, served: str) -> bool:
+        """Same string, same local folder, or a hub id whose last part names the local folder (any case)."""
+        if declared.rstrip("/") == served.rstrip("/"):
+            return True
+        declared_path, served_path = Path(declared), Path(served)
+        if declared_path.exists() and served_path.exists():
+            return os.path.realpath(declared_path) == os.path.realpath(served_path)
+        for hub, local in ((declared, served_path), (served, declared_path)):
+            if _is_hub_id(hub) and not _is_hub_id(str(local)):
+                return hub.rstrip("/").rsplit("/", 1)[-1].lower() == local.name.lower()
+        return False

@@ -1,0 +1,142 @@
+"""The FastAPI app: `build_app(settings)` plus a lifespan that owns the engine (started in the background, so
+/health answers 503 while the model loads instead of refusing connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve import protocol
+from serve.adapters import AdapterError, AdapterRegistry, parse_lora_option
+from serve.engine import build_engine
+from serve.metrics import ServerMetrics
+from serve.protocol import OpenAIError
+from serve.routes import router
+from serve.serving import ClientDisconnected, Serving
+from serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ServeSettings], Any]
+
+
+class MetricsMiddleware:
+    """Counts every /v1 response by model and status (pure ASGI: streaming and disconnects pass untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            model = scope.get("state", {}).get("model", "-")
+            self.metrics.count_response(str(model), scope["path"], status)
+
+
+async def start_serving(app: FastAPI, settings: ServeSettings, engine_factory: EngineFactory) -> None:
+    """Start the engine, then load every adapter; a bad adapter is refused and the rest are served."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = await asyncio.to_thread(
+            AutoTokenizer.from_pretrained, settings.base_model, revision=settings.revision
+        )
+        engine = await asyncio.to_thread(engine_factory, settings)  # ~30 s; /health answers 503 meanwhile
+        app.state.engine = engine
+        registry = AdapterRegistry(
+            base_model=settings.base_model,
+            adapters_dir=settings.adapters_dir,
+            max_lora_rank=settings.max_lora_rank,
+        )
+        serving = Serving(
+            engine=engine,
+            tokenizer=tokenizer,
+            registry=registry,
+            metrics=app.state.metrics,
+            model_id=settings.model_id,
+            max_model_len=engine.model_config.max_model_len,
+        )
+        await serving.add_adapters([parse_lora_option(value) for value in settings.lora])
+        await serving.refresh()
+    except Exception as exc:
+        log.exception("the engine failed to start")
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        return
+    app.state.serving = serving
+    log.info("ready: %s with adapters %s", settings.model_id, ", ".join(registry.names()) or "(none)")
+
+
+def build_app(settings: ServeSettings, *, engine_factory: EngineFactory = build_engine) -> FastAPI:
+    metrics = ServerMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.metrics = metrics
+        app.state.serving = None
+        app.state.engine = None
+        app.state.startup_error = None
+        starting = asyncio.create_task(start_serving(app, settings, engine_factory))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            if app.state.engine is not None:
+                app.state.engine.shutdown()
+
+    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> Response:
+        return protocol.error_response(exc)
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(_: Request, exc: AdapterError) -> Response:
+        error = OpenAIError(str(exc), status=exc.status, param="lora_name" if exc.status != 400 else None)
+        return protocol.error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> Response:
+        return protocol.error_response(protocol.validation_error(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            body = OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
+            return protocol.error_response(body)
+        log.exception("unhandled error")
+        error = OpenAIError(f"internal error: {type(exc).__name__}", status=500, type="internal_server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    return app

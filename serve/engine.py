@@ -1,0 +1,44 @@
+"""The vLLM async engine (same process as the API), built from the server settings with LoRA enabled."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+def engine_args(settings: ServeSettings) -> dict[str, object]:
+    """Engine arguments from settings; the same names as `vllm serve` flags, for easy comparison."""
+    args: dict[str, object] = {
+        "model": settings.base_model,
+        "revision": settings.revision,
+        "served_model_name": settings.model_id,
+        "enable_lora": True,
+        "max_loras": settings.max_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_cpu_loras": settings.max_cpu_loras,
+        "max_model_len": settings.max_model_len,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
+        "dtype": settings.dtype,
+        "enforce_eager": settings.enforce_eager,
+        "seed": settings.seed,
+    }
+    return args
+
+
+def build_engine(settings: ServeSettings) -> AsyncLLM:
+    """Start vLLM's AsyncLLM (its engine core runs in a worker process; this takes a while)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(**engine_args(settings))  # type: ignore[arg-type]
+    log.info("starting vLLM engine for %s", settings.base_model)
+    return AsyncLLM.from_engine_args(args)

@@ -1,0 +1,695 @@
+"""OpenAI wire format for /v1/chat/completions, /v1/completions and /v1/models: request and response
+models, their validation, the mapping of a request to `vllm.SamplingParams`, and OpenAI-shaped errors.
+
+Requests are parsed by pydantic for types only; every semantic check (ranges, context length,
+parameters we cannot honour) raises `OpenAIError` from `chat_messages` or `sampling_params`,
+so a handler needs one exception handler for `OpenAIError` and one for FastAPI's
+`RequestValidationError` (via `validation_error`).
+
+Decisions worth knowing:
+- Unset sampling fields take OpenAI's defaults (temperature 1, top_p 1, penalties 0), not the base
+  model's generation_config, so a request means the same on every model.
+- OpenAI allows n>1 at temperature 0 (n identical greedy answers); vLLM refuses n>1 with greedy
+  sampling, so that case samples at temperature 1 from top_k=1, which is the same argmax.
+- Unknown fields are accepted and ignored, except the ones that would change the answer if ignored
+  (tools, logit_bias, suffix, ...): those are refused with a 400 naming them.
+- vLLM finish reasons map as stop->stop, length->length, abort->stop (the client went away, nobody
+  reads it), repetition->stop; error -> a 500 `OpenAIError`.
+- Token strings in logprobs are vLLM's decoded tokens; `bytes` are their UTF-8 encoding, so a token
+  that is part of a multi-byte character shows U+FFFD rather than its raw bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from vllm.exceptions import VLLMValidationError
+from vllm.logprobs import Logprob
+from vllm.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+    check_json_nesting,
+)
+
+MAX_N = 128
+MAX_STOP_SEQUENCES = 4
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# JSON has no -inf; OpenAI-compatible servers clamp to this floor.
+MIN_LOGPROB = -9999.0
+
+# ------------------------------------------------------------------------------------------------ errors
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+_ERROR_CODES = {401: "invalid_api_key"}
+
+
+class OpenAIError(Exception):
+    """An error that leaves the server as `{"error": {...}}` with its HTTP status.
+
+    `type` (and, for 401, `code`) default from the status, so the openai SDK raises the matching
+    typed exception (BadRequestError, AuthenticationError, NotFoundError, ...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type or _ERROR_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        self.param = param
+        self.code = code if code is not None else _ERROR_CODES.get(status)
+
+    @classmethod
+    def model_not_found(cls, model: str) -> OpenAIError:
+        return cls(
+            f"The model '{model}' does not exist; GET /v1/models lists the models served here",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+# pydantic tags the branch of a union it tried with the branch's type ("str", "list[int]", "ContentPart");
+# those are not field names and are cut from the reported param.
+_UNION_BRANCH_TAGS = {"str", "int", "float", "bool", "bytes", "none"}
+
+
+def _param_from_loc(loc: Sequence[int | str]) -> str | None:
+    parts: list[str] = []
+    for item in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(item, int):
+            if not parts:
+                break
+            parts[-1] += f"[{item}]"
+        elif item.isidentifier() and item.islower() and item not in _UNION_BRANCH_TAGS:
+            parts.append(item)
+        else:
+            break
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> OpenAIError:
+    """A 400 for a request body pydantic refused, naming the first offending field."""
+    errors = list(exc.errors())
+    if not errors:
+        return OpenAIError("Invalid request body")
+    first = errors[0]
+    param = _param_from_loc(first.get("loc", ()))
+    if param is None:
+        return OpenAIError(f"Invalid request body: {first.get('msg', 'not a JSON object')}")
+    if first.get("type") == "missing":
+        return OpenAIError(f"Missing required parameter: '{param}'", param=param)
+    return OpenAIError(f"Invalid value for '{param}': {first.get('msg', 'invalid')}", param=param)
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class _Request(BaseModel):
+    # Clients send fields we do not model (metadata, store, vLLM's top_k, ...); they are ignored,
+    # except the ones `_refuse` lists.
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentPart(_Request):
+    """One part of a message's content; only {"type": "text", "text": ...} is served."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class JsonSchemaSpec(_Request):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class ChatCompletionRequest(_Request):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM extension (its serving benchmark sends it): generate exactly max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with the usage-only chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Request):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM extension (its serving benchmark sends it): generate exactly max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with the usage-only chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens=0: score the prompt, generate nothing. The engine is still asked for one
+        token (vLLM needs max_tokens >= 1); the response must drop it."""
+        return self.echo and self.max_tokens == 0
+
+
+def _refuse(request: _Request, name: str, honourable: Callable[[Any], bool]) -> None:
+    value = (request.model_extra or {}).get(name)
+    if value is not None and not honourable(value):
+        raise OpenAIError(f"'{name}' is not supported by this server", param=name)
+
+
+def _check_chat_supported(request: ChatCompletionRequest) -> None:
+    for name in ("tools", "functions"):
+        _refuse(request, name, lambda value: value == [])
+    for name in ("tool_choice", "function_call"):
+        _refuse(request, name, lambda value: value in ("none", "auto"))
+    _refuse(request, "logit_bias", lambda value: value == {})
+    _refuse(request, "audio", lambda value: False)
+    _refuse(request, "prediction", lambda value: False)
+    _refuse(request, "modalities", lambda value: value == ["text"])
+
+
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as plain {"role", "content"} dicts for the shared prompt renderer.
+
+    "developer" becomes "system"; text parts are joined with newlines (as vLLM does); `name` is
+    dropped (chat templates do not render it). Non-text parts are refused.
+    """
+    _check_chat_supported(request)
+    rendered: list[dict[str, str]] = []
+    for index, message in enumerate(request.messages):
+        extra = message.model_extra or {}
+        for name in ("tool_calls", "function_call"):
+            if extra.get(name):
+                raise OpenAIError(
+                    f"'messages[{index}].{name}' is not supported by this server",
+                    param=f"messages[{index}].{name}",
+                )
+        rendered.append(
+            {
+                "role": "system" if message.role == "developer" else message.role,
+                "content": _message_text(message.content, index),
+            }
+        )
+    return rendered
+
+
+def _message_text(content: str | list[ContentPart] | None, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts: list[str] = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise OpenAIError(
+                f"messages[{index}].content: only text content parts are supported by this server, "
+                f"got a part of type '{part.type}'",
+                param=f"messages[{index}].content",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    # Written so that NaN falls outside every range.
+    if not ((low < value if low_open else low <= value) and value <= high):
+        lower = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        raise OpenAIError(f"{name} must be {lower} and at most {high:g}; got {value}", param=name)
+
+
+def _context_error(message: str, param: str) -> OpenAIError:
+    return OpenAIError(message, param=param, code="context_length_exceeded")
+
+
+def _max_tokens(
+    requested: int | None, param: str, *, prompt_tokens: int, max_model_len: int, default: int | None
+) -> int:
+    """The generation budget: `requested` if it fits, else a 400; unset -> `default` clamped to the room left
+    (no default -> all the room left)."""
+    room = max_model_len - prompt_tokens
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested < 1:
+        raise OpenAIError(f"{param} must be at least 1; got {requested}", param=param)
+    if requested > room:
+        raise _context_error(
+            f"This model's maximum context length is {max_model_len} tokens; your prompt has {prompt_tokens} "
+            f"tokens and {param} asks for {requested} more ({prompt_tokens + requested} in all). "
+            f"Lower {param} to at most {room} or shorten the prompt.",
+            param,
+        )
+    return requested
+
+
+def _stop(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise OpenAIError(
+            f"stop may hold at most {MAX_STOP_SEQUENCES} sequences; got {len(stops)}", param="stop"
+        )
+    if any(not sequence for sequence in stops):
+        raise OpenAIError("stop sequences must not be empty strings", param="stop")
+    return stops
+
+
+def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOutputsParams | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise OpenAIError(
+            "response_format of type 'json_schema' needs json_schema.schema (a JSON Schema object)",
+            param="response_format",
+        )
+    try:
+        check_json_nesting(spec.schema_)
+    except VLLMValidationError as exc:
+        raise OpenAIError(str(exc), param="response_format") from exc
+    return StructuredOutputsParams(json=spec.schema_)
+
+
+def sampling_params(
+    request: ChatCompletionRequest | CompletionRequest, *, prompt_tokens: int, max_model_len: int
+) -> SamplingParams:
+    """vLLM sampling parameters for one prompt of `request`, or an `OpenAIError` (400) naming the bad field.
+
+    `prompt_tokens` is the length of the rendered prompt; for a completion request with several prompts
+    call this once per prompt. Streams get DELTA outputs, other requests FINAL_ONLY.
+    """
+    structured: StructuredOutputsParams | None = None
+    prompt_logprobs: int | None = None
+    if isinstance(request, ChatCompletionRequest):
+        _check_chat_supported(request)
+        prompt_param = "messages"
+    else:
+        _refuse(request, "suffix", lambda value: value == "")
+        _refuse(request, "logit_bias", lambda value: value == {})
+        _refuse(request, "best_of", lambda value: value == request.n)
+        prompt_param = "prompt"
+
+    if prompt_tokens >= max_model_len:
+        raise _context_error(
+            f"This model's maximum context length is {max_model_len} tokens; your prompt has {prompt_tokens} "
+            f"tokens, which leaves no room for an answer. Shorten the {prompt_param}.",
+            prompt_param,
+        )
+
+    if isinstance(request, ChatCompletionRequest):
+        # OpenAI deprecated max_tokens for max_completion_tokens; when both are sent the new one wins.
+        requested: int | None = request.max_completion_tokens
+        param = "max_completion_tokens"
+        if requested is None:
+            requested, param = request.max_tokens, "max_tokens"
+        max_tokens = _max_tokens(
+            requested, param, prompt_tokens=prompt_tokens, max_model_len=max_model_len, default=None
+        )
+        logprobs: int | None = None
+        if request.top_logprobs is not None:
+            _check_range("top_logprobs", request.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS)
+            if not request.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if request.logprobs:
+            # vLLM returns the sampled token's logprob plus this many alternatives.
+            logprobs = request.top_logprobs or 0
+        structured = _structured_outputs(request.response_format)
+    else:
+        if request.echo_only:
+            max_tokens = 1
+        else:
+            explicit = "max_tokens" in request.model_fields_set and request.max_tokens is not None
+            max_tokens = _max_tokens(
+                request.max_tokens if explicit else None,
+                "max_tokens",
+                prompt_tokens=prompt_tokens,
+                max_model_len=max_model_len,
+                default=DEFAULT_COMPLETION_MAX_TOKENS,
+            )
+        logprobs = request.logprobs
+        if logprobs is not None:
+            _check_range("logprobs", logprobs, 0, MAX_COMPLETION_LOGPROBS)
+            if request.echo:
+                prompt_logprobs = logprobs
+
+    temperature = 1.0 if request.temperature is None else request.temperature
+    top_p = 1.0 if request.top_p is None else request.top_p
+    presence_penalty = request.presence_penalty or 0.0
+    frequency_penalty = request.frequency_penalty or 0.0
+    _check_range("temperature", temperature, 0, 2)
+    _check_range("top_p", top_p, 0, 1, low_open=True)
+    _check_range("n", request.n, 1, MAX_N)
+    _check_range("presence_penalty", presence_penalty, -2, 2)
+    _check_range("frequency_penalty", frequency_penalty, -2, 2)
+    stop = _stop(request.stop)
+
+    top_k = 0
+    if temperature == 0 and request.n > 1:
+        temperature, top_k = 1.0, 1
+
+    try:
+        return SamplingParams.from_optional(
+            n=request.n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=request.seed,
+            stop=stop,
+            ignore_eos=request.ignore_eos,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except VLLMValidationError as exc:
+        raise OpenAIError(str(exc), param=exc.parameter) from exc
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+def _created() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a chat stream; with stream_options.include_usage the stream ends with a
+    chunk whose `choices` is empty and whose `usage` is set."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    # None where the position has no logprob (the first token of an echoed prompt).
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a completion stream; OpenAI streams these as "text_completion" objects."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_created)
+    owned_by: str = "tuneserve"
+    # For an adapter: the base model it was trained on; None for the base itself.
+    parent: str | None = None
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def finish_reason(vllm_reason: str | None) -> FinishReason | None:
+    """OpenAI's finish_reason for vLLM's (None while a stream is still running)."""
+    if vllm_reason is None:
+        return None
+    if vllm_reason == "length":
+        return "length"
+    if vllm_reason in ("stop", "abort", "repetition"):
+        return "stop"
+    raise OpenAIError(f"the engine failed while generating (finish reason '{vllm_reason}')", status=500)
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+Decode = Callable[[int], str]
+StepLogprobs = dict[int, Logprob] | None
+
+
+def _token_text(token_id: int, logprob: Logprob | None, decode: Decode) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return decode(token_id)
+
+
+def _clamped(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def _by_rank(step: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
+    """The `limit` best alternatives of one position. vLLM's dict holds the sampled token first, then the
+    top-k, so the sampled token may be there without being in the top-k."""
+    ranked = sorted(step.items(), key=lambda item: math.inf if item[1].rank is None else item[1].rank)
+    return ranked[:limit]
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[StepLogprobs], decode: Decode, *, top_logprobs: int
+) -> ChatLogprobs:
+    """OpenAI chat logprobs from vLLM's per-position `{token_id: Logprob}` dicts (one per generated token).
+
+    `decode` turns a token id into text where vLLM gave no decoded token; `top_logprobs` is the request's.
+    """
+    content: list[ChatTokenLogprob] = []
+    for token_id, step in zip(token_ids, logprobs, strict=True):
+        sampled = None if step is None else step.get(token_id)
+        token = _token_text(token_id, sampled, decode)
+        alternatives = [
+            TopLogprob(
+                token=(text := _token_text(alt_id, alt, decode)),
+                logprob=_clamped(alt.logprob),
+                bytes=list(text.encode("utf-8", errors="replace")),
+            )
+            for alt_id, alt in (_by_rank(step, top_logprobs) if step else [])
+        ]
+        content.append(
+            ChatTokenLogprob(
+                token=token,
+                logprob=MIN_LOGPROB if sampled is None else _clamped(sampled.logprob),
+                bytes=list(token.encode("utf-8", errors="replace")),
+                top_logprobs=alternatives,
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[StepLogprobs],
+    decode: Decode,
+    *,
+    top_logprobs: int,
+    text_offset: int = 0,
+) -> CompletionLogprobs:
+    """OpenAI completion logprobs from vLLM's per-position dicts.
+
+    For echo pass the prompt's ids and `prompt_logprobs` (first entry None) followed by the generated ones.
+    `top_logprobs` is the request's `logprobs`; each position lists the sampled token and the top
+    `top_logprobs` (so at most top_logprobs + 1 entries, as OpenAI). `text_offset` is where the first
+    token starts in the choice's text (in a stream: the length of the text sent so far).
+    """
+    result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    offset = text_offset
+    for token_id, step in zip(token_ids, logprobs, strict=True):
+        sampled = None if step is None else step.get(token_id)
+        token = _token_text(token_id, sampled, decode)
+        result.tokens.append(token)
+        result.text_offset.append(offset)
+        offset += len(token)
+        if step is None or sampled is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        result.token_logprobs.append(_clamped(sampled.logprob))
+        top: dict[str, float] = {}
+        for alt_id, alt in _by_rank(step, top_logprobs):
+            top.setdefault(_token_text(alt_id, alt, decode), _clamped(alt.logprob))
+        top.setdefault(token, _clamped(sampled.logprob))
+        result.top_logprobs.append(top)
+    return result

@@ -1,0 +1,185 @@
+"""Thin HTTP handlers: auth, parsing, and handing over to `Serving`."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from serve import protocol
+from serve.protocol import OpenAIError
+from serve.serving import Serving
+from serve.settings import ServeSettings
+
+router = APIRouter()
+
+
+def get_settings(request: Request) -> ServeSettings:
+    settings: ServeSettings = request.app.state.settings
+    return settings
+
+
+def get_serving(request: Request) -> Serving:
+    """The serving layer, once the engine is up; 503 before that or after the engine died."""
+    serving: Serving | None = request.app.state.serving
+    failure = request.app.state.startup_error
+    if failure is not None:
+        raise OpenAIError(f"the engine failed to start: {failure}", status=503, type="server_error")
+    if serving is None:
+        raise OpenAIError("the engine is still starting; retry shortly", status=503, type="server_error")
+    if serving.engine.errored:
+        raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
+    return serving
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_key(request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]) -> None:
+    if settings.api_key is None:
+        return
+    token = _bearer(request)
+    expected = settings.api_key.get_secret_value()
+    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    if token is None or not (
+        hmac.compare_digest(token, expected) or (admin is not None and hmac.compare_digest(token, admin))
+    ):
+        raise OpenAIError(
+            "Incorrect API key provided; send it as 'Authorization: Bearer <key>'",
+            status=401,
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+
+
+def require_admin_key(request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]) -> None:
+    if settings.admin_api_key is None:
+        raise OpenAIError(
+            "adapter management is disabled; start the server with --admin-api-key to enable it",
+            status=403,
+            type="permission_error",
+        )
+    token = _bearer(request)
+    if token is None or not hmac.compare_digest(token, settings.admin_api_key.get_secret_value()):
+        raise OpenAIError(
+            "adapter management needs the admin API key as 'Authorization: Bearer <key>'",
+            status=401,
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+API_KEY = [Depends(require_api_key)]
+ADMIN_KEY = [Depends(require_admin_key)]
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 only when the engine can serve."""
+    try:
+        get_serving(request)
+    except OpenAIError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=API_KEY)
+async def list_models(serving: ServingDep) -> dict[str, Any]:
+    return serving.list_models().model_dump()
+
+
+@router.get("/v1/models/{model:path}", dependencies=API_KEY)
+async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
+    for card in serving.list_models().data:
+        if card.id == model:
+            return card.model_dump()
+    serving.resolve(model)  # raises the 404 with the list of models
+    raise AssertionError("unreachable")
+
+
+@router.post("/v1/chat/completions", dependencies=API_KEY)
+async def chat_completions(
+    body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
+) -> JSONResponse | StreamingResponse:
+    request.state.model = body.model
+    return await serving.chat(body, request)
+
+
+@router.post("/v1/completions", dependencies=API_KEY)
+async def completions(
+    body: protocol.CompletionRequest, request: Request, serving: ServingDep
+) -> JSONResponse | StreamingResponse:
+    request.state.model = body.model
+    return await serving.completions(body, request)
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's body for /v1/load_lora_adapter; lora_path may be omitted (then: adapters dir / name)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+    lora_path: str | None = None
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+
+
+@router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY)
+async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
+    path = serving.registry.resolve_runtime_path(body.lora_path, body.lora_name)
+    adapter = await serving.add_adapter(body.lora_name, path)
+    return {
+        "status": "loaded",
+        "lora_name": adapter.name,
+        "lora_path": str(adapter.path),
+        "rank": adapter.rank,
+    }
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=ADMIN_KEY)
+async def unload_adapter(body: UnloadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
+    adapter = await serving.remove_adapter(body.lora_name)
+    return {"status": "unloaded", "lora_name": adapter.name}
+
+
+@router.post("/v1/lora_adapters/refresh", dependencies=ADMIN_KEY)
+async def refresh_adapters(serving: ServingDep) -> dict[str, Any]:
+    """Serve adapter folders that appeared in --adapters-dir since start-up."""
+    added = await serving.refresh()
+    return {"added": [a.name for a in added], "refused": [vars(r) for r in serving.refused]}
+
+
+@router.get("/v1/lora_adapters", dependencies=ADMIN_KEY)
+async def adapter_status(serving: ServingDep) -> dict[str, Any]:
+    """Served adapters, refused ones with the reason, and which adapter ids the engine holds in memory."""
+    resident = await serving.engine.list_loras()
+    return {
+        "adapters": [
+            {
+                "name": a.name,
+                "path": str(a.path),
+                "rank": a.rank,
+                "lora_int_id": a.lora_int_id,
+                "resident": a.lora_int_id in resident,
+            }
+            for a in sorted(serving.registry, key=lambda a: a.name)
+        ],
+        "refused": [vars(r) for r in serving.refused],
+        "engine_lora_ids": sorted(resident),
+    }

@@ -1,0 +1,537 @@
+"""The logic between the OpenAI API and vLLM: adapter resolution, prompt rendering, generation, streaming.
+
+Routes (serve/routes.py) stay thin; the engine is anything with AsyncLLM's generate/add_lora/remove_lora.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from finetune.prompting import PromptError, encode_prompt
+from serve import protocol
+from serve.adapters import Adapter, AdapterError, AdapterRegistry
+from serve.metrics import ServerMetrics
+from serve.protocol import OpenAIError
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    """What serving needs from vLLM's AsyncLLM (a fake engine implements it in unit tests)."""
+
+    errored: bool
+
+    def generate(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request: LoRARequest | None,
+    ) -> AsyncGenerator[RequestOutput, None]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool: ...
+
+    async def remove_lora(self, lora_id: int) -> bool: ...
+
+    async def list_loras(self) -> set[int]: ...
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+@dataclass
+class RefusedAdapter:
+    name: str
+    path: str
+    reason: str
+
+
+@dataclass
+class Serving:
+    engine: EngineClient
+    tokenizer: Any
+    registry: AdapterRegistry
+    metrics: ServerMetrics
+    model_id: str
+    max_model_len: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    refused: list[RefusedAdapter] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------------- models
+    def resolve(self, model: str) -> LoRARequest | None:
+        """The LoRA request for an adapter name, None for the base; 404 for anything else."""
+        if model == self.model_id:
+            return None
+        adapter = self.registry.get(model)
+        if adapter is None:
+            available = ", ".join([self.model_id, *self.registry.names()])
+            raise OpenAIError(
+                f"The model `{model}` does not exist. Available models: {available}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        return adapter.lora_request()
+
+    def list_models(self) -> protocol.ModelList:
+        cards = [
+            protocol.ModelCard(
+                id=self.model_id,
+                created=self.created,
+                owned_by="tuneserve",
+                root=self.model_id,
+                parent=None,
+                max_model_len=self.max_model_len,
+            )
+        ]
+        cards += [
+            protocol.ModelCard(
+                id=adapter.name,
+                created=self.created,
+                owned_by="tuneserve",
+                root=str(adapter.path),
+                parent=self.model_id,
+                max_model_len=self.max_model_len,
+            )
+            for adapter in sorted(self.registry, key=lambda a: a.name)
+        ]
+        return protocol.ModelList(data=cards)
+
+    # ----------------------------------------------------------------------------------- adapters
+    async def add_adapter(self, name: str, path: Any) -> Adapter:
+        """Check an adapter statically, then have vLLM load it; only then is it served."""
+        adapter = self.registry.validate(name, path)
+        try:
+            await self.engine.add_lora(adapter.lora_request())
+        except Exception as exc:  # vLLM raises plain exceptions for unloadable weights
+            raise AdapterError(f"vLLM could not load adapter {name!r} from {adapter.path}: {exc}") from exc
+        self.registry.register(adapter)
+        log.info("serving adapter %s (rank %d) from %s", name, adapter.rank, adapter.path)
+        return adapter
+
+    async def remove_adapter(self, name: str) -> Adapter:
+        adapter = self.registry.remove(name)
+        await self.engine.remove_lora(adapter.lora_int_id)
+        log.info("unloaded adapter %s", name)
+        return adapter
+
+    async def add_adapters(self, candidates: Sequence[tuple[str, Any]]) -> list[Adapter]:
+        """Add each candidate; a bad one is refused (logged, kept in `refused`) and the rest still load."""
+        added = []
+        for name, path in candidates:
+            try:
+                added.append(await self.add_adapter(name, path))
+            except AdapterError as exc:
+                log.error("refused adapter %s (%s): %s", name, path, exc)
+                self.refused = [r for r in self.refused if r.name != name]
+                self.refused.append(RefusedAdapter(name=name, path=str(path), reason=str(exc)))
+        return added
+
+    async def refresh(self) -> list[Adapter]:
+        """Serve adapter folders that appeared in the adapters dir since start-up."""
+        return await self.add_adapters(self.registry.discover())
+
+    # --------------------------------------------------------------------------------- generation
+    async def chat(
+        self, request: protocol.ChatCompletionRequest, raw: Request
+    ) -> JSONResponse | StreamingResponse:
+        lora = self.resolve(request.model)
+        try:
+            prompt_ids = encode_prompt(self.tokenizer, protocol.chat_messages(request))
+        except PromptError as exc:
+            raise OpenAIError(str(exc), param="messages") from exc
+        params = protocol.sampling_params(
+            request, prompt_tokens=len(prompt_ids), max_model_len=self.max_model_len
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self._start([prompt_ids], params, request_id, lora, request.model)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self._sse(self._chat_chunks(streams, request, request_id, include_usage))
+        finals = await self._collect(streams, raw)
+        return JSONResponse(self._chat_response(finals, request, request_id))
+
+    async def completions(
+        self, request: protocol.CompletionRequest, raw: Request
+    ) -> JSONResponse | StreamingResponse:
+        lora = self.resolve(request.model)
+        prompts = self._completion_prompts(request.prompt)
+        longest = max(len(p) for p in prompts)
+        params = protocol.sampling_params(request, prompt_tokens=longest, max_model_len=self.max_model_len)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._start(prompts, params, request_id, lora, request.model)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self._sse(self._completion_chunks(streams, request, request_id, prompts, include_usage))
+        finals = await self._collect(streams, raw)
+        return JSONResponse(self._completion_response(finals, request, request_id, prompts))
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        # The four prompt shapes OpenAI accepts: str, [str], [int], [[int]].
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        prompts = []
+        for item in items:
+            ids = list(self.tokenizer(item)["input_ids"]) if isinstance(item, str) else list(item)
+            if not ids:
+                raise OpenAIError("prompt must not be empty", param="prompt")
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in ids):
+                raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompts.append(ids)
+        return prompts
+
+    def _start(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        lora: LoRARequest | None,
+        model: str,
+    ) -> list[TrackedStream]:
+        from vllm.inputs import TokensPrompt
+
+        return [
+            TrackedStream(
+                self,
+                TokensPrompt(prompt_token_ids=ids),
+                params,
+                f"{request_id}-{index}",
+                lora,
+                model,
+            )
+            for index, ids in enumerate(prompts)
+        ]
+
+    async def _collect(self, streams: list[TrackedStream], raw: Request) -> list[RequestOutput]:
+        """Run every stream to its end; abort them all if the client disconnects first."""
+
+        async def drain(stream: TrackedStream) -> RequestOutput:
+            final = None
+            async for output in stream:
+                final = output
+            assert final is not None
+            return final
+
+        work: asyncio.Future[list[RequestOutput]] = asyncio.gather(*(drain(s) for s in streams))
+        disconnect: asyncio.Future[None] = asyncio.ensure_future(_wait_for_disconnect(raw))
+        racing: list[asyncio.Future[Any]] = [work, disconnect]
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()  # cancelling engine.generate() aborts the request inside vLLM
+            with _suppress_cancel():
+                await work
+            raise ClientDisconnected
+        disconnect.cancel()
+        return list(work.result())
+
+    @staticmethod
+    def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except OpenAIError as exc:
+                # Headers are gone already: report the error in-band, as OpenAI does.
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    # ----- chat shapes
+    def _chat_response(
+        self, finals: list[RequestOutput], request: protocol.ChatCompletionRequest, request_id: str
+    ) -> dict[str, Any]:
+        (final,) = finals
+        choices = []
+        for output in sorted(final.outputs, key=lambda o: o.index):
+            logprobs = None
+            if request.logprobs and output.logprobs is not None:
+                logprobs = protocol.chat_logprobs(
+                    output.token_ids,
+                    output.logprobs,
+                    self._decode_token,
+                    top_logprobs=request.top_logprobs or 0,
+                )
+            choices.append(
+                {
+                    "index": output.index,
+                    "message": {"role": "assistant", "content": output.text},
+                    "logprobs": logprobs,
+                    "finish_reason": protocol.finish_reason(output.finish_reason),
+                }
+            )
+        usage = _usage(finals)
+        return protocol.ChatCompletion(
+            id=request_id, created=int(time.time()), model=request.model, choices=choices, usage=usage
+        ).model_dump()
+
+    async def _chat_chunks(
+        self,
+        streams: list[TrackedStream],
+        request: protocol.ChatCompletionRequest,
+        request_id: str,
+        include_usage: bool,
+    ) -> AsyncIterator[dict[str, Any]]:
+        (stream,) = streams
+        created = int(time.time())
+        started: set[int] = set()
+        usage_null = {"usage": None} if include_usage else {}
+
+        def chunk(
+            index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None
+        ) -> dict[str, Any]:
+            return {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": request.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                **usage_null,
+            }
+
+        last: RequestOutput | None = None
+        async for output in stream:
+            last = output
+            for completion in output.outputs:
+                if completion.index not in started:
+                    started.add(completion.index)
+                    yield chunk(completion.index, {"role": "assistant", "content": ""}, None)
+                logprobs = None
+                if request.logprobs and completion.logprobs:
+                    logprobs = protocol.chat_logprobs(
+                        completion.token_ids,
+                        completion.logprobs,
+                        self._decode_token,
+                        top_logprobs=request.top_logprobs or 0,
+                    )
+                if completion.text or logprobs:
+                    yield chunk(completion.index, {"content": completion.text}, None, logprobs)
+                if completion.finish_reason is not None:
+                    yield chunk(completion.index, {}, protocol.finish_reason(completion.finish_reason))
+        if include_usage and last is not None:
+            yield {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": request.model,
+                "choices": [],
+                "usage": stream.usage(),
+            }
+
+    # ----- completion shapes
+    def _completion_response(
+        self,
+        finals: list[RequestOutput],
+        request: protocol.CompletionRequest,
+        request_id: str,
+        prompts: list[list[int]],
+    ) -> dict[str, Any]:
+        choices = []
+        n = request.n
+        # echo with max_tokens=0 scores the prompt only: the one token the engine had to make is dropped.
+        keep_generated = not request.echo_only
+        for prompt_index, final in enumerate(finals):
+            prompt_ids = prompts[prompt_index]
+            prefix = self.tokenizer.decode(prompt_ids) if request.echo else ""
+            for output in sorted(final.outputs, key=lambda o: o.index):
+                token_ids = list(output.token_ids) if keep_generated else []
+                logprobs = None
+                if request.logprobs is not None:
+                    steps = list(output.logprobs or [])[: len(token_ids)]
+                    if request.echo:
+                        token_ids = prompt_ids + token_ids
+                        steps = list(final.prompt_logprobs or [None] * len(prompt_ids)) + steps
+                    logprobs = protocol.completion_logprobs(
+                        token_ids, steps, self._decode_token, top_logprobs=request.logprobs
+                    )
+                choices.append(
+                    {
+                        "index": prompt_index * n + output.index,
+                        "text": prefix + (output.text if keep_generated else ""),
+                        "logprobs": logprobs,
+                        "finish_reason": protocol.finish_reason(output.finish_reason),
+                    }
+                )
+        usage = _usage(finals)
+        if not keep_generated:
+            usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
+        return protocol.Completion(
+            id=request_id, created=int(time.time()), model=request.model, choices=choices, usage=usage
+        ).model_dump()
+
+    async def _completion_chunks(
+        self,
+        streams: list[TrackedStream],
+        request: protocol.CompletionRequest,
+        request_id: str,
+        prompts: list[list[int]],
+        include_usage: bool,
+    ) -> AsyncIterator[dict[str, Any]]:
+        from vllm.utils.async_utils import merge_async_iterators
+
+        created = int(time.time())
+        n = request.n
+        usage_null = {"usage": None} if include_usage else {}
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        async for prompt_index, output in merge_async_iterators(*(s.__aiter__() for s in streams)):
+            for completion in output.outputs:
+                index = prompt_index * n + completion.index
+                text = completion.text
+                if request.echo and index not in echoed:
+                    echoed.add(index)
+                    text = self.tokenizer.decode(prompts[prompt_index]) + text
+                logprobs = None
+                if request.logprobs is not None and completion.logprobs:
+                    logprobs = protocol.completion_logprobs(
+                        completion.token_ids,
+                        completion.logprobs,
+                        self._decode_token,
+                        top_logprobs=request.logprobs,
+                        text_offset=offsets.get(index, 0),
+                    )
+                offsets[index] = offsets.get(index, 0) + len(text)
+                yield {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [
+                        {
+                            "index": index,
+                            "text": text,
+                            "logprobs": logprobs,
+                            "finish_reason": protocol.finish_reason(completion.finish_reason),
+                        }
+                    ],
+                    **usage_null,
+                }
+        if include_usage:
+            yield {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": request.model,
+                "choices": [],
+                "usage": _add_usage([s.usage() for s in streams]),
+            }
+
+    def _decode_token(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+
+class TrackedStream:
+    """One engine request: iterating it yields vLLM outputs while metrics and token counts follow along."""
+
+    def __init__(
+        self,
+        serving: Serving,
+        prompt: Any,
+        params: SamplingParams,
+        request_id: str,
+        lora: LoRARequest | None,
+        model: str,
+    ) -> None:
+        self.serving = serving
+        self.prompt = prompt
+        self.params = params
+        self.request_id = request_id
+        self.lora = lora
+        self.model = model
+        self.prompt_tokens = len(prompt["prompt_token_ids"])
+        self.completion_tokens = 0
+
+    async def __aiter__(self) -> AsyncGenerator[RequestOutput, None]:
+        engine = self.serving.engine
+        if engine.errored:
+            raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
+        with self.serving.metrics.track(self.model) as tracker:
+            generated: dict[int, int] = {}
+            finished = False
+            outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
+            try:
+                async for output in outputs:
+                    for completion in output.outputs:
+                        # DELTA outputs carry new tokens only; FINAL_ONLY the whole sequence.
+                        if self.params.output_kind.name == "DELTA":
+                            generated[completion.index] = generated.get(completion.index, 0) + len(
+                                completion.token_ids
+                            )
+                        else:
+                            generated[completion.index] = len(completion.token_ids)
+                    if any(generated.values()):
+                        tracker.first_token()
+                    finished = output.finished
+                    yield output
+            except ValueError as exc:  # vLLM's input validation: the request never ran
+                finished = True
+                raise OpenAIError(str(exc)) from exc
+            finally:
+                if not finished:
+                    # The consumer went away (closed stream, cancelled task): closing vLLM's generator
+                    # aborts the request in the engine, so nothing keeps generating for nobody.
+                    await outputs.aclose()
+                    tracker.aborted()
+                self.completion_tokens = sum(generated.values())
+                tracker.tokens(self.prompt_tokens, self.completion_tokens)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def _usage(finals: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(f.prompt_token_ids or ()) for f in finals)
+    completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _add_usage(parts: list[dict[str, int]]) -> dict[str, int]:
+    return {
+        key: sum(part[key] for part in parts)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the request body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _suppress_cancel:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is not None and issubclass(kind, asyncio.CancelledError | ClientDisconnected)

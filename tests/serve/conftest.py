@@ -1,0 +1,195 @@
+"""End-to-end fixtures: three adapters made by `finetune`, two bad ones, the real server on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from finetune.cli import main as finetune_main
+from tests.finetune.conftest import REPO_ROOT, overrides
+
+# Adapter name -> task families it is tuned on (different data, so different outputs).
+ADAPTERS = {
+    "fmt": ["json_object", "wrap_in_quotes"],
+    "caps": ["uppercase", "bullet_list"],
+    "words": ["end_with_phrase", "start_with_word"],
+}
+API_KEY = "test-key"
+ADMIN_KEY = "admin-key"
+ENGINE_ARGS = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 512,
+    "kv_cache_memory_bytes": 256 << 20,
+    "max_lora_rank": 16,
+    "max_loras": 2,  # fewer slots than adapters: the engine must swap them
+    "seed": 0,
+}
+QUESTIONS = [
+    'Describe the lantern as a JSON object with the keys "name" and "color". Output only the JSON.',
+    'Give 3 bullet points about the harbor. Start each line with "- ".',
+    'Begin your answer with "Well" and then say something about the meadow.',
+]
+
+
+def train_adapter(tiny_base: Path, families: list[str], data_dir: Path, out: Path) -> Path:
+    from client.tasks import write_task_data
+
+    data = write_task_data(data_dir, families, n_train=160, n_test=8, seed=0)["train"]
+    assert (
+        finetune_main(
+            ["run", *overrides(tiny_base, data, out, "training.max_steps=25", "training.eval_every=25")]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """adapters/{fmt,caps,words}: real adapters; adapters/{too_big_rank,other_base}: must be refused."""
+    root = tmp_path_factory.mktemp("serve")
+    adapters = root / "adapters"
+    for name, families in ADAPTERS.items():
+        train_adapter(tiny_base, families, root / "data" / name, adapters / name)
+    too_big = adapters / "too_big_rank"
+    shutil.copytree(adapters / "fmt", too_big)
+    config = json.loads((too_big / "adapter_config.json").read_text())
+    (too_big / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
+    other_base = adapters / "other_base"
+    shutil.copytree(adapters / "fmt", other_base)
+    (other_base / "manifest.json").unlink()
+    (other_base / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "org/other-7b"})
+    )
+    # A spare adapter outside the served dir, copied in at runtime by the load/unload tests.
+    shutil.copytree(adapters / "caps", root / "spare")
+    return adapters
+
+
+@dataclass
+class Reference:
+    """Greedy outputs straight from vLLM's offline engine: prompt ids, then text per model (None = base)."""
+
+    prompts: list[list[int]]
+    texts: dict[str | None, list[str]]
+
+
+@pytest.fixture(scope="session")
+def engine_reference(tiny_base: Path, adapters_dir: Path, tiny_tokenizer) -> Reference:  # type: ignore[no-untyped-def]
+    import vllm
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from finetune.prompting import encode_prompt
+
+    prompts = [encode_prompt(tiny_tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    llm = vllm.LLM(model=str(tiny_base), enable_lora=True, **ENGINE_ARGS)
+    try:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=24)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        texts: dict[str | None, list[str]] = {None: [r.outputs[0].text for r in llm.generate(inputs, params)]}
+        for index, name in enumerate(ADAPTERS, start=1):
+            request = LoRARequest(name, index, str(adapters_dir / name))
+            texts[name] = [r.outputs[0].text for r in llm.generate(inputs, params, lora_request=request)]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return Reference(prompts=prompts, texts=texts)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    adapters_dir: Path
+    base_model: str
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tiny_base: Path, adapters_dir: Path, log: Path, *extra: str) -> Server:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "serve",
+        "--base-model",
+        str(tiny_base),
+        "--adapters-dir",
+        str(adapters_dir),
+    ]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in ENGINE_ARGS.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    args += list(extra)
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        args, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()
+    )
+    return Server(
+        url=f"http://127.0.0.1:{port}",
+        process=process,
+        log=log,
+        adapters_dir=adapters_dir,
+        base_model=str(tiny_base),
+    )
+
+
+def wait_healthy(server: Server, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(
+                f"server exited with {server.process.returncode}:\n{server.log_text()[-4000:]}"
+            )
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"server not healthy after {timeout}s:\n{server.log_text()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.send_signal(signal.SIGINT)
+    try:
+        server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(
+    tiny_base: Path, adapters_dir: Path, engine_reference: Reference, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    # engine_reference runs first so the offline engine is gone before the server's starts.
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    running = start_server(tiny_base, adapters_dir, log, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY)
+    try:
+        wait_healthy(running)
+        yield running
+    finally:
+        stop_server(running)

@@ -1,0 +1,490 @@
+"""The adapter registry on real PEFT folders: discovery, refusals, base matching, ids, path confinement."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune.artifacts import MANIFEST, folder_sha256
+from serve import adapters as adapters_module
+from serve.adapters import Adapter, AdapterError, AdapterRegistry, parse_lora_option
+
+MakeAdapter = Callable[..., Path]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A one-layer Llama saved as the base, and a rank-8 all-linear LoRA of it (base not recorded)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("models")
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        head_dim=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    base = root / "tiny-base"
+    model.save_pretrained(base)
+    template = root / "adapter-template"
+    get_peft_model(model, LoraConfig(r=8, target_modules="all-linear")).save_pretrained(str(template))
+    return base, template
+
+
+@pytest.fixture
+def base(tiny_models: tuple[Path, Path]) -> Path:
+    return tiny_models[0]
+
+
+@pytest.fixture
+def adapters_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def make_adapter(tiny_models: tuple[Path, Path], adapters_dir: Path) -> MakeAdapter:
+    """Copy the template adapter to adapters_dir/NAME (or to `at`), declaring `base`, with config edits."""
+    base, template = tiny_models
+
+    def make(
+        name: str = "tuned", *, at: Path | None = None, declared: str | None = None, **edits: Any
+    ) -> Path:
+        path = at if at is not None else adapters_dir / name
+        shutil.copytree(template, path)
+        edit_config(path, base_model_name_or_path=str(base) if declared is None else declared, **edits)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def registry(base: Path, adapters_dir: Path) -> AdapterRegistry:
+    return AdapterRegistry(base_model=str(base), adapters_dir=adapters_dir, max_lora_rank=16)
+
+
+def edit_config(path: Path, **edits: Any) -> None:
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(edits)
+    config_path.write_text(json.dumps(config))
+
+
+def write_manifest(path: Path, base_record: dict[str, Any]) -> None:
+    (path / MANIFEST).write_text(json.dumps({"base_model": base_record, "steps": 1}))
+
+
+def refusal(call: Callable[[], object], status: int = 400) -> str:
+    """The message of the AdapterError `call` raises, after checking its HTTP status."""
+    with pytest.raises(AdapterError) as caught:
+        call()
+    assert caught.value.status == status, caught.value
+    return str(caught.value)
+
+
+# -- discovery -------------------------------------------------------------------------------------------
+
+
+def test_discover_finds_finished_adapter_folders_not_yet_served(
+    registry: AdapterRegistry, adapters_dir: Path, make_adapter: MakeAdapter
+) -> None:
+    for name in ["b-adapter", "a-adapter", "served", ".hidden", "run.partial", "export.tmp", "old.replaced"]:
+        make_adapter(name)
+    (adapters_dir / "no-config").mkdir()
+    (adapters_dir / "no-config" / "adapter_model.safetensors").write_bytes(b"x")
+    (adapters_dir / "notes.txt").write_text("not a folder")
+    registry.register(registry.validate("served", adapters_dir / "served"))
+
+    assert registry.discover() == [
+        ("a-adapter", adapters_dir / "a-adapter"),
+        ("b-adapter", adapters_dir / "b-adapter"),
+    ]
+
+
+def test_discover_without_adapters_dir_finds_nothing(base: Path) -> None:
+    registry = AdapterRegistry(base_model=str(base), adapters_dir=None, max_lora_rank=16)
+    assert registry.discover() == []
+
+
+def test_adapters_dir_must_be_a_folder(base: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--adapters-dir"):
+        AdapterRegistry(base_model=str(base), adapters_dir=tmp_path / "missing", max_lora_rank=16)
+
+
+# -- a good adapter --------------------------------------------------------------------------------------
+
+
+def test_validate_returns_the_adapter_and_its_vllm_request(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path
+) -> None:
+    path = make_adapter("tuned")
+    adapter = registry.validate("tuned", path)
+
+    assert adapter == Adapter(name="tuned", path=path, lora_int_id=1, rank=8, base_model=str(base))
+    assert len(registry) == 0, "validate registers nothing"
+    pytest.importorskip("vllm")
+    request = adapter.lora_request()
+    assert (request.lora_name, request.lora_int_id, request.lora_path) == ("tuned", 1, str(path))
+
+
+# -- refusals from the folder's contents -----------------------------------------------------------------
+
+
+def test_rank_above_max_lora_rank_is_refused(
+    base: Path, adapters_dir: Path, make_adapter: MakeAdapter
+) -> None:
+    registry = AdapterRegistry(base_model=str(base), adapters_dir=adapters_dir, max_lora_rank=1)
+    message = refusal(lambda: registry.validate("tuned", make_adapter("tuned")))
+    assert "rank 8" in message and "--max-lora-rank 1" in message
+
+
+def test_weights_of_higher_rank_than_the_config_says_are_refused(
+    base: Path, adapters_dir: Path, make_adapter: MakeAdapter
+) -> None:
+    # PEFT's rank_pattern gives some modules a rank above `r`; the weights tell the truth.
+    registry = AdapterRegistry(base_model=str(base), adapters_dir=adapters_dir, max_lora_rank=1)
+    path = make_adapter("tuned", r=1)
+    message = refusal(lambda: registry.validate("tuned", path))
+    assert "weights have rank 8" in message
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["score"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+        ({"target_modules": ["model.embed_tokens"]}, "embed_tokens"),
+        ({"peft_type": "IA3"}, "only LoRA"),
+        ({"r": 0}, "field 'r' must be a positive integer, not 0"),
+    ],
+)
+def test_unservable_settings_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, edits: dict[str, Any], expected: str
+) -> None:
+    path = make_adapter("tuned", **edits)
+    assert expected in refusal(lambda: registry.validate("tuned", path))
+
+
+def test_missing_folder_and_missing_weights_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, adapters_dir: Path
+) -> None:
+    assert "not a folder" in refusal(lambda: registry.validate("ghost", adapters_dir / "ghost"))
+    path = make_adapter("tuned")
+    (path / "adapter_model.safetensors").unlink()
+    assert "no weights file" in refusal(lambda: registry.validate("tuned", path))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty"),
+        (b"garbage, not a safetensors file at all", "not a readable safetensors file"),
+    ],
+)
+def test_corrupt_weights_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, content: bytes, expected: str
+) -> None:
+    path = make_adapter("tuned")
+    (path / "adapter_model.safetensors").write_bytes(content)
+    assert expected in refusal(lambda: registry.validate("tuned", path))
+
+
+def test_weights_without_lora_pairs_are_refused(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path = make_adapter("tuned")
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, path / "adapter_model.safetensors")
+    assert "no lora_A/lora_B" in refusal(lambda: registry.validate("tuned", path))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("{not json", "cannot read adapter_config.json"),
+        ("[]", "must hold a JSON object"),
+        ('{"peft_type": "LORA", "r": null}', "field 'r' must be a positive integer, not None"),
+    ],
+)
+def test_corrupt_config_is_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, content: str, expected: str
+) -> None:
+    path = make_adapter("tuned")
+    (path / "adapter_config.json").write_text(content)
+    assert expected in refusal(lambda: registry.validate("tuned", path))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [("adapter_config.json", "cannot read"), ("adapter_model.safetensors", "cannot read")],
+)
+def test_unreadable_files_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, filename: str, expected: str
+) -> None:
+    path = make_adapter("tuned")
+    (path / filename).chmod(0)
+    try:
+        assert expected in refusal(lambda: registry.validate("tuned", path))
+    finally:
+        (path / filename).chmod(0o644)
+
+
+# -- base model match ------------------------------------------------------------------------------------
+
+
+def test_adapter_declaring_another_base_is_refused_naming_both(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path
+) -> None:
+    path = make_adapter("tuned", declared="meta-llama/Llama-3.2-1B-Instruct")
+    message = refusal(lambda: registry.validate("tuned", path))
+    assert "meta-llama/Llama-3.2-1B-Instruct" in message and str(base) in message
+
+
+def test_manifest_hash_of_another_base_is_refused_even_when_the_names_agree(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path
+) -> None:
+    path = make_adapter("tuned")
+    write_manifest(path, {"source": "local", "name": str(base), "content_sha256": "0" * 64})
+    message = refusal(lambda: registry.validate("tuned", path))
+    assert "different models" in message and str(base) in message
+
+
+def test_manifest_hash_of_the_served_base_is_accepted_under_another_name(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def counting_sha256(folder: Path) -> str:
+        calls.append(folder)
+        return folder_sha256(folder)
+
+    monkeypatch.setattr(adapters_module, "folder_sha256", counting_sha256)
+    record = {"source": "local", "name": "/old-box/models/llama", "content_sha256": folder_sha256(base)}
+    for name in ["first", "second"]:
+        path = make_adapter(name, declared="/old-box/models/llama")
+        write_manifest(path, record)
+        assert registry.validate(name, path).base_model == "/old-box/models/llama"
+    assert calls == [base], "the served base is hashed once per registry"
+
+
+def test_hub_manifest_falls_back_to_the_declared_name(
+    registry: AdapterRegistry, make_adapter: MakeAdapter
+) -> None:
+    path = make_adapter("tuned", declared="org/other-model")
+    write_manifest(path, {"source": "hub", "name": "org/other-model", "commit": "abc"})
+    assert "org/other-model" in refusal(lambda: registry.validate("tuned", path))
+
+
+def test_unreadable_manifest_falls_back_to_the_declared_name(
+    registry: AdapterRegistry, make_adapter: MakeAdapter
+) -> None:
+    path = make_adapter("tuned")
+    (path / MANIFEST).write_text("{truncated")
+    assert registry.validate("tuned", path).rank == 8
+
+
+@pytest.mark.parametrize(
+    ("served", "declared", "matches"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", True),
+        ("/models/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", True),
+        ("/models/qwen2.5-7b-instruct/", "Qwen/Qwen2.5-7B-Instruct", True),
+        ("Qwen/Qwen2.5-7B-Instruct", "/data/hf/Qwen2.5-7B-Instruct", True),
+        ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B", False),
+        ("/models/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", False),
+        ("Qwen/Qwen2.5-7B-Instruct", "other-org/Qwen2.5-7B-Instruct", False),
+        ("/models/Qwen2.5-7B-Instruct", "/elsewhere/Qwen2.5-7B-Instruct", False),
+    ],
+)
+def test_base_names_match_by_string_or_hub_id_last_part(
+    adapters_dir: Path, make_adapter: MakeAdapter, served: str, declared: str, matches: bool
+) -> None:
+    registry = AdapterRegistry(base_model=served, adapters_dir=adapters_dir, max_lora_rank=16)
+    path = make_adapter("tuned", declared=declared)
+    if matches:
+        assert registry.validate("tuned", path).base_model == declared
+    else:
+        assert "trained on base model" in refusal(lambda: registry.validate("tuned", path))
+
+
+def test_base_named_by_another_path_to_the_same_folder_matches(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "base-link"
+    link.symlink_to(base)
+    assert registry.validate("tuned", make_adapter("tuned", declared=str(link))).base_model == str(link)
+
+
+def test_adapter_declaring_no_base_is_served_with_a_warning(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = make_adapter("tuned", declared="")
+    with caplog.at_level(logging.WARNING, logger="serve.adapters"):
+        assert registry.validate("tuned", path).base_model == ""
+    assert "does not say which base model" in caplog.text
+
+
+# -- names and ids ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "x" * 65, ".", "..", "naïve", "a:b"])
+def test_bad_names_are_refused(registry: AdapterRegistry, make_adapter: MakeAdapter, name: str) -> None:
+    path = make_adapter("tuned")
+    assert "is not allowed" in refusal(lambda: registry.validate(name, path))
+
+
+@pytest.mark.parametrize("name", ["x" * 64, "sql-v1.2_final", "A"])
+def test_good_names_are_accepted(registry: AdapterRegistry, make_adapter: MakeAdapter, name: str) -> None:
+    assert registry.validate(name, make_adapter("tuned")).name == name
+
+
+def test_name_of_the_served_base_is_refused(adapters_dir: Path, make_adapter: MakeAdapter) -> None:
+    registry = AdapterRegistry(base_model="tiny-base", adapters_dir=adapters_dir, max_lora_rank=16)
+    path = make_adapter("tuned", declared="tiny-base")
+    assert "base model" in refusal(lambda: registry.validate("tiny-base", path))
+
+
+def test_duplicate_name_is_a_conflict(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    first = registry.validate("tuned", make_adapter("tuned"))
+    second = registry.validate("tuned", make_adapter("other"))
+    registry.register(first)
+
+    assert "already loaded" in refusal(lambda: registry.register(second), status=409)
+    assert "already loaded" in refusal(lambda: registry.validate("tuned", make_adapter("third")), status=409)
+    assert registry.get("tuned") == first
+
+
+def test_remove_unknown_name_is_not_found(registry: AdapterRegistry) -> None:
+    assert "no adapter named 'ghost'" in refusal(lambda: registry.remove("ghost"), status=404)
+
+
+def test_ids_increase_and_are_never_reused(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    a = registry.validate("a", make_adapter("a"))
+    registry.register(a)
+    b = registry.validate("b", make_adapter("b"))
+    registry.register(b)
+    assert (a.lora_int_id, b.lora_int_id) == (1, 2)
+    assert registry.names() == ["a", "b"] and list(registry) == [a, b] and len(registry) == 2
+
+    assert registry.remove("a") == a
+    assert registry.get("a") is None and registry.names() == ["b"]
+    again = registry.validate("a", a.path)
+    assert again.lora_int_id == 3
+    with pytest.raises(ValueError, match="was used before"):
+        registry.register(a)
+    registry.register(again)
+    assert registry.names() == ["a", "b"] and registry.get("a") == again
+
+
+# -- runtime paths ---------------------------------------------------------------------------------------
+
+
+def test_runtime_path_defaults_to_the_name_inside_adapters_dir(
+    registry: AdapterRegistry, adapters_dir: Path
+) -> None:
+    assert registry.resolve_runtime_path(None, "tuned") == adapters_dir.resolve() / "tuned"
+    assert registry.resolve_runtime_path("", "tuned") == adapters_dir.resolve() / "tuned"
+    assert "is not allowed" in refusal(lambda: registry.resolve_runtime_path(None, ".."))
+
+
+def test_runtime_path_relative_and_absolute_inside_are_allowed(
+    registry: AdapterRegistry, adapters_dir: Path
+) -> None:
+    inside = adapters_dir.resolve() / "team" / "sql"
+    assert registry.resolve_runtime_path("team/sql", "sql") == inside
+    assert registry.resolve_runtime_path(str(adapters_dir / "team" / "sql"), "sql") == inside
+
+
+@pytest.mark.parametrize("raw", ["../outside", "team/../../outside", "team/../sql"])
+def test_runtime_path_with_dotdot_is_refused(registry: AdapterRegistry, raw: str) -> None:
+    assert "'..'" in refusal(lambda: registry.resolve_runtime_path(raw, "sql"))
+
+
+@pytest.mark.parametrize("where", ["sibling", "root", "adapters_dir itself", "dot"])
+def test_runtime_path_outside_adapters_dir_is_refused(
+    registry: AdapterRegistry, adapters_dir: Path, tmp_path: Path, where: str
+) -> None:
+    raw = {"sibling": str(tmp_path / "elsewhere"), "root": "/etc", "adapters_dir itself": str(adapters_dir)}
+    message = refusal(lambda: registry.resolve_runtime_path(raw.get(where, "."), "sql"))
+    assert "must be inside the adapters dir" in message
+
+
+def test_runtime_path_symlink_escaping_is_refused_and_inside_is_followed(
+    registry: AdapterRegistry, adapters_dir: Path, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    outside = make_adapter(at=tmp_path / "outside-adapter")
+    (adapters_dir / "escape").symlink_to(outside)
+    message = refusal(lambda: registry.resolve_runtime_path("escape", "escape"))
+    assert "must be inside the adapters dir" in message
+    assert "must be inside" in refusal(lambda: registry.resolve_runtime_path(None, "escape"))
+
+    real = make_adapter("real")
+    (adapters_dir / "alias").symlink_to(real)
+    resolved = registry.resolve_runtime_path("alias", "alias")
+    assert resolved == real.resolve()
+    assert registry.validate("alias", resolved).path == resolved
+
+
+def test_runtime_path_through_a_symlinked_adapters_dir(
+    base: Path, adapters_dir: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "adapters-link"
+    link.symlink_to(adapters_dir)
+    registry = AdapterRegistry(base_model=str(base), adapters_dir=link, max_lora_rank=16)
+    assert registry.resolve_runtime_path(str(adapters_dir / "sql"), "sql") == adapters_dir.resolve() / "sql"
+    assert registry.resolve_runtime_path(str(link / "sql"), "sql") == adapters_dir.resolve() / "sql"
+
+
+def test_runtime_path_with_a_null_byte_is_refused(registry: AdapterRegistry) -> None:
+    assert "not a usable path" in refusal(lambda: registry.resolve_runtime_path("bad\0name", "sql"))
+
+
+def test_runtime_loading_needs_an_adapters_dir(base: Path) -> None:
+    registry = AdapterRegistry(base_model=str(base), adapters_dir=None, max_lora_rank=16)
+    assert "--adapters-dir" in refusal(lambda: registry.resolve_runtime_path("sql", "sql"))
+    assert "--adapters-dir" in refusal(lambda: registry.resolve_runtime_path(None, "sql"))
+
+
+# -- --lora NAME=PATH ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("sql=/adapters/sql", ("sql", Path("/adapters/sql"))),
+        ("sql=relative/dir", ("sql", Path("relative/dir"))),
+        ("odd=path=with=equals", ("odd", Path("path=with=equals"))),
+        ("home=~/adapters/x", ("home", Path("~/adapters/x").expanduser())),
+    ],
+)
+def test_parse_lora_option(value: str, expected: tuple[str, Path]) -> None:
+    assert parse_lora_option(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/adapters/sql", "NAME=PATH"),
+        ("=/adapters/sql", "NAME=PATH"),
+        ("sql=", "NAME=PATH"),
+        ("bad name=/adapters/x", "is not allowed"),
+    ],
+)
+def test_parse_lora_option_refuses_malformed_values(value: str, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        parse_lora_option(value)
