@@ -111,7 +111,7 @@ async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-@router.post("/v1/chat/completions", dependencies=API_KEY)
+@router.post("/v1/chat/completions", dependencies=API_KEY, response_model=None)
 async def chat_completions(
     body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> JSONResponse | StreamingResponse:
@@ -119,7 +119,7 @@ async def chat_completions(
     return await serving.chat(body, request)
 
 
-@router.post("/v1/completions", dependencies=API_KEY)
+@router.post("/v1/completions", dependencies=API_KEY, response_model=None)
 async def completions(
     body: protocol.CompletionRequest, request: Request, serving: ServingDep
 ) -> JSONResponse | StreamingResponse:
