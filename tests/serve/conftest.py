@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -122,6 +122,7 @@ class Server:
     log: Path
     adapters_dir: Path
     base_model: str
+    startup_statuses: list[int] = field(default_factory=list)  # /health answers seen before ready
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -164,7 +165,9 @@ def wait_healthy(server: Server, timeout: float = 300) -> None:
                 f"server exited with {server.process.returncode}:\n{server.log_text()[-4000:]}"
             )
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            status = httpx.get(f"{server.url}/health", timeout=2).status_code
+            server.startup_statuses.append(status)
+            if status == 200:
                 return
         except httpx.TransportError:
             pass

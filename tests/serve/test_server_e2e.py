@@ -355,3 +355,29 @@ def test_runtime_load_and_unload(client: openai.OpenAI, server: Server) -> None:
     finally:
         admin(server, "/v1/unload_lora_adapter", {"lora_name": "late"})
         shutil.rmtree(server.adapters_dir / "late")
+
+
+def test_health_is_503_while_the_engine_starts(server: Server) -> None:
+    # The HTTP server is up within seconds; the engine takes far longer, and until then /health says 503.
+    assert 503 in server.startup_statuses
+    assert server.startup_statuses[-1] == 200
+
+
+def test_dead_engine_answers_503(client: openai.OpenAI, server: Server) -> None:
+    """Runs last in this module: it kills the engine of the shared server."""
+    import psutil
+
+    engine = next(
+        child
+        for child in psutil.Process(server.process.pid).children(recursive=True)
+        if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name()
+    )
+    engine.kill()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "the server never noticed its engine died"
+        time.sleep(0.2)
+    with pytest.raises(openai.InternalServerError) as dead:
+        chat(client, "fmt", "hi")
+    assert dead.value.status_code == 503
+    assert "engine" in dead.value.body["message"]  # type: ignore[index]
