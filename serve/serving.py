@@ -164,8 +164,7 @@ class Serving:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._start([prompt_ids], params, request_id, lora, request.model)
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self._sse(self._chat_chunks(streams, request, request_id, include_usage))
+            return self._sse(self._chat_chunks(streams, request, request_id, request.include_usage))
         finals = await self._collect(streams, raw)
         return JSONResponse(self._chat_response(finals, request, request_id))
 
@@ -179,8 +178,9 @@ class Serving:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = self._start(prompts, params, request_id, lora, request.model)
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self._sse(self._completion_chunks(streams, request, request_id, prompts, include_usage))
+            return self._sse(
+                self._completion_chunks(streams, request, request_id, prompts, request.include_usage)
+            )
         finals = await self._collect(streams, raw)
         return JSONResponse(self._completion_response(finals, request, request_id, prompts))
 
@@ -300,19 +300,16 @@ class Serving:
         (stream,) = streams
         created = int(time.time())
         started: set[int] = set()
-        usage_null = {"usage": None} if include_usage else {}
 
         def chunk(
-            index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None
+            index: int, delta: protocol.ChatDelta, finish: protocol.FinishReason | None, logprobs: Any = None
         ) -> dict[str, Any]:
-            return {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": request.model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                **usage_null,
-            }
+            choice = protocol.ChatCompletionChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+            )
+            return protocol.ChatCompletionChunk(
+                id=request_id, created=created, model=request.model, choices=[choice]
+            ).model_dump()
 
         last: RequestOutput | None = None
         async for output in stream:
@@ -320,7 +317,7 @@ class Serving:
             for completion in output.outputs:
                 if completion.index not in started:
                     started.add(completion.index)
-                    yield chunk(completion.index, {"role": "assistant", "content": ""}, None)
+                    yield chunk(completion.index, protocol.ChatDelta(role="assistant", content=""), None)
                 logprobs = None
                 if request.logprobs and completion.logprobs:
                     logprobs = protocol.chat_logprobs(
@@ -330,18 +327,14 @@ class Serving:
                         top_logprobs=request.top_logprobs or 0,
                     )
                 if completion.text or logprobs:
-                    yield chunk(completion.index, {"content": completion.text}, None, logprobs)
+                    yield chunk(completion.index, protocol.ChatDelta(content=completion.text), None, logprobs)
                 if completion.finish_reason is not None:
-                    yield chunk(completion.index, {}, protocol.finish_reason(completion.finish_reason))
+                    finish = protocol.finish_reason(completion.finish_reason)
+                    yield chunk(completion.index, protocol.ChatDelta(), finish)
         if include_usage and last is not None:
-            yield {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": request.model,
-                "choices": [],
-                "usage": stream.usage(),
-            }
+            yield protocol.ChatCompletionChunk(
+                id=request_id, created=created, model=request.model, choices=[], usage=stream.usage()
+            ).model_dump()
 
     # ----- completion shapes
     def _completion_response(
@@ -396,7 +389,6 @@ class Serving:
 
         created = int(time.time())
         n = request.n
-        usage_null = {"usage": None} if include_usage else {}
         echoed: set[int] = set()
         offsets: dict[int, int] = {}
         async for prompt_index, output in merge_async_iterators(*(s.__aiter__() for s in streams)):
@@ -416,30 +408,20 @@ class Serving:
                         text_offset=offsets.get(index, 0),
                     )
                 offsets[index] = offsets.get(index, 0) + len(text)
-                yield {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": request.model,
-                    "choices": [
-                        {
-                            "index": index,
-                            "text": text,
-                            "logprobs": logprobs,
-                            "finish_reason": protocol.finish_reason(completion.finish_reason),
-                        }
-                    ],
-                    **usage_null,
-                }
+                choice = protocol.CompletionChunkChoice(
+                    index=index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=protocol.finish_reason(completion.finish_reason),
+                )
+                yield protocol.CompletionChunk(
+                    id=request_id, created=created, model=request.model, choices=[choice]
+                ).model_dump()
         if include_usage:
-            yield {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": request.model,
-                "choices": [],
-                "usage": _add_usage([s.usage() for s in streams]),
-            }
+            usage = _add_usage([s.usage() for s in streams])
+            yield protocol.CompletionChunk(
+                id=request_id, created=created, model=request.model, choices=[], usage=usage
+            ).model_dump()
 
     def _decode_token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
