@@ -1,6 +1,9 @@
 """Command line of the benchmark client: `python -m client <command> ...`.
 
-`tasks` writes the generated instruction-following suite (training data and held-out test items).
+`bench` runs an instruction-following suite (ifeval, tasks, reference, mtbench) against models at any
+OpenAI-compatible endpoint and reports them side by side; `score` scores existing IFEval responses
+offline; `load` is the serving load benchmark (vLLM's metric definitions); `tasks` writes the generated
+instruction-following suite (training data and held-out test items).
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from client.bench import add_bench_command
+from client.ifeval.cli import add_score_command
+from client.load import add_load_command
 from client.tasks import FAMILIES, GROUPS, write_task_data
 
 
@@ -61,6 +67,9 @@ def _run_tasks(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_bench_command(commands)
+    add_score_command(commands)
+    add_load_command(commands)
     _add_tasks_command(commands)
     return parser
 

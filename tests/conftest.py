@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import adapters_dir, engine_reference, server  # noqa: F401  (session fixtures, one server)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

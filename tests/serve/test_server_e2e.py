@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import ADAPTERS, ADMIN_KEY, API_KEY, QUESTIONS, Reference, Server
+from tests.e2e import ADAPTERS, ADMIN_KEY, API_KEY, QUESTIONS, Reference, Server
 
 pytestmark = pytest.mark.slow
 

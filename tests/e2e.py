@@ -1,4 +1,7 @@
-"""End-to-end fixtures: three adapters made by `finetune`, two bad ones, the real server on a free port."""
+"""End-to-end fixtures: three adapters made by `finetune`, two bad ones, the real server on a free port.
+
+Registered once in tests/conftest.py, so serve and client tests share one server per session.
+"""
 
 from __future__ import annotations
 

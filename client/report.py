@@ -1,0 +1,156 @@
+"""What `bench` writes: results.json (all of it, scoreable again), report.md (side by side), report.png.
+
+The first model is the baseline: every other model's column shows its score and its difference from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from client.suite import SuiteResult
+
+# What a suite's breakdown groups are, for table headings.
+GROUP_LABELS = {"tasks": "family", "ifeval": "instruction type", "mtbench": "category"}
+COUNT = "count"  # a breakdown entry that counts items rather than scores them
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuneserve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _cell(value: float | None, baseline: float | None, is_baseline: bool) -> str:
+    if is_baseline or value is None or baseline is None:
+        return _number(value)
+    return f"{_number(value)} ({value - baseline:+.3f})"
+
+
+def _table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
+    align = ["---" if i < right_aligned_from else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
+
+
+def _side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
+    """A table with one row per key of `rows` (row -> model -> value); the first model is the baseline."""
+    body = []
+    for row, values in rows.items():
+        baseline = values.get(models[0])
+        cells = [_cell(values.get(model), baseline, i == 0) for i, model in enumerate(models)]
+        body.append([row, *cells])
+    return _table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
+
+
+def _ordered_keys(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys in order of first appearance across `dicts`."""
+    return list(dict.fromkeys(key for each in dicts for key in each))
+
+
+def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult]) -> str:
+    """report.md: run details, headline metrics side by side, then one table per breakdown metric."""
+    models = list(results)
+    suite = str(meta.get("suite", next(iter(results.values())).suite))
+    sampling = ", ".join(f"{key} {value}" for key, value in (meta.get("sampling") or {}).items())
+    lines = [
+        f"# Benchmark: {suite}",
+        "",
+        *_table(
+            ["run", ""],
+            [
+                ["endpoint", str(meta.get("base_url"))],
+                ["models", ", ".join(f"`{model}`" for model in models) + " (first: baseline)"],
+                [
+                    "data",
+                    f"{meta.get('data') or 'default'}"
+                    + (f", first {meta['limit']}" if meta.get("limit") else ""),
+                ],
+                ["sampling", sampling],
+                *(
+                    [["judge", f"`{meta['judge']['model']}` at {meta['judge']['base_url']}"]]
+                    if meta.get("judge")
+                    else []
+                ),
+                ["started", str(meta.get("started"))],
+                ["finished", str(meta.get("finished"))],
+                ["tuneserve", str(meta.get("tuneserve_version"))],
+            ],
+            right_aligned_from=2,
+        ),
+        "",
+        f"`{models[0]}` is the baseline; other columns show the score and, in brackets, its difference "
+        "from the baseline.",
+        "",
+        "## Headline metrics",
+        "",
+    ]
+    metric_names = _ordered_keys([result.metrics for result in results.values()])
+    headline = {name: {model: results[model].metrics.get(name) for model in models} for name in metric_names}
+    lines += [*_side_by_side("metric", headline, models), ""]
+
+    groups = _ordered_keys([result.breakdown for result in results.values()])
+    if groups:
+        label = GROUP_LABELS.get(suite, "group")
+        per_group = [result.breakdown.get(group, {}) for result in results.values() for group in groups]
+        for name in [key for key in _ordered_keys(per_group) if key != COUNT]:
+            rows: dict[str, dict[str, float | None]] = {}
+            for group in sorted(groups):
+                count = next(
+                    (r.breakdown[group].get(COUNT) for r in results.values() if group in r.breakdown), None
+                )
+                row = f"{group} (n={count:g})" if count is not None else group
+                rows[row] = {model: results[model].breakdown.get(group, {}).get(name) for model in models}
+            lines += [f"## Per {label}: {name}", "", *_side_by_side(label, rows, models), ""]
+    return "\n".join(lines)
+
+
+def plot_headline(results: Mapping[str, SuiteResult], path: Path) -> None:
+    """report.png: a grouped bar chart, one group per headline metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    metric_names = _ordered_keys([result.metrics for result in results.values()])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metric_names) * max(1, len(models)) / 2), 4.5))
+    for index, model in enumerate(models):
+        values = [results[model].metrics.get(name, math.nan) for name in metric_names]
+        positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(metric_names))]
+        bars = ax.bar(positions, values, width, label=model if len(model) <= 40 else "…" + model[-39:])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(metric_names)), metric_names)
+    suite = next(iter(results.values())).suite
+    ax.set_title(f"{suite}: headline metrics per model")
+    ax.legend(fontsize=8)
+    # Fractions (accuracies) on a 0-1 axis even when all are zero; other scales (MT-Bench 1-10) to fit.
+    highest = max(
+        (value for r in results.values() for value in r.metrics.values() if not math.isnan(value)), default=0
+    )
+    ax.set_ylim(0, 1.1 if highest <= 1 else highest * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, meta: Mapping[str, Any], results: Mapping[str, SuiteResult]) -> dict[str, Path]:
+    """Write results.json, report.md and report.png into `out`; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "report": out / "report.md", "chart": out / "report.png"}
+    document = {"meta": dict(meta), "models": {model: asdict(result) for model, result in results.items()}}
+    paths["results"].write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["report"].write_text(render_markdown(meta, results) + "\n", encoding="utf-8")
+    plot_headline(results, paths["chart"])
+    return paths
