@@ -43,14 +43,15 @@ test: lint typecheck pytest
 tiny-base: install
 	$(BIN)/python -m finetune tiny-base --out $(TINY_BASE)
 
-# One adapter per task family group, each tuned on its own generated data.
-demo: tiny-base
-	@for group in format constraints; do \
-	  $(BIN)/python -m client tasks --out $(DEMO_OUT)/data/$$group --group $$group && \
-	  $(BIN)/python -m finetune run --config configs/tiny-demo.yaml overwrite=true base_model=$(TINY_BASE) \
-	    data.path=$(DEMO_OUT)/data/$$group/train.jsonl output_dir=$(DEMO_OUT)/adapters/$$group || exit 1; \
-	done
-	@echo "adapters: $$(ls -d $(DEMO_OUT)/adapters/*)"
+# The whole product end to end (client/demo.py): tiny base, one adapter per task group, serve, bench, load,
+# report in $(DEMO_OUT)/report.md. With a GPU: make demo BASE=Qwen/Qwen2.5-7B-Instruct DATA=path/or/hub-id
+BASE   ?=
+DATA   ?=
+CONFIG ?=
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/python -m client demo --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) \
+	  $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--finetune-config $(CONFIG)) $(DEMO_ARGS)
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

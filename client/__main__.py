@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.bench import add_bench_command
+from client.demo import add_demo_command
 from client.ifeval.cli import add_score_command
 from client.load import add_load_command
 from client.tasks import FAMILIES, GROUPS, write_task_data
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_command(commands)
     add_load_command(commands)
     _add_tasks_command(commands)
+    add_demo_command(commands)
     return parser
 
 

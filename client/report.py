@@ -38,19 +38,19 @@ def _cell(value: float | None, baseline: float | None, is_baseline: bool) -> str
     return f"{_number(value)} ({value - baseline:+.3f})"
 
 
-def _table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
     align = ["---" if i < right_aligned_from else "---:" for i in range(len(header))]
     return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
 
 
-def _side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
+def side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
     """A table with one row per key of `rows` (row -> model -> value); the first model is the baseline."""
     body = []
     for row, values in rows.items():
         baseline = values.get(models[0])
         cells = [_cell(values.get(model), baseline, i == 0) for i, model in enumerate(models)]
         body.append([row, *cells])
-    return _table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
+    return markdown_table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
 
 
 def _ordered_keys(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -66,7 +66,7 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
     lines = [
         f"# Benchmark: {suite}",
         "",
-        *_table(
+        *markdown_table(
             ["run", ""],
             [
                 ["endpoint", str(meta.get("base_url"))],
@@ -97,7 +97,7 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
     ]
     metric_names = _ordered_keys([result.metrics for result in results.values()])
     headline = {name: {model: results[model].metrics.get(name) for model in models} for name in metric_names}
-    lines += [*_side_by_side("metric", headline, models), ""]
+    lines += [*side_by_side("metric", headline, models), ""]
 
     groups = _ordered_keys([result.breakdown for result in results.values()])
     if groups:
@@ -111,11 +111,11 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
                 )
                 row = f"{group} (n={count:g})" if count is not None else group
                 rows[row] = {model: results[model].breakdown.get(group, {}).get(name) for model in models}
-            lines += [f"## Per {label}: {name}", "", *_side_by_side(label, rows, models), ""]
+            lines += [f"## Per {label}: {name}", "", *side_by_side(label, rows, models), ""]
     return "\n".join(lines)
 
 
-def plot_headline(results: Mapping[str, SuiteResult], path: Path) -> None:
+def plot_headline(results: Mapping[str, SuiteResult], path: Path, title: str | None = None) -> None:
     """report.png: a grouped bar chart, one group per headline metric, one bar per model."""
     import matplotlib
 
@@ -133,7 +133,7 @@ def plot_headline(results: Mapping[str, SuiteResult], path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(metric_names)), metric_names)
     suite = next(iter(results.values())).suite
-    ax.set_title(f"{suite}: headline metrics per model")
+    ax.set_title(title or f"{suite}: headline metrics per model")
     ax.legend(fontsize=8)
     # Fractions (accuracies) on a 0-1 axis even when all are zero; other scales (MT-Bench 1-10) to fit.
     highest = max(

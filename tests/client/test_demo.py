@@ -1,0 +1,82 @@
+"""`python -m client demo` (`make demo`): config checks, and a reduced run of the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.__main__ import main as client_main
+from client.demo import REPO_ROOT, DemoConfig, DemoError, _resolve_finetune_config, run_demo
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"groups": ("format", "nope")}, "unknown task groups ['nope']"),
+        ({"groups": ("format", "format")}, "listed more than once"),
+        ({"groups": ()}, "nothing to fine-tune"),
+        ({"data": "my.jsonl", "data_adapter": "format"}, "clashes"),
+        ({"n_test": 0}, "n_test must be >= 1"),
+        ({"load_concurrency": (0,)}, "load concurrency levels must be >= 1"),
+        ({"finetune_overrides": ("training.epochs",)}, "key=value"),
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        DemoConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_errors_name_the_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        client_main(["demo", "--groups", "format,typo"])
+    assert exit_info.value.code == 2
+    assert "unknown task groups ['typo']" in capsys.readouterr().err
+
+
+def test_finetune_config_follows_the_base() -> None:
+    assert _resolve_finetune_config(DemoConfig(), "ignored") == REPO_ROOT / "configs" / "tiny-demo.yaml"
+    qwen = DemoConfig(base_model="Qwen/Qwen2.5-7B-Instruct")
+    assert _resolve_finetune_config(qwen, "Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b-instruct-lora.yaml"
+    with pytest.raises(DemoError, match="--finetune-config"):
+        _resolve_finetune_config(DemoConfig(base_model="org/unknown-7b"), "org/unknown-7b")
+    explicit = DemoConfig(base_model="org/unknown-7b", finetune_config=Path("configs/tiny-demo.yaml"))
+    assert _resolve_finetune_config(explicit, "org/unknown-7b") == (Path.cwd() / "configs/tiny-demo.yaml")
+
+
+@pytest.mark.slow
+def test_reduced_demo_tunes_adapters_that_beat_the_base(tiny_base: Path, tmp_path: Path) -> None:
+    """The `make demo` pipeline with fewer steps and prompts: real fine-tuning, serving and benchmarks."""
+    out = tmp_path / "demo"
+    config = DemoConfig(
+        out=out,
+        n_train=800,
+        n_test=40,
+        finetune_overrides=("training.epochs=1", "training.eval_every=1000", "training.save_every=1000"),
+        ifeval_limit=4,
+        bench_max_tokens=64,
+        load_concurrency=(1, 4),
+        load_prompts=8,
+        load_output_len=8,
+    )
+    summary = run_demo(config)
+
+    assert summary == json.loads((out / "demo.json").read_text())
+    assert summary["models"] == ["tiny-base", "format", "constraints"]
+    for group in ("format", "constraints"):
+        scores = summary["tasks"][group]
+        assert scores[group] >= scores["tiny-base"] + 0.25, (group, scores)
+        assert (out / "adapters" / group / "adapter_model.safetensors").is_file()
+        assert (out / "bench" / f"tasks-{group}" / "results.json").is_file()
+    assert (
+        summary["training"]["format"]["final_eval_loss"] < summary["training"]["format"]["initial_eval_loss"]
+    )
+    assert set(summary["ifeval"]["prompt_strict"]) == {"tiny-base", "format", "constraints"}
+    assert [level["max_concurrency"] for level in summary["load"]] == [1, 4]
+    assert all(level["completed"] == 8 and level["failed"] == 0 for level in summary["load"])
+    for name in ("report.md", "tasks.png", "serve.log", "load/load.png", "bench/ifeval/report.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "adapter `format`:" in report and "## Load" in report and "python -m serve" in report
+    assert any(command.startswith("python -m finetune run --config") for command in summary["commands"])
