@@ -56,7 +56,7 @@ class LoraSettings(_Strict):
     alpha: int = Field(
         32, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA)."
     )
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt; `all-linear` = every linear projection but lm_head."
     )
@@ -83,22 +83,26 @@ class TrainingConfig(_Strict):
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (packed rows when packing).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of learning_rate.")
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None = off).")
     packing: bool = Field(
         True, description="Padding-free packing of samples into rows (falls back if unsupported)."
     )
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 is refused."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa", description="transformers attention kernel; flash_attention_2 needs flash-attn."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: less memory, ~30% slower."
+    )
     quantization: Literal["none", "4bit"] = Field(
         "none", description="`4bit` = QLoRA (bitsandbytes, GPU only)."
     )
@@ -109,8 +113,8 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evals without improvement (None = never)."
     )
-    early_stopping_min_delta: float = Field(0.0, ge=0)
-    log_every: int = Field(1, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between train-loss records.")
 
     @field_validator("precision")
     @classmethod
@@ -129,7 +133,7 @@ class FinetuneConfig(_Strict):
         description="Final adapter folder; it appears there atomically when training ends."
     )
     overwrite: bool = Field(False, description="Replace an existing output_dir instead of refusing.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the train/eval split, shuffling and LoRA initialisation.")
     data: DataConfig
     lora: LoraSettings = LoraSettings()
     training: TrainingConfig = TrainingConfig()
