@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.suite import BenchPrompt, Suite, SuiteResult
+from client.suite import BenchPrompt, Suite, SuiteResult, read_jsonl
 from client.tasks import TaskItem, verify
 
 if TYPE_CHECKING:
@@ -62,16 +62,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _read_jsonl(path: Path) -> list[Any]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except ValueError as err:
-                raise SuiteDataError(f"{path}:{line_no}: not valid JSON ({err})") from err
-    return records
+    return [record for _, record in read_jsonl(path)]
 
 
 # --- tasks: the project's generated verifiable instructions --------------------------------------

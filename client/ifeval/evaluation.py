@@ -6,7 +6,6 @@ A port of google-research `instruction_following_eval/evaluation_lib.py`: items 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client.ifeval.instructions import InstructionArgumentError, build_instruction
+from client.suite import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,6 @@ def _parse_item(record: Any, where: str) -> IFEvalItem:
     return IFEvalItem(key=key, prompt=prompt, instruction_id_list=tuple(ids), kwargs=cleaned)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, decoded JSON) for every non-blank line of `path`."""
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records
-
-
 def load_items(source: str | os.PathLike[str], limit: int | None = None) -> list[IFEvalItem]:
     """IFEval items from a local JSONL file (the reference's input_data.jsonl) or a hub dataset id
     such as "google/IFEval"; the first `limit` of them when given."""
@@ -114,7 +100,7 @@ def load_items(source: str | os.PathLike[str], limit: int | None = None) -> list
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(source)
     if path.is_file():
-        records = [(f"{path}:{number}", record) for number, record in _read_jsonl(path)]
+        records = [(f"{path}:{number}", record) for number, record in read_jsonl(path)]
     elif not path.exists() and _HUB_ID.match(str(source)) and path.suffix != ".jsonl":
         from datasets import load_dataset
 
@@ -136,7 +122,7 @@ def load_responses(path: Path) -> dict[str, str]:
     As in the reference, a prompt given twice keeps its last response.
     """
     responses: dict[str, str] = {}
-    for number, record in _read_jsonl(Path(path)):
+    for number, record in read_jsonl(Path(path)):
         where = f"{path}:{number}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'response'")
