@@ -1,8 +1,11 @@
 """Micro-batches for training: padding-free packed rows, or padded length-grouped rows as a fallback.
 
-Packed: the samples of a micro-batch are concatenated into one row whose position ids restart at 0 for
+Packed: the samples of a micro-batch are concatenated into rows whose position ids restart at 0 for
 each sample; with `attention_mask=None`, transformers then builds a block-diagonal causal mask (flash
-attention uses the same position ids for its varlen kernel), so no sample attends to another.
+attention uses the same position ids for its varlen kernel), so no sample attends to another. With
+SDPA or eager attention a micro-batch is `micro_batch_size` rows of at most `max_seq_len` tokens (the
+dense attention then costs rows x max_seq_len^2, not (rows x max_seq_len)^2); with flash attention, whose
+varlen kernel wastes nothing on long rows, it is one row (its position-id detection needs batch size 1).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from finetune.prompting import IGNORE_INDEX, EncodedSample
 
 @dataclass
 class Batch:
-    """Tensors for one forward pass. Shapes (B, T); B == 1 when packed."""
+    """Tensors for one forward pass. Shapes (B, T): B packed rows, or B padded samples."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -38,19 +41,36 @@ class Batch:
         )
 
 
-def plan_packed(lengths: Sequence[int], token_budget: int, seed: int) -> list[list[int]]:
-    """Group sample indices into micro-batches of at most `token_budget` tokens, in a seeded random order.
+def _rows(lengths: Sequence[int], row_len: int | None) -> int:
+    """Rows that next-fit packing of `lengths`, in order, into rows of at most `row_len` tokens needs."""
+    rows, used = 0, 0
+    for length in lengths:
+        if rows == 0 or (row_len is not None and used + length > row_len):
+            rows, used = rows + 1, 0
+        used += length
+    return rows
 
-    Greedy in shuffled order: a micro-batch is closed when the next sample would overflow it, so the only
-    waste is the unfilled tail of each row, and no padding is ever computed.
+
+def plan_packed(
+    lengths: Sequence[int], rows: int, row_len: int, seed: int, *, one_row: bool = False
+) -> list[list[int]]:
+    """Group sample indices into micro-batches of `rows` packed rows of at most `row_len` tokens each,
+    in a seeded random order (`one_row`: the same token budget, `rows * row_len`, in a single row).
+
+    Greedy in shuffled order: samples fill a row until the next one would overflow it, then the next row;
+    a micro-batch is closed when its last row is full, so the only waste is the unfilled tail of rows.
+    `collate_packed` lays the samples out in rows the same way.
     """
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
+    budget = rows * row_len
     batches: list[list[int]] = []
     current: list[int] = []
     used = 0
     for index in order:
-        if current and used + lengths[index] > token_budget:
+        candidate = [lengths[i] for i in current] + [lengths[index]]
+        too_big = used + lengths[index] > budget if one_row else _rows(candidate, row_len) > rows
+        if current and too_big:
             batches.append(current)
             current, used = [], 0
         current.append(index)
@@ -84,21 +104,41 @@ def _labels_for_row(sample: EncodedSample) -> list[int]:
     return [IGNORE_INDEX, *sample.labels[1:]]
 
 
-def collate_packed(samples: Sequence[EncodedSample]) -> Batch:
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
+def collate_packed(samples: Sequence[EncodedSample], row_len: int | None = None, pad_id: int = 0) -> Batch:
+    """Samples packed into rows, in order, each row holding at most `row_len` tokens (None: one row).
+
+    Position ids restart at 0 for each sample, so no sample attends to another. Rows shorter than the
+    longest are filled with one filler segment (`pad_id`, its own positions from 0, no labels): it attends
+    only to itself and is neither trained nor counted. Several short rows, rather than one long one, keep
+    the dense (T x T) attention of SDPA or eager attention small: its cost grows with the square of the row.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    used = 0
     for sample in samples:
+        n = len(sample.input_ids)
+        if not rows or (row_len is not None and used + n > row_len):
+            rows.append(([], [], []))
+            used = 0
+        ids, labels, positions = rows[-1]
         ids.extend(sample.input_ids)
         labels.extend(_labels_for_row(sample))
-        positions.extend(range(len(sample.input_ids)))
+        positions.extend(range(n))
+        used += n
+    n_tokens = sum(len(ids) for ids, _, _ in rows)
+    width = max(len(ids) for ids, _, _ in rows)
+    for ids, labels, positions in rows:
+        filler = width - len(ids)
+        ids.extend([pad_id] * filler)
+        labels.extend([IGNORE_INDEX] * filler)
+        positions.extend(range(filler))
+    label_tensor = torch.tensor([labels for _, labels, _ in rows])
     return Batch(
-        input_ids=torch.tensor([ids]),
-        labels=torch.tensor([labels]),
-        position_ids=torch.tensor([positions]),
+        input_ids=torch.tensor([ids for ids, _, _ in rows]),
+        labels=label_tensor,
+        position_ids=torch.tensor([positions for _, _, positions in rows]),
         attention_mask=None,
-        n_tokens=len(ids),
-        n_label_tokens=sum(label != IGNORE_INDEX for label in labels),
+        n_tokens=n_tokens,
+        n_label_tokens=int((label_tensor != IGNORE_INDEX).sum()),
     )
 
 

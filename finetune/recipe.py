@@ -199,11 +199,17 @@ def packing_isolates_samples(
     return bool(((logits_packed - logits_alone).abs().max() / scale) < tolerance)
 
 
+def packed_row_len(config: FinetuneConfig) -> int | None:
+    """Tokens per packed row: max_seq_len for dense attention (SDPA, eager), None (one row) for flash."""
+    return None if config.training.attn_implementation.startswith("flash") else config.data.max_seq_len
+
+
 def plan_epoch(lengths: list[int], config: FinetuneConfig, packing: bool, seed: int) -> list[list[int]]:
     """One pass over all samples as micro-batches of sample indices, in a seeded order."""
     training = config.training
     if packing:
-        return plan_packed(lengths, training.micro_batch_size * config.data.max_seq_len, seed)
+        one_row = packed_row_len(config) is None
+        return plan_packed(lengths, training.micro_batch_size, config.data.max_seq_len, seed, one_row=one_row)
     return plan_padded(lengths, training.micro_batch_size, seed)
 
 
@@ -379,10 +385,10 @@ class LoraRecipe:
     # ---- train
     def _collate(self, samples: list[EncodedSample], indices: list[int]) -> Batch:
         chosen = [samples[i] for i in indices]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.packing:
-            return collate_packed(chosen)
-        pad_id = self.tokenizer.pad_token_id
-        return collate_padded(chosen, pad_id if pad_id is not None else 0)
+            return collate_packed(chosen, packed_row_len(self.config), pad_id)
+        return collate_padded(chosen, pad_id)
 
     def train(self) -> None:
         accelerator = self.accelerator

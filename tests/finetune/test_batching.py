@@ -14,7 +14,7 @@ from finetune.batching import (
     plan_padded,
     token_loss_sum,
 )
-from finetune.prompting import encode_conversation, end_of_turn_ids
+from finetune.prompting import EncodedSample, encode_conversation, end_of_turn_ids
 
 
 def _samples(tokenizer, n: int):  # type: ignore[no-untyped-def]
@@ -63,6 +63,26 @@ def test_packed_loss_equals_unpacked_loss(model, tiny_tokenizer) -> None:  # typ
 
 
 @torch.no_grad()
+def test_rows_of_bounded_length_give_the_same_loss(model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    samples = _samples(tiny_tokenizer, 6)
+    lengths = [len(s.input_ids) for s in samples]
+    row_len = max(lengths) + min(lengths)  # some rows hold two samples, others one
+    rows = collate_packed(samples, row_len=row_len, pad_id=tiny_tokenizer.pad_token_id)
+    one_row = collate_packed(samples)
+    assert 1 < rows.input_ids.shape[0] < len(samples)
+    assert rows.input_ids.shape[1] <= row_len
+    # Filler tokens are neither counted nor trained; every row restarts positions for each segment.
+    assert (rows.n_tokens, rows.n_label_tokens) == (one_row.n_tokens, one_row.n_label_tokens)
+    assert (rows.position_ids[:, 0] == 0).all()
+    torch.testing.assert_close(
+        token_loss_sum(model, rows) / rows.n_label_tokens,
+        token_loss_sum(model, one_row) / one_row.n_label_tokens,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@torch.no_grad()
 def test_eager_attention_packs_too(tiny_base: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
@@ -99,11 +119,19 @@ def test_packing_probe_detects_leaking_attention(model, tiny_tokenizer) -> None:
 
 def test_plans_cover_every_sample_once_and_respect_the_budget() -> None:
     lengths = [5, 17, 3, 40, 22, 9, 31, 12, 8, 26]
-    packed = plan_packed(lengths, token_budget=48, seed=3)
+    one_row = plan_packed(lengths, rows=2, row_len=24, seed=3, one_row=True)
+    assert sorted(i for batch in one_row for i in batch) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in batch) <= 48 for batch in one_row)
+    assert one_row == plan_packed(lengths, rows=2, row_len=24, seed=3, one_row=True)
+    assert one_row != plan_packed(lengths, rows=2, row_len=24, seed=4, one_row=True)
+
+    packed = plan_packed(lengths, rows=2, row_len=48, seed=3)
     assert sorted(i for batch in packed for i in batch) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in batch) <= 48 for batch in packed)
-    assert packed == plan_packed(lengths, token_budget=48, seed=3)
-    assert packed != plan_packed(lengths, token_budget=48, seed=4)
+    for batch in packed:  # collate_packed lays each micro-batch out in at most 2 rows of <= 48 tokens
+        samples = [EncodedSample([1] * lengths[i], [1] * lengths[i]) for i in batch]
+        collated = collate_packed(samples, row_len=48)
+        assert collated.input_ids.shape[0] <= 2 and collated.input_ids.shape[1] <= 48
+    assert len(packed) < len(lengths)  # rows really are shared
 
     padded = plan_padded(lengths, batch_size=3, seed=3, group=2)
     assert sorted(i for batch in padded for i in batch) == list(range(len(lengths)))
