@@ -14,7 +14,14 @@ log = logging.getLogger(__name__)
 
 
 def engine_args(settings: ServeSettings) -> dict[str, object]:
-    """Engine arguments from settings; the same names as `vllm serve` flags, for easy comparison."""
+    """Engine arguments from settings; the same names as `vllm serve` flags, for easy comparison.
+
+    `response_format` JSON is compact: the grammar allows no free whitespace between tokens (vLLM's
+    `--structured-outputs-config.disable_any_whitespace`), so a model cannot loop on newlines inside its
+    JSON until max_tokens cuts it short, as small or lightly tuned models do.
+    """
+    from vllm.config import StructuredOutputsConfig
+
     args: dict[str, object] = {
         "model": settings.base_model,
         "revision": settings.revision,
@@ -30,6 +37,7 @@ def engine_args(settings: ServeSettings) -> dict[str, object]:
         "dtype": settings.dtype,
         "enforce_eager": settings.enforce_eager,
         "seed": settings.seed,
+        "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
     }
     return args
 
