@@ -1,10 +1,11 @@
 """`python -m client demo` (`make demo`): the whole product end to end, on one machine.
 
 1. build (or reuse) the base: the embedded tiny base by default, or `--base-model` (hub id or folder);
-2. generate instruction data per task group with `client tasks` and fine-tune one LoRA adapter per group
-   (plus one on `--data`, if given) with `finetune run`;
+2. generate instruction data per task (a family of the `client tasks` suite, or a group of families) and
+   fine-tune one LoRA adapter per task (plus one on `--data`, if given) with `finetune run`;
 3. start `serve` with the base and every adapter (`--adapters-dir`), wait for /health;
-4. `client bench` on each group's held-out split and a short IFEval run, for the base and every adapter,
+4. `client bench` on each task's held-out split, on the whole suite's held-out split and on the first
+   IFEval prompts, for the base and every adapter,
    then a short `client load` over a mix of all models;
 5. stop the server and write OUT/report.md, OUT/demo.json and charts: base vs each adapter, with the
    differences, and the load figures.
@@ -34,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from client.report import machine_info
-from client.tasks import GROUPS
+from client.tasks import FAMILIES, families_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny-demo.yaml"
 # The embedded base runs on any CPU: no compilation (faster start), a small context and KV cache.
+# Families the tiny base learns (README: those that need copying words from the prompt are beyond it).
+DEFAULT_TASKS = ("uppercase", "lowercase", "wrap_in_quotes")
 TINY_SERVE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(1 << 30))
 
 
@@ -55,11 +58,12 @@ class DemoConfig:
     base_model: str | None = None  # None: the embedded tiny base, built into TINY_BASE_DIR
     finetune_config: Path | None = None  # None: tiny-demo.yaml, or the shipped config for --base-model
     finetune_overrides: tuple[str, ...] = ()  # key=value, after the demo's own (base, data, output)
-    groups: tuple[str, ...] = ("format", "constraints")  # one adapter per task group
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # one adapter each: a task family, or a group of families
     data: str | None = None  # the user's instruction data: one more adapter, named `data_adapter`
     data_adapter: str = "data"
     n_train: int = 2000
     n_test: int = 200
+    suite_per_family: int = 20  # held-out items per family for the whole-suite bench (0 skips it)
     seed: int = 0
     bench_concurrency: int = 16
     bench_max_tokens: int = 128
@@ -73,18 +77,19 @@ class DemoConfig:
     startup_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
-        unknown = [group for group in self.groups if group not in GROUPS]
-        if unknown:
-            raise ValueError(f"unknown task groups {unknown}; choose from: {', '.join(GROUPS)}")
-        if len(set(self.groups)) != len(self.groups):
-            raise ValueError(f"task groups listed more than once: {list(self.groups)}")
-        if not self.groups and self.data is None:
-            raise ValueError("nothing to fine-tune: give at least one task group or --data")
-        if self.data is not None and self.data_adapter in self.groups:
-            raise ValueError(f"--data-adapter {self.data_adapter!r} clashes with a task group's adapter")
+        for name in self.tasks:
+            families_of(name)  # raises ValueError naming the known families and groups
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks listed more than once: {list(self.tasks)}")
+        if not self.tasks and self.data is None:
+            raise ValueError("nothing to fine-tune: give at least one task or --data")
+        if self.data is not None and self.data_adapter in self.tasks:
+            raise ValueError(f"--data-adapter {self.data_adapter!r} clashes with a task's adapter")
         for name in ("n_train", "n_test", "load_prompts", "load_input_len", "load_output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.suite_per_family < 0:
+            raise ValueError(f"suite_per_family must be >= 0, got {self.suite_per_family}")
         if self.ifeval_limit < 0 or self.bench_concurrency < 1 or self.bench_max_tokens < 1:
             raise ValueError("ifeval_limit must be >= 0; bench_concurrency and bench_max_tokens >= 1")
         if not self.load_concurrency or min(self.load_concurrency) < 1:
@@ -102,7 +107,7 @@ class Demo:
     base_model: str = ""
     served_base: str = ""
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter folder
-    task_tests: dict[str, Path] = field(default_factory=dict)  # group -> held-out test.jsonl
+    task_tests: dict[str, Path] = field(default_factory=dict)  # task -> its held-out test.jsonl
     commands: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> why
@@ -201,19 +206,46 @@ def _fine_tune(demo: Demo) -> None:
     config, out = demo.config, demo.out
     finetune_config = _resolve_finetune_config(config, demo.base_model)
     jobs: list[tuple[str, str]] = []  # (adapter name, training data)
-    for group in config.groups:
-        data_dir = out / "data" / group
+    for task in config.tasks:
+        data_dir = out / "data" / task
         demo.run(
             "data",
             _python(
                 "client",
                 "tasks",
-                *("--out", str(data_dir), "--group", group, "--n-train", str(config.n_train)),
-                *("--n-test", str(config.n_test), "--seed", str(config.seed)),
+                *("--out", str(data_dir), "--families", ",".join(families_of(task))),
+                *(
+                    "--n-train",
+                    str(config.n_train),
+                    "--n-test",
+                    str(config.n_test),
+                    "--seed",
+                    str(config.seed),
+                ),
             ),
         )
-        demo.task_tests[group] = data_dir / "test.jsonl"
-        jobs.append((group, str(data_dir / "train.jsonl")))
+        demo.task_tests[task] = data_dir / "test.jsonl"
+        jobs.append((task, str(data_dir / "train.jsonl")))
+    if config.suite_per_family:
+        # The whole suite, held-out only: where tuning on some families helps, and where it does not.
+        suite = out / "data" / "suite"
+        n_test = str(config.suite_per_family * len(FAMILIES))
+        demo.run(
+            "data",
+            _python(
+                "client",
+                "tasks",
+                "--out",
+                str(suite),
+                "--n-train",
+                "0",
+                "--n-test",
+                n_test,
+                "--seed",
+                str(config.seed),
+            ),
+        )
+        demo.task_tests["suite"] = suite / "test.jsonl"
     if config.data is not None:
         local = Path(config.data)
         jobs.append((config.data_adapter, str(local.resolve()) if local.exists() else config.data))
@@ -318,9 +350,9 @@ def _bench(demo: Demo, server: _Server) -> None:
     common = ["--base-url", f"{server.url}/v1", "--models", ",".join(demo.models)]
     common += ["--concurrency", str(config.bench_concurrency), "--max-tokens", str(config.bench_max_tokens)]
     common += ["--seed", str(config.seed)]
-    for group, test in demo.task_tests.items():
+    for task, test in demo.task_tests.items():
         demo.run(
-            f"bench tasks {group}",
+            f"bench tasks {task}",
             _python(
                 "client",
                 "bench",
@@ -331,7 +363,7 @@ def _bench(demo: Demo, server: _Server) -> None:
                     str(test),
                     *common,
                     "--out",
-                    str(out / "bench" / f"tasks-{group}"),
+                    str(out / "bench" / f"tasks-{task}"),
                 ),
             ),
         )
@@ -445,15 +477,22 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="fine-tune config override, repeatable (e.g. --set training.epochs=1)",
     )
     parser.add_argument(
-        "--groups",
+        "--tasks",
         type=_names,
-        default=defaults.groups,
-        help=f"task groups, one adapter each; '' for none (default: {','.join(defaults.groups)})",
+        default=defaults.tasks,
+        help="one adapter per entry, each tuned on a task family or a group of families (`client tasks`); "
+        f"'' for none (default: {','.join(defaults.tasks)})",
     )
     parser.add_argument("--data", help="your instruction data (file or hub id): one more adapter")
     parser.add_argument("--data-adapter", default=defaults.data_adapter, help="its name (default: data)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="training items per group")
-    parser.add_argument("--n-test", type=int, default=defaults.n_test, help="held-out items per group")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="training items per task")
+    parser.add_argument("--n-test", type=int, default=defaults.n_test, help="held-out items per task")
+    parser.add_argument(
+        "--suite-per-family",
+        type=int,
+        default=defaults.suite_per_family,
+        help="held-out items per family for the whole-suite bench; 0 skips it (default: 20)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and sampling seed (default: 0)")
     parser.add_argument("--max-tokens", type=int, default=defaults.bench_max_tokens, help="per bench reply")
     parser.add_argument("--ifeval-data", help="IFEval JSONL (default: ../shared's copy, else google/IFEval)")
@@ -485,11 +524,12 @@ def _run_demo_command(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             finetune_config=args.finetune_config,
             finetune_overrides=tuple(args.finetune_overrides),
-            groups=args.groups,
+            tasks=args.tasks,
             data=args.data,
             data_adapter=args.data_adapter,
             n_train=args.n_train,
             n_test=args.n_test,
+            suite_per_family=args.suite_per_family,
             seed=args.seed,
             bench_max_tokens=args.max_tokens,
             ifeval_data=args.ifeval_data,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.report import markdown_table, plot_headline, side_by_side
 from client.suite import SuiteResult
-from client.tasks import GROUPS
+from client.tasks import families_of
 
 if TYPE_CHECKING:
     from client.demo import Demo
@@ -32,15 +32,16 @@ def _training(adapter: Path) -> dict[str, Any]:
 
 
 def _tasks(demo: Demo) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-    """Per group: model -> held-out accuracy; and per group, family -> model -> accuracy."""
+    """Per held-out split (each task's, and `suite`): model -> accuracy, and family -> model -> accuracy."""
     accuracy: dict[str, dict[str, float]] = {}
     per_family: dict[str, dict[str, dict[str, float]]] = {}
-    for group in demo.task_tests:
-        results = _read_json(demo.out / "bench" / f"tasks-{group}" / "results.json")["models"]
-        accuracy[group] = {model: results[model]["metrics"]["accuracy"] for model in demo.models}
-        per_family[group] = {
+    for split in demo.task_tests:
+        results = _read_json(demo.out / "bench" / f"tasks-{split}" / "results.json")["models"]
+        accuracy[split] = {model: results[model]["metrics"]["accuracy"] for model in demo.models}
+        families = list(results[demo.served_base]["breakdown"]) if split == "suite" else families_of(split)
+        per_family[split] = {
             family: {model: results[model]["breakdown"][family]["accuracy"] for model in demo.models}
-            for family in GROUPS[group]
+            for family in families
         }
     return accuracy, per_family
 
@@ -75,10 +76,10 @@ def _load(demo: Demo) -> list[dict[str, Any]]:
 
 def _headline(demo: Demo, tasks: dict[str, dict[str, float]]) -> str:
     lines = []
-    for group, scores in tasks.items():
-        base, tuned = scores[demo.served_base], scores[group]
+    for task in demo.config.tasks:
+        base, tuned = tasks[task][demo.served_base], tasks[task][task]
         lines.append(
-            f"adapter `{group}`: {tuned:.1%} of held-out {group} prompts followed, base {base:.1%} "
+            f"adapter `{task}`: {tuned:.1%} of held-out {task} prompts followed, base {base:.1%} "
             f"({100 * (tuned - base):+.1f} points)"
         )
     return "\n".join(lines)
@@ -109,7 +110,7 @@ def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) ->
         "ifeval": ifeval,
         "load": load,
         "skipped": demo.skipped,
-        "timings_s": demo.timings,
+        "timings_s": dict(demo.timings),
         "commands": demo.commands,
         "headline": _headline(demo, tasks),
     }
@@ -118,13 +119,13 @@ def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) ->
         chart = {
             model: SuiteResult(
                 suite="tasks",
-                metrics={group: scores[model] for group, scores in tasks.items()},
+                metrics={split: scores[model] for split, scores in tasks.items()},
                 breakdown={},
                 items=[],
             )
             for model in models
         }
-        plot_headline(chart, out / "tasks.png", title="Held-out tasks: prompt-level accuracy per group")
+        plot_headline(chart, out / "tasks.png", title="Held-out tasks: prompt-level accuracy")
     (out / "report.md").write_text(_markdown(demo, summary), encoding="utf-8")
     return summary
 
@@ -178,19 +179,21 @@ def _markdown(demo: Demo, summary: dict[str, Any]) -> str:
         lines += [
             "## Held-out tasks: prompt-level accuracy",
             "",
-            "Each group's test prompts use topic words that never occur in its training data. "
-            f"`{demo.served_base}` is the baseline; brackets show the difference from it.",
+            "Rows are held-out splits: each adapter's own task, and `suite`, every family of `client tasks` "
+            f"({demo.config.suite_per_family} prompts each). Test prompts use topic words that never occur "
+            f"in training prompts. `{demo.served_base}` is the baseline; brackets: difference from it.",
             "",
             *side_by_side("held-out split", summary["tasks"], models),
             "",
             "![held-out accuracy](tasks.png)",
             "",
         ]
-        for group, families in summary["tasks_per_family"].items():
-            lines += [f"Per family, {group}:", "", *side_by_side("family", families, models), ""]
+        for split, families in summary["tasks_per_family"].items():
+            if len(families) > 1:
+                lines += [f"Per family, `{split}` split:", "", *side_by_side("family", families, models), ""]
         lines += [
             "Full reports: "
-            + ", ".join(f"[{group}](bench/tasks-{group}/report.md)" for group in summary["tasks"]),
+            + ", ".join(f"[{split}](bench/tasks-{split}/report.md)" for split in summary["tasks"]),
             "",
         ]
     lines += ["## IFEval", ""]

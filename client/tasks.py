@@ -354,6 +354,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def families_of(name: str) -> tuple[str, ...]:
+    """The families a task name stands for: a group's families, or the family of that name."""
+    if name in GROUPS:
+        return GROUPS[name]
+    if name in FAMILIES:
+        return (name,)
+    raise ValueError(
+        f"unknown task {name!r}: give a family ({', '.join(FAMILIES)}) or a group ({', '.join(GROUPS)})"
+    )
+
+
 # --- items ---------------------------------------------------------------------------------------
 
 
