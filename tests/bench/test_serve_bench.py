@@ -1,0 +1,112 @@
+"""The logic of bench.serve_vs_vllm and bench.lora_scaling that needs no server: flags, ratios, tables."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from bench.lora_scaling import SlotConfig, mix_models, relative
+from bench.lora_scaling import table as scaling_table
+from bench.serve_vs_vllm import (
+    METRICS,
+    Comparison,
+    EngineSettings,
+    comparison_table,
+    figures,
+    our_server_command,
+    per_request_ms,
+    process_cpu_seconds,
+    ratio,
+    vllm_server_command,
+)
+
+
+def test_engine_flags_are_the_same_for_both_servers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = EngineSettings(max_loras=2, max_cpu_loras=None)
+    flags = engine.flags()
+    assert flags[:2] == ["--max-loras", "2"]
+    assert "--max-cpu-loras" not in flags  # None: each server's default
+    assert flags[-3:] == ["--enforce-eager", "--seed", "0"]
+    adapters = [("a0", tmp_path / "a0"), ("a1", tmp_path / "a1")]
+    ours = our_server_command(tmp_path, 8000, engine, adapters)
+    theirs = vllm_server_command(tmp_path, 8001, engine, adapters)
+    assert ours[-len(flags) :] == flags and theirs[-len(flags) :] == flags
+    assert ["--lora", f"a0={tmp_path / 'a0'}"] == ours[ours.index("--lora") :][:2]
+    lora_modules = theirs.index("--lora-modules")
+    assert theirs[lora_modules + 1 : lora_modules + 3] == [f"a0={tmp_path / 'a0'}", f"a1={tmp_path / 'a1'}"]
+    assert "--enable-lora" in theirs
+
+
+def _result(throughput: float, ttft: float) -> dict[str, float]:
+    return {key: 1.0 for key, _, _ in METRICS} | {
+        "output_throughput": throughput,
+        "median_ttft_ms": ttft,
+        "completed": 10,
+        "failed": 0,
+    }
+
+
+def test_ratios_and_table() -> None:
+    comparison = Comparison()
+    comparison.add("client-load", 32, "ours", figures(_result(1100.0, 90.0)))
+    comparison.add("client-load", 32, "vllm", figures(_result(1000.0, 100.0)))
+    comparison.add("client-load", 1, "ours", figures(_result(150.0, 30.0)))  # no vLLM figure: no ratio
+    rows = comparison.ratio_rows()
+    assert list(rows) == ["client-load@32"]
+    assert rows["client-load@32"]["output_throughput"] == pytest.approx(1.1)
+    assert rows["client-load@32"]["median_ttft_ms"] == pytest.approx(0.9)
+    lines = comparison_table(comparison, ["client-load"], [1, 32])
+    assert len(lines) == 2 + 1 + 3  # header, ours@1, ours/vLLM/ratio @32
+    assert lines[-1].startswith("| our `client load` | 32 | ratio ours/vLLM | **1.10** |")
+    assert math.isnan(ratio(1.0, 0.0))
+    assert per_request_ms(0.5, 100) == pytest.approx(5.0)
+    assert math.isnan(per_request_ms(0.5, 0))
+
+
+def test_process_cpu_seconds_reads_this_process() -> None:
+    if not os.path.exists(f"/proc/{os.getpid()}/stat"):
+        pytest.skip("no /proc")
+    assert process_cpu_seconds(os.getpid()) >= 0.0
+    assert math.isnan(process_cpu_seconds(2**22 + 12345))  # above Linux's pid_max: no such process
+
+
+def test_slot_configs_and_mixes() -> None:
+    assert SlotConfig.parse("16:64") == SlotConfig(16, 64)
+    assert SlotConfig.parse("8") == SlotConfig(8, None)
+    assert SlotConfig.parse("default") == SlotConfig()
+    assert SlotConfig().resolved()[0] >= 1
+    assert mix_models(0, ["x", "y"]) == ["tiny-base"]
+    assert mix_models(2, ["x", "y", "z"]) == ["x", "y"]
+    with pytest.raises(ValueError, match="only 3"):
+        mix_models(4, ["x", "y", "z"])
+
+
+def test_relative_to_base_only() -> None:
+    rows = {
+        0: {"output_throughput": 1000.0, "median_ttft_ms": 100.0},
+        16: {"output_throughput": 850.0, "median_ttft_ms": 150.0},
+    }
+    rel = relative(rows)
+    assert rel[0] == {"output_throughput": 1.0, "median_ttft_ms": 1.0}
+    assert rel[16]["output_throughput"] == pytest.approx(0.85)
+    assert rel[16]["median_ttft_ms"] == pytest.approx(1.5)
+    assert relative({16: rows[16]}) == {}
+    run = {
+        "label": "--max-loras 4",
+        "rows": {
+            str(mix): row
+            | {
+                "request_throughput": 1.0,
+                "p99_ttft_ms": 1.0,
+                "median_tpot_ms": 1.0,
+                "api_cpu_ms_per_request": 1.0,
+                "failed": 0.0,
+            }
+            for mix, row in rows.items()
+        },
+        "relative": {str(mix): values for mix, values in rel.items()},
+    }
+    lines = scaling_table([run])
+    assert "| 16 adapters | 850 | **0.85** |" in lines[-1]
