@@ -15,8 +15,8 @@ Sides, run one after the other, each in its own subprocess (so each has its own 
   padding-free): `per_device_train_batch_size` = our micro_batch_size bins of `max_length` = max_seq_len,
   the same token budget per step as our packed row.
 - `ours_rows`: ours again with `micro_batch_size=1` and gradient accumulation over as many micro-batches
-  (the same token budget per step, one packed row of at most max_seq_len tokens per forward pass): a
-  config variant that shows what the attention over one long packed row costs with sdpa.
+  (the same token budget per step, one packed row of at most max_seq_len tokens per forward pass instead
+  of micro_batch_size rows in one batched pass): a config variant.
 
 Everything else is the same on both sides: the records (finetune.data.load_data, the same list in the
 same order; no eval split), LoRA (r, alpha, dropout, all-linear, no bias), AdamW (betas, eps 1e-8, no
@@ -395,7 +395,7 @@ def _records(settings: Settings) -> list[Any]:
 def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
     from finetune.batching import collate_packed
     from finetune.config import load_config
-    from finetune.recipe import LoraRecipe
+    from finetune.recipe import LoraRecipe, packed_row_len
 
     config = load_config(DEMO_CONFIG, settings.overrides(work / "ours-adapter"))
     recipe = LoraRecipe(config)
@@ -406,7 +406,7 @@ def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
     # What the N steps will see, from the recipe's own plan (the same collate the recipe uses).
     counts = TokenCounts()
     for indices in recipe.plan:
-        batch = collate_packed([samples[i] for i in indices])
+        batch = collate_packed([samples[i] for i in indices], packed_row_len(config))
         counts.add_lengths([len(samples[i].input_ids) for i in indices])
         counts.computed_tokens += batch.input_ids.numel()
         counts.sum_sq_rows += batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
@@ -927,7 +927,7 @@ def interpretation(document: dict[str, Any]) -> list[str]:
     if "error" in ours:
         return ["Our side failed; see its log."]
     settings = document["plan"]["settings"]
-    row = settings["micro_batch_size"] * settings["max_seq_len"]
+    row = settings["micro_batch_size"] * settings["max_seq_len"]  # tokens per micro-batch
     lines: list[str] = []
     trl, ratio = results.get("trl", {}), summary["ratios"].get("trl")
     if ratio and "error" not in trl:
@@ -939,16 +939,15 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             f"{memory:.2f}x its peak memory: this **{verdict}** the target (>= {TARGET_RATIO}x at equal "
             "or lower memory).",
             f"- What each side wastes. TRL default: {100 * trl['padding_fraction']:.0f}% of its computed "
-            f"tokens are padding (batches of {batch} samples padded to the longest). Ours: no padding, but "
-            f"one packed row of up to {row} tokens per micro-batch, and with sdpa (no varlen kernel; on CPU "
-            "there is none) the block-diagonal mask is applied to a dense row x row score matrix: "
-            f"{ours['attention_overcompute']:.0f}x the attention scores the samples need (TRL default: "
-            f"{trl['attention_overcompute']:.1f}x), and those score matrices are also what raises our "
-            "memory during training. With a small model and short samples that attention is as large as "
-            "the linear layers' work"
-            + (", so it eats the gain from packing" if speed < TARGET_RATIO else "")
-            + ". Ours computes logits only at labelled positions (`logits_to_keep`), TRL at all positions "
-            "(chunked).",
+            f"tokens are padding (batches of {batch} samples padded to the longest). Ours: no padding but "
+            f"a short filler at row ends; a micro-batch of up to {row} tokens is "
+            f"{settings['micro_batch_size']} rows of at most {settings['max_seq_len']} tokens, so with sdpa "
+            "(no varlen kernel; on CPU there "
+            "is none), whose block-diagonal mask is applied to a dense row x row score matrix, attention "
+            f"computes {ours['attention_overcompute']:.1f}x the scores the samples need (TRL default: "
+            f"{trl['attention_overcompute']:.1f}x; one row of {row} tokens, our layout before 2026-11-25, "
+            "~32x, which cancelled the gain from packing). Ours also computes logits only at labelled "
+            "positions (`logits_to_keep`), TRL at all positions (chunked).",
         ]
     packed, packed_ratio = results.get("trl_packed", {}), summary["ratios"].get("trl_packed")
     if packed_ratio and "error" not in packed:
@@ -967,9 +966,9 @@ def interpretation(document: dict[str, Any]) -> list[str]:
         memory_parts = [f"{rows[side]['peak_memory']:.2f}x" for side in rows]
         lines.append(
             "- Config variant, same code and the same token budget per step: `micro_batch_size=1 "
-            f"gradient_accumulation_steps={accumulation}` packs one row of at most "
-            f"{settings['max_seq_len']} tokens per micro-batch, so attention stays within "
-            f"{settings['max_seq_len']}-token rows ({results['ours_rows']['attention_overcompute']:.0f}x): "
+            f"gradient_accumulation_steps={accumulation}`, one row of at most {settings['max_seq_len']} "
+            "tokens per forward pass instead of all rows in one batched pass "
+            f"({results['ours_rows']['attention_overcompute']:.1f}x attention): "
             + ", ".join(parts)
             + f" (memory {', '.join(memory_parts)} respectively). Rows fill a little less "
             f"({results['ours_rows']['real_tokens_per_step']:,.0f} real tokens per step)."
