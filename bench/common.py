@@ -6,6 +6,7 @@ Each benchmark owns one section of BENCHMARKS.md, between `<!-- BEGIN bench: NAM
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from datetime import UTC, datetime
@@ -59,3 +60,19 @@ def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, *, quick: str, work_dir: Path, work_dir_help: str
+) -> None:
+    """--quick, --work-dir, --no-markdown and --from-json: the options every serving benchmark takes."""
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}, BENCHMARKS.md untouched")
+    parser.add_argument(
+        "--work-dir", type=Path, default=work_dir, help=f"{work_dir_help} (default: {work_dir})"
+    )
+    parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="measure nothing: redraw the chart and rewrite the section from a saved results.json",
+    )

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import header_markdown, results_dir, run_header, update_section, write_json
+from bench.common import add_run_options, header_markdown, results_dir, run_header, update_section, write_json
 from bench.serve_vs_vllm import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
@@ -302,22 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: 32)")
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 32 prompts per mix, results under --work-dir only, BENCHMARKS.md untouched",
-    )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK_DIR,
-        help=f"logs and raw load output (default: {DEFAULT_WORK_DIR})",
-    )
-    parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        help="measure nothing: redraw the chart and rewrite the section from a saved results.json",
+    add_run_options(
+        parser,
+        quick="32 prompts per mix, results under --work-dir only",
+        work_dir=DEFAULT_WORK_DIR,
+        work_dir_help="logs and raw load output",
     )
     return parser
 

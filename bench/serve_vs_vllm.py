@@ -35,7 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, header_markdown, results_dir, run_header, update_section, write_json
+from bench.common import (
+    REPO_ROOT,
+    add_run_options,
+    header_markdown,
+    results_dir,
+    run_header,
+    update_section,
+    write_json,
+)
 
 log = logging.getLogger("bench.serve_vs_vllm")
 
@@ -587,22 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DRIVERS),
         help="load generators: vllm-bench,client-load (default: both)",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 16 prompts per level, results under --work-dir only, BENCHMARKS.md untouched",
-    )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK_DIR,
-        help=f"server logs and warm-up output; --quick results too (default: {DEFAULT_WORK_DIR})",
-    )
-    parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        help="measure nothing: redraw the chart and rewrite the section from a saved results.json",
+    add_run_options(
+        parser,
+        quick="16 prompts per level, results under --work-dir only",
+        work_dir=DEFAULT_WORK_DIR,
+        work_dir_help="server logs and warm-up output; --quick results too",
     )
     return parser
 

@@ -9,6 +9,7 @@ import pytest
 
 from client.__main__ import main as client_main
 from client.demo import REPO_ROOT, DemoConfig, DemoError, _resolve_finetune_config, run_demo
+from client.suites import shared_data_dir
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,11 @@ def test_reduced_demo_tunes_adapters_that_beat_the_base(tiny_base: Path, tmp_pat
         assert training["final_eval_loss"] < training["initial_eval_loss"]
     assert set(summary["tasks"]["suite"]) == set(models)
     assert len(summary["tasks_per_family"]["suite"]) == 9
-    assert set(summary["ifeval"]["prompt_strict"]) == set(models)
+    if summary["ifeval"] is None:  # no ../shared copy of IFEval and the hub unreachable: skipped, said why
+        assert not (shared_data_dir() / "ifeval" / "input_data.jsonl").exists()
+        assert "could not be loaded" in summary["skipped"]["ifeval"]
+    else:
+        assert set(summary["ifeval"]["prompt_strict"]) == set(models)
     assert [level["max_concurrency"] for level in summary["load"]] == [1, 4]
     assert all(level["completed"] == 8 and level["failed"] == 0 for level in summary["load"])
     for name in ("report.md", "tasks.png", "serve.log", "load/load.png", "bench/ifeval/report.png"):
