@@ -83,9 +83,10 @@ def test_reduced_demo_tunes_adapters_that_beat_the_base(tiny_base: Path, tmp_pat
         assert "could not be loaded" in summary["skipped"]["ifeval"]
     else:
         assert set(summary["ifeval"]["prompt_strict"]) == set(models)
+        assert (out / "bench" / "ifeval" / "report.png").is_file()
     assert [level["max_concurrency"] for level in summary["load"]] == [1, 4]
     assert all(level["completed"] == 8 and level["failed"] == 0 for level in summary["load"])
-    for name in ("report.md", "tasks.png", "serve.log", "load/load.png", "bench/ifeval/report.png"):
+    for name in ("report.md", "tasks.png", "serve.log", "load/load.png", "bench/tasks-suite/report.png"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "adapter `uppercase`:" in report and "## Load" in report and "python -m serve" in report
