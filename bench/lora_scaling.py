@@ -24,23 +24,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_run_options, header_markdown, results_dir, run_header, update_section, write_json
+from bench.common import (
+    REPO_ROOT,
+    add_run_options,
+    header_markdown,
+    results_dir,
+    run_header,
+    update_section,
+    write_json,
+)
 from bench.serve_vs_vllm import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
     EngineSettings,
     Load,
-    ServerProcess,
-    free_port,
     make_adapters,
     our_server_command,
     per_request_ms,
     ratio,
     run_client_load,
-    running,
     tiny_base,
     warm_up,
 )
+from client.server_process import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.lora_scaling")
 
@@ -124,6 +130,7 @@ def measure_config(
         command=our_server_command(base, port, engine, adapters),
         url=f"http://127.0.0.1:{port}",
         log_path=work / f"server-{tag}.log",
+        cwd=REPO_ROOT,
     )
     names = [name for name, _ in adapters]
     rows: dict[int, dict[str, float]] = {}

@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +39,7 @@ from bench.common import (
     update_section,
     write_json,
 )
+from client.server_process import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.serve_vs_vllm")
 
@@ -144,12 +140,6 @@ def make_adapters(base: Path, count: int, *, rank: int = 16, root: Path = ADAPTE
 # ----- servers -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def our_server_command(
     base: Path, port: int, engine: EngineSettings, adapters: Sequence[tuple[str, Path]]
 ) -> list[str]:
@@ -169,78 +159,6 @@ def vllm_server_command(
     if adapters:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
     return command + engine.flags()
-
-
-@dataclass
-class ServerProcess:
-    name: str
-    command: list[str]
-    url: str
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    startup_s: float = 0.0
-
-    def start(self, timeout: float = 600) -> None:
-        """Start the server and wait until GET /health answers 200 (raises with the log's tail if not)."""
-        import httpx
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("starting %s: %s", self.name, shlex.join(self.command))
-        started = time.monotonic()
-        with self.log_path.open("wb") as handle:
-            self.process = subprocess.Popen(
-                self.command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()
-            )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
-                    log.info("%s ready after %.0f s", self.name, self.startup_s)
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGINT, then kill after 30 s; safe to call twice or before start."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the server's API process has used so far; not its engine-core child."""
-        if self.process is None:
-            return float("nan")
-        return process_cpu_seconds(self.process.pid)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process from /proc/PID/stat (Linux); NaN where unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def running(server: ServerProcess) -> Iterator[ServerProcess]:
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 # ----- load drivers ------------------------------------------------------------------------------------
@@ -468,6 +386,7 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
             command=build(base, port, engine, adapters),
             url=f"http://127.0.0.1:{port}",
             log_path=work_dir / f"{server_name}-server.log",
+            cwd=REPO_ROOT,
         )
         with running(server):
             warm_up(server.url, base, models, work_dir / f"{server_name}-warmup")

@@ -20,13 +20,9 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from client.report import machine_info
+from client.server_process import ServerProcess, free_port
 from client.tasks import FAMILIES, families_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -181,12 +178,6 @@ def _resolve_finetune_config(config: DemoConfig, base_model: str) -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # --- stages ---------------------------------------------------------------------------------------
 
 
@@ -263,47 +254,10 @@ def _fine_tune(demo: Demo) -> None:
         demo.adapters[name] = adapter
 
 
-@dataclass
-class _Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _wait_healthy(server: _Server, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise DemoError(
-                f"serve exited with status {server.process.returncode} while starting; last lines of "
-                f"{server.log}:\n{_tail(server.log)}"
-            )
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass  # not listening yet, or 503 while the engine starts
-        time.sleep(1.0)
-    raise DemoError(
-        f"serve was not healthy after {timeout_s:.0f}s; last lines of {server.log}:\n{_tail(server.log)}"
-    )
-
-
-def _stop(server: _Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown, then the engine's
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
 @contextmanager
-def _serving(demo: Demo) -> Iterator[_Server]:
+def _serving(demo: Demo) -> Iterator[ServerProcess]:
     config = demo.config
-    port = _free_port()
+    port = free_port()
     serve_args = (
         config.serve_args
         if config.serve_args is not None
@@ -327,25 +281,28 @@ def _serving(demo: Demo) -> Iterator[_Server]:
     )
     shown = _show(argv)
     demo.commands.append(shown)
-    log = demo.out / "serve.log"
-    print(f"\n$ {shown} > {log}", flush=True)
-    handle = log.open("wb")
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
-    server = _Server(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    server = ServerProcess(
+        name="serve",
+        command=argv,
+        url=f"http://127.0.0.1:{port}",
+        log_path=demo.out / "serve.log",
+        cwd=REPO_ROOT,
+    )
+    print(f"\n$ {shown} > {server.log_path}", flush=True)
     try:
-        started = time.monotonic()
-        _wait_healthy(server, config.startup_timeout_s)
-        print(
-            f"serving {', '.join(demo.models)} at {server.url} (ready in {time.monotonic() - started:.0f}s)"
-        )
+        try:
+            server.start(timeout=config.startup_timeout_s)
+        except RuntimeError as error:
+            raise DemoError(f"serve did not start: {error}") from error
+        print(f"serving {', '.join(demo.models)} at {server.url} (ready in {server.startup_s:.0f}s)")
         yield server
     finally:
-        _stop(server)
-        print(f"server stopped (exit status {process.returncode})", flush=True)
+        server.stop()
+        if server.process is not None:
+            print(f"server stopped (exit status {server.process.returncode})", flush=True)
 
 
-def _bench(demo: Demo, server: _Server) -> None:
+def _bench(demo: Demo, server: ServerProcess) -> None:
     config, out = demo.config, demo.out
     common = ["--base-url", f"{server.url}/v1", "--models", ",".join(demo.models)]
     common += ["--concurrency", str(config.bench_concurrency), "--max-tokens", str(config.bench_max_tokens)]
@@ -397,7 +354,7 @@ def _bench(demo: Demo, server: _Server) -> None:
         print(_tail(log, 4))
 
 
-def _load(demo: Demo, server: _Server) -> None:
+def _load(demo: Demo, server: ServerProcess) -> None:
     config = demo.config
     demo.run(
         "load",

@@ -17,10 +17,10 @@ from bench.serve_vs_vllm import (
     figures,
     our_server_command,
     per_request_ms,
-    process_cpu_seconds,
     ratio,
     vllm_server_command,
 )
+from client.server_process import process_cpu_seconds
 
 
 def test_engine_flags_are_the_same_for_both_servers(tmp_path) -> None:  # type: ignore[no-untyped-def]
