@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -411,13 +411,7 @@ def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
         counts.computed_tokens += batch.input_ids.numel()
         counts.sum_sq_rows += batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
         counts.label_tokens += batch.n_label_tokens
-    rss_before = _rss_now()
-    gpu_before = _reset_cuda_peak()
-    _sync()
-    started = time.monotonic()
-    recipe.train()
-    _sync()
-    seconds = time.monotonic() - started
+    seconds, rss_before, gpu_before = _timed(recipe.train)
     state = recipe.state
     if state.tokens != counts.real_tokens or state.label_tokens != counts.label_tokens:
         raise RuntimeError(
@@ -508,13 +502,7 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
     if not packing:  # the tokenized, labelled samples, in record order (packing regroups them)
         prepared: Any = trainer.train_dataset
         labels = _label_summary([(row["input_ids"], row["labels"]) for row in prepared])
-    rss_before = _rss_now()
-    gpu_before = _reset_cuda_peak()
-    _sync()
-    started = time.monotonic()
-    trainer.train()
-    _sync()
-    seconds = time.monotonic() - started
+    seconds, rss_before, gpu_before = _timed(trainer.train)
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     if trainer.state.global_step != settings.steps:
         raise RuntimeError(f"TRL ran {trainer.state.global_step} steps, not {settings.steps}")
@@ -563,6 +551,17 @@ def _reset_cuda_peak() -> int | None:
         return None
     torch.cuda.reset_peak_memory_stats()
     return int(torch.cuda.memory_allocated())
+
+
+def _timed(train: Callable[[], object]) -> tuple[float, int, int | None]:
+    """Run `train`: its wall seconds (device synchronised), and the RSS and GPU peak baselines before it."""
+    rss_before = _rss_now()
+    gpu_before = _reset_cuda_peak()
+    _sync()
+    started = time.monotonic()
+    train()
+    _sync()
+    return time.monotonic() - started, rss_before, gpu_before
 
 
 def _result(
