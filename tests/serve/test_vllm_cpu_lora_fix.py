@@ -1,50 +1,143 @@
-"""The vLLM CPU LoRA-op fix: a token without an adapter (index -1) gets no LoRA contribution."""
+"""The vLLM CPU LoRA ops, grouped by adapter: same results as vLLM's for tokens with an adapter, exactly no
+LoRA for tokens without one (index -1)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from serve.vllm_cpu_lora_fix import PATCHED_OPS, register, without_lora_for_negative_indices
+from serve.vllm_cpu_lora_fix import PATCHED_OPS, REPLACEMENTS, LoraBatchPlan, lora_matmul, register
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
-
-def _weights() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    shrink = torch.randn(2, 1, 3, 5)  # (slots, 1, rank, in)
-    expand = torch.randn(2, 1, 5, 3)  # (slots, 1, out, rank)
-    indices = torch.tensor([0, -1, 1])  # token 1 has no adapter
-    return shrink, expand, indices
+SLOTS, RANK, FEATURES, TOKENS = 4, 3, 5, 9
 
 
-def test_unpatched_op_applies_the_last_slot_to_tokens_without_adapter() -> None:
-    shrink, _, indices = _weights()
-    inputs = torch.randn(3, 5)
-    out = torch.zeros(3, 3)
-    original = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
-    original(inputs, shrink, out, indices, 1.0)
-    assert out[1].abs().sum() > 0  # the bug this plugin exists for
+def _vllm_op(name: str) -> Callable[..., Any]:
+    op = getattr(lora_ops, name)
+    return getattr(op, "__wrapped__", op)  # vLLM's own, whether or not the plugin is registered
+
+
+def _case(name: str, indices: list[int], dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
+    """(inputs, weights, output, indices, *extra) for op `name`, non-zero output to show what is kept."""
+    generator = torch.Generator().manual_seed(0)
+    index = torch.tensor(indices)
+    if (
+        name == "bgmv_shrink"
+    ):  # (tokens, features) x (slots, 1, rank, features) -> (tokens, rank), fp32 buffer
+        inputs = torch.randn(len(indices), FEATURES, generator=generator).to(dtype)
+        weights = torch.randn(SLOTS, 1, RANK, FEATURES, generator=generator).to(dtype)
+        return inputs, weights, torch.ones(len(indices), RANK), index, 0.5
+    inputs = torch.randn(len(indices), RANK, generator=generator)
+    weights = torch.randn(SLOTS, 1, FEATURES, RANK, generator=generator).to(dtype)
+    if name == "bgmv_expand":
+        return inputs, weights, torch.ones(len(indices), FEATURES, dtype=dtype), index, True
+    return inputs, weights, torch.ones(len(indices), 2 * FEATURES + 1, dtype=dtype), index, 3, FEATURES, True
+
+
+def _run(op: Callable[..., Any], case: tuple[Any, ...]) -> torch.Tensor:
+    output = case[2].clone()
+    op(case[0], case[1], output, *case[3:])
+    return output
 
 
 @pytest.mark.parametrize("name", PATCHED_OPS)
-def test_patched_ops_add_nothing_for_index_minus_one(name: str) -> None:
-    shrink, expand, indices = _weights()
-    original = getattr(lora_ops, name)
-    original = getattr(original, "__wrapped__", original)
-    fixed = without_lora_for_negative_indices(original)
-    if name == "bgmv_shrink":
-        inputs, weights, out, extra = torch.randn(3, 5), shrink, torch.zeros(3, 3), (1.0,)
-    elif name == "bgmv_expand":
-        inputs, weights, out, extra = torch.randn(3, 3), expand, torch.ones(3, 5), (True,)
-    else:
-        inputs, weights, out, extra = torch.randn(3, 3), expand, torch.ones(3, 7), (1, 5, True)
-    expected = out.clone()
-    original(inputs, weights, expected, indices, *extra)
-    fixed(inputs, weights, out, indices, *extra)
-    untouched = torch.zeros(3, 3) if name == "bgmv_shrink" else torch.ones(out.shape)
-    torch.testing.assert_close(out[1], untouched[1])  # no adapter: nothing added
-    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]])  # adapter tokens exactly as before
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [2] * TOKENS,  # the whole batch on one adapter: one matmul
+        [0, 1, 2, 3, 0, 1, 2, 3, 3],  # every slot
+        [1, 1, 3, 3, 3, 1, 0, 0, 1],  # runs of the same adapter
+    ],
+)
+def test_grouped_ops_equal_vllms_for_tokens_with_an_adapter(name: str, indices: list[int]) -> None:
+    case = _case(name, indices)
+    expected = _run(_vllm_op(name), case)
+    got = _run(REPLACEMENTS[name](_vllm_op(name)), case)
+    torch.testing.assert_close(got, expected)
+
+
+def test_vllms_op_applies_the_last_slot_to_tokens_without_adapter() -> None:
+    case = _case("bgmv_shrink", [0, -1, 1])
+    assert _run(_vllm_op("bgmv_shrink"), case)[1].abs().sum() > 0  # the bug the plugin exists for
+
+
+@pytest.mark.parametrize("name", PATCHED_OPS)
+@pytest.mark.parametrize("indices", [[0, -1, 1, -1, 3, 3], [-1, -1, -1], [-1, 2, 2]])
+def test_tokens_without_adapter_get_no_lora(name: str, indices: list[int]) -> None:
+    case = _case(name, indices)
+    got = _run(REPLACEMENTS[name](_vllm_op(name)), case)
+    missing = torch.tensor(indices) < 0
+    if name == "bgmv_shrink":  # the shrink writes its buffer: zero rows
+        torch.testing.assert_close(got[missing], torch.zeros_like(got[missing]))
+    else:  # the expands add to the layer output: nothing added
+        torch.testing.assert_close(got[missing], case[2][missing])
+    expected = _run(_vllm_op(name), case)  # rows with an adapter: exactly vLLM's
+    torch.testing.assert_close(got[~missing], expected[~missing])
+
+
+@pytest.mark.parametrize("name", PATCHED_OPS)
+def test_bf16_weights_compute_in_the_output_dtype_like_vllm(name: str) -> None:
+    case = _case(name, [0, 2, 2, 1], dtype=torch.bfloat16)
+    expected = _run(_vllm_op(name), case)
+    got = _run(REPLACEMENTS[name](_vllm_op(name)), case)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_expand_without_add_inputs_overwrites() -> None:
+    inputs, weights, output, index, _ = _case("bgmv_expand", [1, 0, -1])
+    expected = _run(_vllm_op("bgmv_expand"), (inputs, weights, output, index, False))
+    got = _run(REPLACEMENTS["bgmv_expand"](_vllm_op("bgmv_expand")), (inputs, weights, output, index, False))
+    torch.testing.assert_close(got[:2], expected[:2])
+    torch.testing.assert_close(got[2], torch.zeros(FEATURES))
+
+
+def test_shapes_without_one_index_per_row_keep_vllms_op() -> None:
+    calls = []
+
+    def vllm_op(*args: Any) -> None:
+        calls.append(args)
+
+    inputs, weights, output, _, scaling = _case("bgmv_shrink", [0, 1])
+    REPLACEMENTS["bgmv_shrink"](vllm_op)(inputs, weights, output, torch.tensor([0]), scaling)
+    assert len(calls) == 1
+
+
+def test_lora_matmul_is_a_per_token_matmul() -> None:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(7, FEATURES, generator=generator)
+    weights = torch.randn(SLOTS, RANK, FEATURES, generator=generator)
+    indices = torch.tensor([3, -1, 0, 0, 2, -1, 3])
+    got = lora_matmul(inputs, weights, indices, torch.float32)
+    for token, slot in enumerate(indices.tolist()):
+        expected = torch.zeros(RANK) if slot < 0 else weights[slot] @ inputs[token]
+        torch.testing.assert_close(got[token], expected)
+
+
+def test_sgmv_ops_go_through_the_grouped_ops_after_register() -> None:
+    register()
+    inputs, weights, output, _, scaling = _case("bgmv_shrink", [0] * 3 + [-1] * 2 + [2] * 4)
+    got = output.clone()
+    # three sequences of 3, 2 and 4 tokens on slots 0, none and 2
+    lora_ops.sgmv_shrink(
+        inputs,
+        weights,
+        got,
+        torch.tensor([0, 3, 5]),
+        torch.tensor([3, 2, 4]),
+        torch.tensor([0, -1, 2]),
+        3,
+        4,
+        9,
+        scaling,
+    )
+    torch.testing.assert_close(got[3:5], torch.zeros(2, RANK))
+    torch.testing.assert_close(got[:3], scaling * inputs[:3] @ weights[0, 0].t())
+    torch.testing.assert_close(got[5:], scaling * inputs[5:] @ weights[2, 0].t())
 
 
 def test_register_patches_the_cpu_punica_wrapper_once() -> None:
@@ -55,3 +148,83 @@ def test_register_patches_the_cpu_punica_wrapper_once() -> None:
     register()
     assert punica_cpu.bgmv_shrink is first
     assert all(getattr(getattr(lora_ops, name), "__tuneserve_patched__", False) for name in PATCHED_OPS)
+
+
+def _wrapper(token_slots: list[int], slots: int) -> Any:
+    """vLLM's CPU punica wrapper set up for one step whose tokens use `token_slots` (-1: no adapter)."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    ids = [slot + 1 for slot in token_slots]  # adapter id = slot + 1; 0 = the base model
+    mapping = LoRAMapping(ids, ids, is_prefill=True)  # vLLM's v1 runner always sets is_prefill
+    wrapper.update_metadata(mapping, list(range(1, slots + 1)), slots + 1, 1000)
+    assert wrapper.token_lora_indices.tolist() == token_slots
+    return wrapper
+
+
+def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A q/k/v-like layer: three output slices of different widths, vLLM's stacked (slots, 1, ...) weights."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, FEATURES, generator=generator)
+    shrink = [torch.randn(slots, 1, RANK, FEATURES, generator=generator) for _ in range(3)]
+    expand = [torch.randn(slots, 1, size, RANK, generator=generator) for size in (4, 2, 2)]
+    return x, shrink, expand
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "slots"),
+    [
+        ([1] * 6, 4),  # one adapter: plain matmuls
+        ([0, -1, 0, 2, -1, 2, 2], 4),  # base and adapter tokens mixed
+        ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8),  # decode step over many adapters: batched over the slots
+        ([0] * 20 + [1, 2, 3], 8),  # one long prefill and a few decodes: one GEMM per adapter
+        ([-1] * 5, 2),  # no adapter at all
+    ],
+)
+def test_grouped_add_lora_linear_equals_vllms(token_slots: list[int], slots: int) -> None:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    patched = PunicaWrapperCPU.add_lora_linear
+    vllm_method = patched.__wrapped__
+    wrapper = _wrapper(token_slots, slots)
+    x, shrink, expand = _linear_case(len(token_slots), slots)
+    expected = torch.ones(len(token_slots), 9)  # one column more than the slices: left alone
+    vllm_method(wrapper, expected, x, tuple(shrink), tuple(expand), 0.5, (4, 2, 2))
+    got = torch.ones(len(token_slots), 9)
+    for _ in range(2):  # the second call reuses the step's plan
+        got = torch.ones(len(token_slots), 9)
+        patched(wrapper, got, x, tuple(shrink), tuple(expand), 0.5, (4, 2, 2))
+    torch.testing.assert_close(got, expected)
+    missing = torch.tensor(token_slots) < 0
+    torch.testing.assert_close(got[missing], torch.ones(int(missing.sum()), 9))
+
+
+def test_add_lora_linear_plan_follows_each_steps_mapping() -> None:
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    wrapper = _wrapper([0, 0, 1], 2)
+    x, shrink, expand = _linear_case(3, 2)
+    PunicaWrapperCPU.add_lora_linear(
+        wrapper, torch.zeros(3, 8), x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    ids = (2, 0, 1)  # next step, same token count, other adapters
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2], 3, 1000)
+    got = torch.zeros(3, 8)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
+    expected = torch.zeros(3, 8)
+    PunicaWrapperCPU.add_lora_linear.__wrapped__(
+        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[1], torch.zeros(8))
+
+
+def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
+    assert LoraBatchPlan(torch.tensor([0, 1, 2, 3] * 4)).padded_fits(slots=4)
+    assert not LoraBatchPlan(torch.tensor([0] * 30 + [1, 2])).padded_fits(slots=16)  # mostly padding
+    assert not LoraBatchPlan(torch.tensor([0, 1] * 40)).padded_fits(slots=2)  # groups long enough for GEMMs
+    assert not LoraBatchPlan(torch.tensor([3] * 8)).padded_fits(slots=4)  # one adapter: a plain matmul
