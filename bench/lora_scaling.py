@@ -52,9 +52,10 @@ log = logging.getLogger("bench.lora_scaling")
 
 NAME = "lora_scaling"
 MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the base only
-# Engine slot settings compared: vLLM's/serve's stock (4 slots, host cache = slots), a larger host cache,
-# and more slots too.
-DEFAULT_CONFIGS = "4:4,4:64,16:64"
+# Engine slot settings compared: 4 slots (serve's default until 2026-11-30) and serve's defaults (16 slots,
+# host cache = slots). A larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
+DEFAULT_CONFIGS = "4,default"
+AFTER = -1  # key of the base-only run repeated after the other mixes
 TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
 
 
@@ -100,20 +101,28 @@ def mix_models(mix: int, adapters: Sequence[str]) -> list[str]:
 
 
 def mix_label(mix: int) -> str:
+    if mix == AFTER:
+        return "base only, again after the other mixes"
     return "base only" if mix == 0 else f"{mix} adapter" + ("s" if mix > 1 else "")
 
 
-def relative(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
-    """Each mix's throughput and TTFT p50 as a ratio to the base-only row (mix 0)."""
+def relative(
+    rows: dict[int, dict[str, float]], after: dict[str, float] | None = None
+) -> dict[int, dict[str, float]]:
+    """Each mix's throughput and TTFT p50 as a ratio to base-only: the base-only row (mix 0), or with `after`
+    (base-only measured again after the other mixes) the mean of the two, which cancels a steady drift of the
+    machine's speed over the run."""
     base = rows.get(0)
     if base is None:
         return {}
+    references = [base] if after is None else [base, after]
+    reference = {
+        key: sum(row[key] for row in references) / len(references)
+        for key in ("output_throughput", "median_ttft_ms")
+    }
     return {
-        mix: {
-            "output_throughput": ratio(row["output_throughput"], base["output_throughput"]),
-            "median_ttft_ms": ratio(row["median_ttft_ms"], base["median_ttft_ms"]),
-        }
-        for mix, row in rows.items()
+        mix: {key: ratio(row[key], reference[key]) for key in reference}
+        for mix, row in (rows | ({AFTER: after} if after is not None else {})).items()
     }
 
 
@@ -136,10 +145,11 @@ def measure_config(
     rows: dict[int, dict[str, float]] = {}
     with running(server):
         warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}")
-        for mix in args.mixes:
+        for mix in [*args.mixes, AFTER]:
             cpu_before, started = server.cpu_seconds(), time.monotonic()
+            models = mix_models(max(mix, 0), names)
             (result,) = run_client_load(
-                server.url, base, mix_models(mix, names), [args.concurrency], load, work / f"{tag}-mix{mix}"
+                server.url, base, models, [args.concurrency], load, work / f"{tag}-mix{mix}"
             )
             row = {key: float(result[key]) for key in ("output_throughput", "request_throughput")}
             row |= {key: float(result[key]) for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")}
@@ -150,6 +160,7 @@ def measure_config(
             row["wall_s"] = time.monotonic() - started
             rows[mix] = row
             log.info("%s, %s: %.0f output tok/s", tag, mix_label(mix), row["output_throughput"])
+    after = rows.pop(AFTER)
     return {
         "label": config.label(),
         "max_loras": loras,
@@ -157,8 +168,8 @@ def measure_config(
         "engine": asdict(engine),
         "server_command": shlex.join(server.command),
         "startup_s": server.startup_s,
-        "rows": {str(mix): row for mix, row in rows.items()},
-        "relative": {str(mix): values for mix, values in relative(rows).items()},
+        "rows": {str(mix): row for mix, row in (rows | {AFTER: after}).items()},
+        "relative": {str(mix): values for mix, values in relative(rows, after).items()},
     }
 
 
@@ -191,12 +202,12 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     FigureCanvasAgg(figure)
     throughput, ttft = figure.subplots(1, 2)
     for run in runs:
-        mixes = [int(key) for key in run["relative"]]
-        labels = [mix_label(mix).replace(" adapters", "").replace(" adapter", "") for mix in mixes]
-        xs = list(range(len(mixes)))
+        points = {int(key): values for key, values in run["relative"].items() if int(key) != AFTER}
+        labels = [mix_label(mix).replace(" adapters", "").replace(" adapter", "") for mix in points]
+        xs = list(range(len(points)))
         label = f"max_loras {run['max_loras']}, max_cpu_loras {run['max_cpu_loras'] or run['max_loras']}"
-        throughput.plot(xs, [v["output_throughput"] for v in run["relative"].values()], "o-", label=label)
-        ttft.plot(xs, [v["median_ttft_ms"] for v in run["relative"].values()], "o-", label=label)
+        throughput.plot(xs, [v["output_throughput"] for v in points.values()], "o-", label=label)
+        ttft.plot(xs, [v["median_ttft_ms"] for v in points.values()], "o-", label=label)
         for axes in (throughput, ttft):
             axes.set_xticks(xs, labels)
     throughput.axhline(TARGET_RATIO, color="tab:red", linestyle=":", label=f"target {TARGET_RATIO} at 16")
@@ -221,9 +232,17 @@ def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
         status = "meets" if kept >= TARGET_RATIO else "misses"
         one = run["relative"].get("1", {}).get("output_throughput")
         versus_one = f"; {kept / one:.2f} of the 1-adapter throughput" if one else ""
+        rows = run["rows"]
+        drift = (
+            " Base-only throughput at the end / at the start: "
+            f"{ratio(rows[str(AFTER)]['output_throughput'], rows['0']['output_throughput']):.2f} "
+            "(the machine's drift over the run; ratios are to the mean of the two)."
+            if str(AFTER) in rows
+            else ""
+        )
         lines.append(
             f"- `{run['label']}`: {TARGET_MIX} adapters keep {kept:.2f} of base throughput ({status} the "
-            f"target {TARGET_RATIO}){versus_one}."
+            f"target {TARGET_RATIO}){versus_one}.{drift}"
         )
     return lines
 
@@ -305,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(MIXES),
         help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64)",
     )
-    parser.add_argument("--num-prompts", type=int, default=192, help="requests per mix (default: 192)")
+    parser.add_argument("--num-prompts", type=int, default=128, help="requests per mix (default: 128)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: 32)")
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")

@@ -223,9 +223,9 @@ def run_client_load(
 
 
 def warm_up(url: str, base: Path, models: Sequence[str], out: Path) -> None:
-    """A few requests on every model first: adapters loaded, code paths warm, before anything is timed."""
-    small = Load(num_prompts=max(8, 2 * len(models)), input_len=64, output_len=16)
-    run_client_load(url, base, models, [4], small, out)
+    """A request on every model (8 at least) first: adapters loaded, code warm, before anything is timed."""
+    small = Load(num_prompts=max(8, len(models)), input_len=64, output_len=16)
+    run_client_load(url, base, models, [min(16, len(models))], small, out)
 
 
 # ----- figures -----------------------------------------------------------------------------------------

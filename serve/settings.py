@@ -37,7 +37,12 @@ class ServeSettings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for loading/unloading adapters at runtime (none: disabled)."
     )
-    max_loras: int = Field(4, ge=1, description="Adapters in one batch (engine LoRA slots).")
+    max_loras: int = Field(
+        16,
+        ge=1,
+        description="Adapters in one batch (engine LoRA slots). Requests on more distinct adapters wait; each "
+        "slot holds max_lora_rank-sized weights for every layer (7B model, rank 16, bf16: about 80 MB).",
+    )
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters kept in host memory (default: engine's)."
     )

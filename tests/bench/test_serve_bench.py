@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench.lora_scaling import SlotConfig, mix_models, relative
+from bench.lora_scaling import AFTER, SlotConfig, mix_label, mix_models, relative
 from bench.lora_scaling import table as scaling_table
 from bench.serve_vs_vllm import (
     METRICS,
@@ -93,6 +93,12 @@ def test_relative_to_base_only() -> None:
     assert rel[16]["output_throughput"] == pytest.approx(0.85)
     assert rel[16]["median_ttft_ms"] == pytest.approx(1.5)
     assert relative({16: rows[16]}) == {}
+    # base-only again at the end, 20% slower: ratios are to the mean of the two base-only runs
+    after = {"output_throughput": 800.0, "median_ttft_ms": 120.0}
+    rel_after = relative(rows, after)
+    assert rel_after[16]["output_throughput"] == pytest.approx(850 / 900)
+    assert rel_after[16]["median_ttft_ms"] == pytest.approx(150 / 110)
+    assert rel_after[AFTER]["output_throughput"] == pytest.approx(800 / 900)
     run = {
         "label": "--max-loras 4",
         "rows": {
@@ -110,3 +116,4 @@ def test_relative_to_base_only() -> None:
     }
     lines = scaling_table([run])
     assert "| 16 adapters | 850 | **0.85** |" in lines[-1]
+    assert mix_label(AFTER) == "base only, again after the other mixes"
