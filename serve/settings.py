@@ -40,8 +40,8 @@ class ServeSettings(BaseSettings):
     max_loras: int = Field(
         16,
         ge=1,
-        description="Adapters in one batch (engine LoRA slots). Requests on more distinct adapters wait; each "
-        "slot holds max_lora_rank-sized weights for every layer (7B model, rank 16, bf16: about 80 MB).",
+        description="Adapters in one batch (engine LoRA slots). Requests on more distinct adapters wait; "
+        "each slot holds max_lora_rank-sized weights for every layer (7B model, rank 16, bf16: about 80 MB).",
     )
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters kept in host memory (default: engine's)."

@@ -154,8 +154,8 @@ REPLACEMENTS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
 PATCHED_OPS = tuple(REPLACEMENTS)
 
 
-# Largest adapter group for which the batched layout (one scatter, a bmm over the slots, one gather) beats one
-# GEMM per adapter. Measured on a 2-core x86 CPU with the tiny base's shapes: 16 adapters x 32 tokens,
+# Largest adapter group for which the batched layout (one scatter, a bmm over the adapters, one gather) beats
+# one GEMM per adapter. Measured on a 2-core x86 CPU with the tiny base's shapes: 16 adapters x 32 tokens,
 # batched 2x faster; 4 adapters x 64 tokens, equal; 4 x 512, one GEMM per adapter 1.2x faster.
 PADDED_MAX_GROUP = 32
 
@@ -164,8 +164,8 @@ class LoraBatchPlan:
     """How one engine step's tokens map to adapter slots; computed once per step, used by every LoRA layer.
 
     `groups`: (slot, rows) per adapter slot in use, rows = None when every token uses that one slot. For the
-    padded layout (`padded_fits`), token `rows[i]` sits at `(slots[i], positions[i])` of a
-    (slots, longest, features) tensor.
+    padded layout (`padded`), the weights of the slots in use (`active`) are stacked and token `rows[i]` sits
+    at `(group[i], positions[i])` of a (groups, longest, features) tensor.
     """
 
     def __init__(self, indices: torch.Tensor) -> None:
@@ -177,21 +177,18 @@ class LoraBatchPlan:
             self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in used if slot >= 0]
         members = [rows for _, rows in self.groups if rows is not None]
         self.longest = max((len(rows) for rows in members), default=self.tokens)
-        if len(members) > 1:
-            self.rows = torch.cat(members)
-            self.slots = torch.cat(
-                [torch.full_like(rows, slot) for slot, rows in self.groups if rows is not None]
-            )
-            self.positions = torch.cat([torch.arange(len(rows)) for rows in members])
-
-    def padded_fits(self, slots: int) -> bool:
-        """Whether the batched layout over all `slots` is faster: several adapters, each with few tokens
-        (as in decode steps), and at most 4x the tokens' own work spent on padding."""
-        return (
-            len(self.groups) > 1
+        # Several adapters, each with few tokens (as in decode steps), and at most 4x the tokens' own work
+        # spent on padding: one scatter, batched matmuls over the groups, one gather.
+        self.padded = (
+            len(members) > 1
             and self.longest <= PADDED_MAX_GROUP
-            and slots * self.longest <= 4 * self.tokens
+            and len(members) * self.longest <= 4 * self.tokens
         )
+        if self.padded:
+            self.active = torch.tensor([slot for slot, _ in self.groups])
+            self.rows = torch.cat(members)
+            self.group = torch.cat([torch.full_like(rows, number) for number, rows in enumerate(members)])
+            self.positions = torch.cat([torch.arange(len(rows)) for rows in members])
 
 
 def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -237,12 +234,13 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
             (a.squeeze(1), b.squeeze(1).to(y.dtype), y2[:, start : start + size])
             for a, b, start, size in zip(lora_a_stacked, lora_b_stacked, starts, output_slices, strict=True)
         ]
-        if plan.padded_fits(slices[0][0].shape[0]):
-            padded = x2.new_zeros(slices[0][0].shape[0], plan.longest, x2.shape[1], dtype=torch.float32)
-            padded[plan.slots, plan.positions] = x2.index_select(0, plan.rows).float()
+        if plan.padded:
+            padded = x2.new_zeros(len(plan.groups), plan.longest, x2.shape[1], dtype=torch.float32)
+            padded[plan.group, plan.positions] = x2.index_select(0, plan.rows).float()
             for a, b, columns in slices:
-                shrunk = torch.bmm(padded, a.float().transpose(1, 2)).mul_(scale).to(y.dtype)
-                delta = torch.bmm(shrunk, b.transpose(1, 2))[plan.slots, plan.positions]
+                a_active, b_active = a.index_select(0, plan.active).float(), b.index_select(0, plan.active)
+                shrunk = torch.bmm(padded, a_active.transpose(1, 2)).mul_(scale).to(y.dtype)
+                delta = torch.bmm(shrunk, b_active.transpose(1, 2))[plan.group, plan.positions]
                 columns += columns.new_zeros(columns.shape).index_copy_(0, plan.rows, delta)
             return None
         if plan.groups[0][1] is None:  # every token on one adapter

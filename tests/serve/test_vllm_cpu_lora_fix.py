@@ -224,7 +224,8 @@ def test_add_lora_linear_plan_follows_each_steps_mapping() -> None:
 
 
 def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
-    assert LoraBatchPlan(torch.tensor([0, 1, 2, 3] * 4)).padded_fits(slots=4)
-    assert not LoraBatchPlan(torch.tensor([0] * 30 + [1, 2])).padded_fits(slots=16)  # mostly padding
-    assert not LoraBatchPlan(torch.tensor([0, 1] * 40)).padded_fits(slots=2)  # groups long enough for GEMMs
-    assert not LoraBatchPlan(torch.tensor([3] * 8)).padded_fits(slots=4)  # one adapter: a plain matmul
+    assert LoraBatchPlan(torch.tensor([0, 1, 2, 3] * 4)).padded
+    assert LoraBatchPlan(torch.tensor([9, 2] * 4 + [-1] * 3)).padded  # only the slots in use count
+    assert not LoraBatchPlan(torch.tensor([0] * 30 + [1, 2, 3, 4, 5])).padded  # mostly padding
+    assert not LoraBatchPlan(torch.tensor([0, 1] * 40)).padded  # groups long enough for one GEMM each
+    assert not LoraBatchPlan(torch.tensor([3] * 8)).padded  # one adapter: a plain matmul
