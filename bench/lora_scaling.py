@@ -106,24 +106,18 @@ def mix_label(mix: int) -> str:
     return "base only" if mix == 0 else f"{mix} adapter" + ("s" if mix > 1 else "")
 
 
-def relative(
-    rows: dict[int, dict[str, float]], after: dict[str, float] | None = None
-) -> dict[int, dict[str, float]]:
-    """Each mix's throughput and TTFT p50 as a ratio to base-only: the base-only row (mix 0), or with `after`
-    (base-only measured again after the other mixes) the mean of the two, which cancels a steady drift of the
-    machine's speed over the run."""
-    base = rows.get(0)
-    if base is None:
+def relative(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """Each mix's throughput and TTFT p50 as a ratio to base-only: the base-only row (mix 0), or with an AFTER
+    row (base-only measured again after the other mixes) the mean of the two, which cancels a steady drift of
+    the machine's speed over the run."""
+    if 0 not in rows:
         return {}
-    references = [base] if after is None else [base, after]
+    references = [rows[key] for key in (0, AFTER) if key in rows]
     reference = {
         key: sum(row[key] for row in references) / len(references)
         for key in ("output_throughput", "median_ttft_ms")
     }
-    return {
-        mix: {key: ratio(row[key], reference[key]) for key in reference}
-        for mix, row in (rows | ({AFTER: after} if after is not None else {})).items()
-    }
+    return {mix: {key: ratio(row[key], reference[key]) for key in reference} for mix, row in rows.items()}
 
 
 def measure_config(
@@ -160,7 +154,6 @@ def measure_config(
             row["wall_s"] = time.monotonic() - started
             rows[mix] = row
             log.info("%s, %s: %.0f output tok/s", tag, mix_label(mix), row["output_throughput"])
-    after = rows.pop(AFTER)
     return {
         "label": config.label(),
         "max_loras": loras,
@@ -168,8 +161,8 @@ def measure_config(
         "engine": asdict(engine),
         "server_command": shlex.join(server.command),
         "startup_s": server.startup_s,
-        "rows": {str(mix): row for mix, row in (rows | {AFTER: after}).items()},
-        "relative": {str(mix): values for mix, values in relative(rows, after).items()},
+        "rows": {str(mix): row for mix, row in rows.items()},
+        "relative": {str(mix): values for mix, values in relative(rows).items()},
     }
 
 

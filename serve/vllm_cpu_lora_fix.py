@@ -30,6 +30,7 @@ starts, the engine-core workers included. It patches nothing on other platforms 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,15 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def group_by_slot(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, rows) for each adapter slot in `indices` (tokens with -1 belong to none); rows is None when
+    every token uses the one slot."""
+    used = torch.unique(indices).tolist()
+    if len(used) == 1 and used[0] >= 0:
+        return [(used[0], None)]
+    return [(slot, (indices == slot).nonzero().squeeze(1)) for slot in used if slot >= 0]
 
 
 def lora_matmul(
@@ -50,14 +60,12 @@ def lora_matmul(
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype)
-    slots = torch.unique(indices).tolist()
-    if len(slots) == 1 and slots[0] >= 0:  # the whole batch on one adapter
-        return inputs @ weights[slots[0]].to(dtype).t()
-    out = inputs.new_zeros(inputs.shape[0], weights.shape[-2])
-    for slot in slots:
-        if slot < 0:
-            continue  # no adapter: the row stays zero
-        rows = (indices == slot).nonzero().squeeze(1)
+    groups = group_by_slot(indices)
+    if groups and groups[0][1] is None:  # the whole batch on one adapter
+        return inputs @ weights[groups[0][0]].to(dtype).t()
+    out = inputs.new_zeros(inputs.shape[0], weights.shape[-2])  # rows without an adapter stay zero
+    for slot, rows in groups:
+        assert rows is not None
         out.index_copy_(0, rows, inputs.index_select(0, rows) @ weights[slot].to(dtype).t())
     return out
 
@@ -170,11 +178,7 @@ class LoraBatchPlan:
 
     def __init__(self, indices: torch.Tensor) -> None:
         self.tokens = int(indices.shape[0])
-        used = torch.unique(indices).tolist()
-        if len(used) == 1 and used[0] >= 0:
-            self.groups: list[tuple[int, torch.Tensor | None]] = [(used[0], None)]
-        else:
-            self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in used if slot >= 0]
+        self.groups = group_by_slot(indices)
         members = [rows for _, rows in self.groups if rows is not None]
         self.longest = max((len(rows) for rows in members), default=self.tokens)
         # Several adapters, each with few tokens (as in decode steps), and at most 4x the tokens' own work
@@ -228,7 +232,7 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         if not plan.groups:
             return None  # no token has an adapter
         y2 = y.view(-1, y.shape[-1])
-        starts = [sum(output_slices[:i]) for i in range(len(output_slices))]
+        starts = itertools.accumulate([0, *output_slices[:-1]])
         # per output slice: (A (slots, rank, in), B (slots, out_i, rank), y's columns of the slice)
         slices = [
             (a.squeeze(1), b.squeeze(1).to(y.dtype), y2[:, start : start + size])

@@ -95,7 +95,7 @@ def test_relative_to_base_only() -> None:
     assert relative({16: rows[16]}) == {}
     # base-only again at the end, 20% slower: ratios are to the mean of the two base-only runs
     after = {"output_throughput": 800.0, "median_ttft_ms": 120.0}
-    rel_after = relative(rows, after)
+    rel_after = relative(rows | {AFTER: after})
     assert rel_after[16]["output_throughput"] == pytest.approx(850 / 900)
     assert rel_after[16]["median_ttft_ms"] == pytest.approx(150 / 110)
     assert rel_after[AFTER]["output_throughput"] == pytest.approx(800 / 900)
