@@ -19,7 +19,12 @@ This plugin does two things on CPU:
 - It replaces `PunicaWrapperCPU.add_lora_linear`, which every LoRA linear layer calls (shrink then expand, per
   output slice), with `grouped_add_lora_linear`: the step's tokens are grouped by adapter once per engine
   step (`LoraBatchPlan`) instead of once per op, and many small groups (decode steps spread over many
-  adapters) run as batched matmuls over the adapter slots instead of one GEMM per adapter.
+  adapters) run as batched matmuls over the adapters (`PaddedLayout`) instead of one GEMM per adapter.
+- It skips LoRA work that adds exactly zero. vLLM gives every adapter a slot in every LoRA layer, the
+  embeddings and lm_head included, and writes zeros where an adapter leaves a module (or a slice of a packed
+  one, such as k in q/k/v) alone; its ops then multiply by those zeros. A patched
+  `LoRAModelManager.activate_adapter` records which slots of each stacked weight are non-zero, and
+  `add_lora_linear`, `add_lora_logits` and `add_lora_embedding` skip what no slot in the batch adapts.
 
 Results equal vLLM's ops for every token with an adapter (up to float summation order).
 
@@ -41,12 +46,17 @@ log = logging.getLogger(__name__)
 
 
 def group_by_slot(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, rows) for each adapter slot in `indices` (tokens with -1 belong to none); rows is None when
-    every token uses the one slot."""
-    used = torch.unique(indices).tolist()
-    if len(used) == 1 and used[0] >= 0:
-        return [(used[0], None)]
-    return [(slot, (indices == slot).nonzero().squeeze(1)) for slot in used if slot >= 0]
+    """(slot, rows) for each adapter slot in `indices` (tokens with -1 belong to none), slots ascending;
+    rows is None when every token uses the one slot."""
+    order = torch.argsort(indices, stable=True)
+    slots, counts = torch.unique_consecutive(indices.index_select(0, order), return_counts=True)
+    if len(slots) == 1 and int(slots[0]) >= 0:
+        return [(int(slots[0]), None)]
+    return [
+        (slot, rows)
+        for slot, rows in zip(slots.tolist(), torch.split(order, counts.tolist()), strict=True)
+        if slot >= 0
+    ]
 
 
 def lora_matmul(
@@ -166,40 +176,161 @@ PATCHED_OPS = tuple(REPLACEMENTS)
 # one GEMM per adapter. Measured on a 2-core x86 CPU with the tiny base's shapes: 16 adapters x 32 tokens,
 # batched 2x faster; 4 adapters x 64 tokens, equal; 4 x 512, one GEMM per adapter 1.2x faster.
 PADDED_MAX_GROUP = 32
+# Padding the batched layout may add, as a multiple of the step's own tokens.
+PADDING_WASTE = 4
 
 
 class LoraBatchPlan:
     """How one engine step's tokens map to adapter slots; computed once per step, used by every LoRA layer.
 
-    `groups`: (slot, rows) per adapter slot in use, rows = None when every token uses that one slot. For the
-    padded layout (`padded`), the weights of the slots in use (`active`) are stacked and token `rows[i]` sits
-    at `(group[i], positions[i])` of a (groups, longest, features) tensor.
+    `groups`: (slot, rows) per adapter slot in use, rows = None when every token uses that one slot. `padded`:
+    whether the step runs as batched matmuls over the adapters (`PaddedLayout`, one per slot count).
     """
 
     def __init__(self, indices: torch.Tensor) -> None:
         self.tokens = int(indices.shape[0])
         self.groups = group_by_slot(indices)
+        self.slots = frozenset(slot for slot, _ in self.groups)
         members = [rows for _, rows in self.groups if rows is not None]
         self.longest = max((len(rows) for rows in members), default=self.tokens)
-        # Several adapters, each with few tokens (as in decode steps), and at most 4x the tokens' own work
-        # spent on padding: one scatter, batched matmuls over the groups, one gather.
+        # Several adapters, each with few tokens (as in decode steps), and little padding.
         self.padded = (
             len(members) > 1
             and self.longest <= PADDED_MAX_GROUP
-            and len(members) * self.longest <= 4 * self.tokens
+            and len(members) * self.longest <= PADDING_WASTE * self.tokens
         )
-        if self.padded:
-            self.active = torch.tensor([slot for slot, _ in self.groups])
-            self.rows = torch.cat(members)
-            self.group = torch.cat([torch.full_like(rows, number) for number, rows in enumerate(members)])
-            self.positions = torch.cat([torch.arange(len(rows)) for rows in members])
+        self._layouts: dict[int, PaddedLayout] = {}
+
+    def layout(self, slots: int) -> PaddedLayout:
+        """The batched layout for weights stacked over `slots` adapter slots."""
+        layout = self._layouts.get(slots)
+        if layout is None:
+            layout = self._layouts[slots] = PaddedLayout(self, slots)
+        return layout
+
+
+class PaddedLayout:
+    """Tokens laid out in a (batch, longest, features) tensor for batched matmuls, one entry per adapter.
+
+    When every slot is in use the stacked weights are used as they are (`weights_index` None); otherwise the
+    weights of the slots in use are gathered (`weights_index`): cheaper than matmuls over padding. Token t
+    sits at flat row `token_rows[t]`; tokens without an adapter point at a padding row, which stays zero, so
+    the step's output is one gather (`token_rows`) of the batched result.
+    """
+
+    def __init__(self, plan: LoraBatchPlan, slots: int) -> None:
+        used = torch.tensor([slot for slot, _ in plan.groups])
+        over_all = len(used) == slots
+        self.weights_index = None if over_all else used
+        self.batch = slots if over_all else len(used)
+        members = [rows for _, rows in plan.groups if rows is not None]
+        self.adapter_rows = torch.cat(members)  # the tokens with an adapter, grouped by slot
+        self.all_tokens = len(self.adapter_rows) == plan.tokens
+        spare_needed = not self.all_tokens and self.batch * plan.longest == len(self.adapter_rows)
+        self.longest = plan.longest + int(spare_needed)  # room for one zero row
+        counts = torch.tensor([len(rows) for rows in members])
+        entries = used if over_all else torch.arange(len(used))
+        starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        positions = torch.arange(len(self.adapter_rows)) - starts
+        self.scatter_rows = torch.repeat_interleave(entries, counts) * self.longest + positions
+        token_rows = torch.empty(plan.tokens, dtype=torch.long)
+        if not self.all_tokens:
+            free = torch.ones(self.batch * self.longest, dtype=torch.bool)
+            free[self.scatter_rows] = False
+            token_rows.fill_(int(free.nonzero()[0]))
+        token_rows[self.adapter_rows] = self.scatter_rows
+        self.token_rows = token_rows
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """x (tokens, features) laid out as a float32 (batch, longest, features) tensor, zero elsewhere."""
+        padded = x.new_zeros(self.batch * self.longest, x.shape[1], dtype=torch.float32)
+        if self.all_tokens:
+            padded.index_copy_(0, self.token_rows, x.float())
+        else:
+            padded.index_copy_(0, self.scatter_rows, x.index_select(0, self.adapter_rows).float())
+        return padded.view(self.batch, self.longest, x.shape[1])
+
+    def weights(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The (batch, out, in) weights for this layout from vLLM's (slots, out, in) stack."""
+        return stacked if self.weights_index is None else stacked.index_select(0, self.weights_index)
+
+    def gather(self, batched: torch.Tensor) -> torch.Tensor:
+        """The (tokens, out) rows of a (batch, longest, out) result, zero for tokens without an adapter."""
+        return batched.view(-1, batched.shape[-1]).index_select(0, self.token_rows)
+
+
+LIVE = "_tuneserve_live_slots"
+
+
+def live_slots(weights: torch.Tensor) -> frozenset[int] | None:
+    """Slots of a stacked LoRA weight that hold non-zero weights, as `track_live_slots` last saw them; None:
+    not known (every slot may be live)."""
+    return getattr(weights, LIVE, None)
+
+
+def needs_lora(slots: frozenset[int] | None, *weights: torch.Tensor) -> bool:
+    """Whether any of `slots` (None: any slot) has non-zero weights in all of `weights`: a slot whose A or B
+    is zero adds exactly nothing."""
+    for stacked in weights:
+        live = live_slots(stacked)
+        if live is not None:
+            slots = live if slots is None else slots & live
+    return slots is None or bool(slots)
+
+
+def stacked_weights(module: Any) -> list[torch.Tensor]:
+    """The stacked LoRA weights (slots first) of one of vLLM's LoRA layers."""
+    found: list[torch.Tensor] = []
+    for name in ("lora_a_stacked", "lora_b_stacked"):
+        value = getattr(module, name, None)
+        found.extend(value if isinstance(value, tuple | list) else [value] if value is not None else [])
+    return [weights for weights in found if isinstance(weights, torch.Tensor)]
+
+
+def track_live_slots(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`LoRAModelManager.activate_adapter`, which writes an adapter's weights into a slot of every LoRA layer
+    (zeros where the adapter leaves a module or slice alone): record, on each stacked weight, which slots are
+    non-zero. The ops skip layers and slices no adapter in the batch changes (most adapters leave the
+    embeddings and lm_head alone; many adapt only some projections)."""
+
+    @functools.wraps(original)
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        activated = original(self, lora_id)
+        if activated:
+            index = self.lora_index_to_id.index(lora_id)
+            for module in self.modules.values():
+                for weights in stacked_weights(module):
+                    live = set(live_slots(weights) or ())
+                    if bool(weights[index].any()):
+                        live.add(index)
+                    else:
+                        live.discard(index)
+                    setattr(weights, LIVE, frozenset(live))
+        return bool(activated)
+
+    return activate_adapter
+
+
+def skip_when_zero(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`PunicaWrapperCPU.add_lora_logits` / `add_lora_embedding`: nothing to add when the LoRA weights passed
+    are zero in every slot (no active adapter adapts the lm_head or the embeddings)."""
+
+    @functools.wraps(original)
+    def add_lora(self: Any, y: torch.Tensor, x: torch.Tensor, *weights: Any, **kwargs: Any) -> Any:
+        stacks = [weight for weight in weights if isinstance(weight, torch.Tensor)]
+        if stacks and not needs_lora(None, *stacks):
+            return None
+        return original(self, y, x, *weights, **kwargs)
+
+    return add_lora
 
 
 def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
     """`PunicaWrapperCPU.add_lora_linear`: `y[:, slice i] += (x A_i^T * scale) B_i^T`, per token adapter.
 
-    Shrink in float32 and expand in y's dtype, as vLLM's CPU ops do. Calls it was not written for (other
-    keyword arguments, a caller's buffer, an index per token that does not match x) keep vLLM's method.
+    Shrink in float32 and expand in y's dtype, as vLLM's CPU ops do. Output slices whose weights are zero in
+    every slot in use (a module or slice the adapters do not adapt) are skipped. Calls it was not written for
+    (other keyword arguments, a caller's buffer, an index per token that does not match x) keep vLLM's method.
     """
 
     @functools.wraps(original)
@@ -229,23 +360,24 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         plan = getattr(self, "_tuneserve_plan", None)
         if plan is None or plan.tokens != indices.shape[0]:
             plan = self._tuneserve_plan = LoraBatchPlan(indices)
-        if not plan.groups:
-            return None  # no token has an adapter
         y2 = y.view(-1, y.shape[-1])
         starts = itertools.accumulate([0, *output_slices[:-1]])
         # per output slice: (A (slots, rank, in), B (slots, out_i, rank), y's columns of the slice)
         slices = [
             (a.squeeze(1), b.squeeze(1).to(y.dtype), y2[:, start : start + size])
             for a, b, start, size in zip(lora_a_stacked, lora_b_stacked, starts, output_slices, strict=True)
+            if needs_lora(plan.slots, a, b)
         ]
+        if not slices:
+            return None  # no token has an adapter, or its adapter leaves this layer alone
         if plan.padded:
-            padded = x2.new_zeros(len(plan.groups), plan.longest, x2.shape[1], dtype=torch.float32)
-            padded[plan.group, plan.positions] = x2.index_select(0, plan.rows).float()
+            layout = plan.layout(slices[0][0].shape[0])
+            padded = layout.scatter(x2)
             for a, b, columns in slices:
-                a_active, b_active = a.index_select(0, plan.active).float(), b.index_select(0, plan.active)
-                shrunk = torch.bmm(padded, a_active.transpose(1, 2)).mul_(scale).to(y.dtype)
-                delta = torch.bmm(shrunk, b_active.transpose(1, 2))[plan.group, plan.positions]
-                columns += columns.new_zeros(columns.shape).index_copy_(0, plan.rows, delta)
+                shrunk = torch.bmm(padded, layout.weights(a).float().transpose(1, 2))
+                if scale != 1.0:
+                    shrunk.mul_(scale)
+                columns += layout.gather(torch.bmm(shrunk.to(y.dtype), layout.weights(b).transpose(1, 2)))
             return None
         if plan.groups[0][1] is None:  # every token on one adapter
             slot = plan.groups[0][0]
@@ -283,7 +415,24 @@ def new_plan_each_step(original: Callable[..., Any]) -> Callable[..., Any]:
 WRAPPER_METHODS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "add_lora_linear": grouped_add_lora_linear,
     "update_metadata": new_plan_each_step,
+    "add_lora_logits": skip_when_zero,
+    "add_lora_embedding": skip_when_zero,
 }
+MANAGER_METHODS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "activate_adapter": track_live_slots,
+}
+
+
+def patch_methods(
+    cls: type, replacements: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]
+) -> None:
+    """Wrap each named method of `cls` once."""
+    for name, replace in replacements.items():
+        method = getattr(cls, name)
+        if not getattr(method, "__tuneserve_patched__", False):
+            patched = replace(method)
+            patched.__tuneserve_patched__ = True  # type: ignore[attr-defined]
+            setattr(cls, name, patched)
 
 
 def register() -> None:
@@ -292,6 +441,7 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
+    import vllm.lora.model_manager as model_manager
     import vllm.lora.ops.torch_ops as package
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
@@ -305,10 +455,6 @@ def register() -> None:
         # ops' own sgmv_* call the bgmv_* through module globals; the others imported the names.
         for module in (ops, package, punica_cpu):
             setattr(module, name, grouped)
-    for name, replace in WRAPPER_METHODS.items():
-        method = getattr(punica_cpu.PunicaWrapperCPU, name)
-        if not getattr(method, "__tuneserve_patched__", False):
-            patched = replace(method)
-            patched.__tuneserve_patched__ = True  # type: ignore[attr-defined]
-            setattr(punica_cpu.PunicaWrapperCPU, name, patched)
+    patch_methods(punica_cpu.PunicaWrapperCPU, WRAPPER_METHODS)
+    patch_methods(model_manager.LoRAModelManager, MANAGER_METHODS)
     log.debug("replaced vLLM's CPU LoRA ops and add_lora_linear with ones grouped by adapter")

@@ -28,9 +28,27 @@ def _hf_greedy(model: torch.nn.Module, prompts: list[list[int]], eos_id: int) ->
     return outputs
 
 
+def _partial_adapter(base: Path, out: Path) -> Path:
+    """A PEFT adapter on q_proj and v_proj only, random weights: vLLM's other LoRA layers and the k slice of
+    its packed qkv get zeros for it, which serve/vllm_cpu_lora_fix.py skips."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
 @pytest.mark.slow
 def test_adapter_in_vllm_matches_peft_and_differs_from_base(
-    trained_adapter: Path, tiny_base: Path, tiny_tokenizer
+    trained_adapter: Path, tiny_base: Path, tiny_tokenizer, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     vllm = pytest.importorskip("vllm")
     from peft import PeftModel
@@ -66,6 +84,12 @@ def test_adapter_in_vllm_matches_peft_and_differs_from_base(
             list(r.outputs[0].token_ids)
             for r in llm.generate(mixed_inputs, params, lora_request=mixed_requests)
         ]
+        # An adapter of some projections only, batched with base requests.
+        partial_request = LoRARequest("partial", 2, str(_partial_adapter(tiny_base, tmp_path / "partial")))
+        partial_mixed = [
+            list(r.outputs[0].token_ids)
+            for r in llm.generate(mixed_inputs, params, lora_request=[None, partial_request] * len(inputs))
+        ]
         # vLLM's own chat rendering gives the same prompt ids as the shared rendering function.
         chat = llm.chat(conversations, params, lora_request=adapter)
     finally:
@@ -85,3 +109,8 @@ def test_adapter_in_vllm_matches_peft_and_differs_from_base(
     assert tuned == _hf_greedy(peft_model, prompts, eos)
     assert tuned != base
     assert sum(a != b for a, b in zip(tuned, base, strict=True)) >= 2
+    assert partial_mixed[0::2] == base
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)  # PEFT wrapped hf_base
+    partial = _hf_greedy(PeftModel.from_pretrained(fresh_base, tmp_path / "partial").eval(), prompts, eos)
+    assert partial_mixed[1::2] == partial
+    assert sum(a != b for a, b in zip(partial, base, strict=True)) >= 2

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 import torch
 
-from serve.vllm_cpu_lora_fix import PATCHED_OPS, REPLACEMENTS, LoraBatchPlan, lora_matmul, register
+from serve.vllm_cpu_lora_fix import (
+    LIVE,
+    PATCHED_OPS,
+    REPLACEMENTS,
+    LoraBatchPlan,
+    lora_matmul,
+    register,
+    track_live_slots,
+)
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
@@ -177,7 +185,9 @@ def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tens
     [
         ([1] * 6, 4),  # one adapter: plain matmuls
         ([0, -1, 0, 2, -1, 2, 2], 4),  # base and adapter tokens mixed
-        ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8),  # decode step over many adapters: batched over the slots
+        ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8),  # decode step over every slot: batched over the slots
+        ([5, 1, -1, 1, 5, 3, 3, -1], 8),  # some slots: their weights gathered, base tokens read a padding row
+        ([0, 1, -1, 1, 0, -1], 2),  # no padding in the batched layout: one zero row added for base tokens
         ([0] * 20 + [1, 2, 3], 8),  # one long prefill and a few decodes: one GEMM per adapter
         ([-1] * 5, 2),  # no adapter at all
     ],
@@ -229,3 +239,88 @@ def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
     assert not LoraBatchPlan(torch.tensor([0] * 30 + [1, 2, 3, 4, 5])).padded  # mostly padding
     assert not LoraBatchPlan(torch.tensor([0, 1] * 40)).padded  # groups long enough for one GEMM each
     assert not LoraBatchPlan(torch.tensor([3] * 8)).padded  # one adapter: a plain matmul
+
+
+def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
+    plan = LoraBatchPlan(torch.tensor([5, 1, -1, 1, 5, 3]))
+    assert plan.padded
+    layout = plan.layout(8)
+    assert layout.weights_index is not None and layout.weights_index.tolist() == [1, 3, 5]  # slots in use
+    x = torch.arange(6.0).unsqueeze(1) + 1
+    padded = layout.scatter(x)  # (adapters in use, longest, features)
+    assert padded.squeeze(2).tolist() == [[2.0, 4.0], [6.0, 0.0], [1.0, 5.0]]
+    gathered = layout.gather(padded).squeeze(1)
+    assert gathered.tolist() == [1.0, 2.0, 0.0, 4.0, 5.0, 6.0]  # back in token order; no adapter: zero
+    assert LoraBatchPlan(torch.tensor([0, 1, 1, 0])).layout(2).weights_index is None  # every slot: no gather
+
+
+def _live_case() -> tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    wrapper = _wrapper([0, 1, 0, 1, -1], 2)
+    x, shrink, expand = _linear_case(5, 2)
+    return wrapper, x, shrink, expand
+
+
+def test_slices_whose_slots_in_use_are_all_zero_are_skipped() -> None:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    wrapper, x, shrink, expand = _live_case()
+    setattr(expand[1], LIVE, frozenset())  # the k-like slice: no adapter adapts it
+    setattr(shrink[2], LIVE, frozenset({1}))  # the v-like slice: only slot 1 does
+    got = torch.zeros(5, 8)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
+    expected = torch.zeros(5, 8)
+    PunicaWrapperCPU.add_lora_linear.__wrapped__(
+        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    torch.testing.assert_close(got[:, :4], expected[:, :4])
+    assert not got[:, 4:6].any()  # skipped, though its weights (not really zero here) would add something
+    torch.testing.assert_close(got[:, 6:], expected[:, 6:])  # slot 1 is live, so the slice runs
+    setattr(shrink[2], LIVE, frozenset({7}))  # live only in a slot this step does not use
+    got = torch.zeros(5, 8)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
+    assert not got[:, 4:].any()
+
+
+def test_logits_lora_is_skipped_when_no_slot_adapts_the_lm_head() -> None:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    wrapper, x, shrink, expand = _live_case()
+    shrink_a, expand_b = shrink[0].clone(), expand[0].clone()
+    expected = torch.zeros(5, 4)
+    PunicaWrapperCPU.add_lora_logits.__wrapped__(wrapper, expected, x, shrink_a, expand_b, 1.0)
+    got = torch.zeros(5, 4)
+    PunicaWrapperCPU.add_lora_logits(wrapper, got, x, shrink_a, expand_b, 1.0)
+    torch.testing.assert_close(got, expected)  # liveness unknown: computed
+    setattr(expand_b, LIVE, frozenset())
+    got = torch.zeros(5, 4)
+    PunicaWrapperCPU.add_lora_logits(wrapper, got, x, shrink_a, expand_b, 1.0)
+    assert not got.any()
+
+
+def test_activating_an_adapter_records_which_slots_hold_non_zero_weights() -> None:
+    slots = 3
+    packed = (torch.zeros(slots, 1, 2, 4), torch.zeros(slots, 1, 2, 4))  # a two-slice layer
+    module = type("Layer", (), {"lora_a_stacked": packed, "lora_b_stacked": torch.zeros(slots, 1, 4, 2)})()
+    written: dict[int, tuple[bool, bool]] = {7: (True, False), 8: (True, True), 9: (False, False)}
+
+    def activate(manager: Any, lora_id: int) -> bool:  # vLLM's: first free slot, weights written or zeroed
+        index = manager.lora_index_to_id.index(None)
+        manager.lora_index_to_id[index] = lora_id
+        for weights, present in zip(packed, written[lora_id], strict=True):
+            weights[index] = 1.0 if present else 0.0
+        module.lora_b_stacked[index] = 1.0 if any(written[lora_id]) else 0.0
+        return True
+
+    manager = type("Manager", (), {"lora_index_to_id": [None] * slots, "modules": {"layer": module}})()
+    tracked = track_live_slots(activate)
+    for lora_id in written:
+        assert tracked(manager, lora_id)
+    assert getattr(packed[0], LIVE) == {0, 1}
+    assert getattr(packed[1], LIVE) == {1}
+    assert getattr(module.lora_b_stacked, LIVE) == {0, 1}
+    manager.lora_index_to_id[1] = None  # slot 1 freed and reused by an adapter without the second slice
+    written[10] = (True, False)
+    tracked(manager, 10)
+    assert getattr(packed[1], LIVE) == set()
