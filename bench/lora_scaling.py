@@ -2,8 +2,8 @@
 
 `python -m bench.lora_scaling [--quick]`
 
-One `python -m serve` per engine slot setting (`--max-loras` / `--max-cpu-loras`), serving the tiny base and
-64 PEFT adapters (bench.serve_vs_vllm.make_adapters: rank 16, all linear layers, random weights). For each
+One `python -m serve` per config (`--max-loras` / `--max-cpu-loras`, adapter rank), serving the tiny base and
+64 PEFT adapters of that rank (bench.serve_vs_vllm.make_adapters: all linear layers, random weights). For each
 mix the same fixed load (`client load`: random-token prompts, 64 in / 64 out, ignore_eos, fixed concurrency)
 goes to the base only, or round-robin over N distinct adapters; each mix is reported as a ratio to the
 base-only run of the same server. With more adapters in flight than --max-loras, vLLM's scheduler only
@@ -52,27 +52,35 @@ log = logging.getLogger("bench.lora_scaling")
 
 NAME = "lora_scaling"
 MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the base only
-# Engine slot settings compared: 4 slots (serve's default until 2026-11-30) and serve's defaults (16 slots,
-# host cache = slots). A larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
-DEFAULT_CONFIGS = "4,default"
+# Configs compared: serve's defaults (16 slots, host cache = slots) with rank-16 adapters, and the same with
+# rank-1 adapters, whose weights are the same share of the tiny base's (0.63%) as rank 16 is of Qwen2.5-7B's
+# (0.62%, `lora_weight_share`). 4 slots (serve's default until 2026-11-30) kept 0.43 of base at 16 adapters;
+# a larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
+DEFAULT_CONFIGS = "default,default/r1"
 AFTER = -1  # key of the base-only run repeated after the other mixes
 TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
 
 
 @dataclass(frozen=True)
 class SlotConfig:
-    """`--max-loras` and `--max-cpu-loras` of one server run (None: the server's default)."""
+    """`--max-loras` and `--max-cpu-loras` of one server run (None: the server's default), and the rank of its
+    adapters (also its `--max-lora-rank`)."""
 
     max_loras: int | None = None
     max_cpu_loras: int | None = None
+    rank: int = 16
 
     @classmethod
     def parse(cls, text: str) -> SlotConfig:
-        """`default`, `M` or `M:C` (C may be `default`)."""
-        if text == "default":
-            return cls()
-        loras, _, cpu = text.partition(":")
-        return cls(int(loras), int(cpu) if cpu and cpu != "default" else None)
+        """`default`, `M` or `M:C` (C may be `default`), optionally followed by `/rR` (adapter rank R)."""
+        slots, _, rank_text = text.partition("/")
+        if rank_text and not (rank_text.startswith("r") and rank_text[1:].isdigit()):
+            raise ValueError(f"{text!r}: the rank is written /rR, e.g. default/r1")
+        rank = int(rank_text[1:]) if rank_text else cls.rank
+        if slots == "default":
+            return cls(rank=rank)
+        loras, _, cpu = slots.partition(":")
+        return cls(int(loras), int(cpu) if cpu and cpu != "default" else None, rank)
 
     def resolved(self) -> tuple[int, int | None]:
         """(max_loras, max_cpu_loras) with serve's defaults filled in (max_cpu_loras None: vLLM's default,
@@ -88,7 +96,29 @@ class SlotConfig:
         loras, cpu = self.resolved()
         default = " (serve's defaults)" if self.resolved() == SlotConfig().resolved() else ""
         cpu_text = str(cpu) if cpu is not None else f"{loras} (engine default)"
-        return f"--max-loras {loras} --max-cpu-loras {cpu_text}{default}"
+        return f"rank {self.rank}, --max-loras {loras} --max-cpu-loras {cpu_text}{default}"
+
+
+def lora_weight_share(architecture: dict[str, Any], rank: int) -> float:
+    """One all-linear LoRA adapter's weights as a share of the base's transformer linear weights (embeddings
+    and lm_head left out) for a Llama/Qwen2-style `architecture` (config.json fields): in a decode step over N
+    adapters, every layer reads about N times this share of its own weights on top."""
+    hidden, inter = architecture["hidden_size"], architecture["intermediate_size"]
+    heads = architecture["num_attention_heads"]
+    head_dim = architecture.get("head_dim") or hidden // heads
+    kv_heads = architecture.get("num_key_value_heads") or heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    # (in, out) of q, k, v, o, gate, up, down
+    shapes = [
+        (hidden, q),
+        (hidden, kv),
+        (hidden, kv),
+        (q, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
+    return rank * sum(i + o for i, o in shapes) / sum(i * o for i, o in shapes)
 
 
 def mix_models(mix: int, adapters: Sequence[str]) -> list[str]:
@@ -120,14 +150,13 @@ def relative(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
     return {mix: {key: ratio(row[key], reference[key]) for key in reference} for mix, row in rows.items()}
 
 
-def measure_config(
-    config: SlotConfig, base: Path, adapters: Sequence[tuple[str, Path]], args: argparse.Namespace, work: Path
-) -> dict[str, Any]:
+def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    adapters = [(path.name, path) for path in make_adapters(base, max(args.mixes), rank=config.rank)]
     loras, cpu = config.resolved()
-    engine = EngineSettings(max_loras=loras, max_cpu_loras=cpu)
+    engine = EngineSettings(max_loras=loras, max_cpu_loras=cpu, max_lora_rank=config.rank)
     load = Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
     port = free_port()
-    tag = f"loras{loras}-cpu{cpu}"
+    tag = f"loras{loras}-cpu{cpu}-r{config.rank}"
     server = ServerProcess(
         name=f"ours {tag}",
         command=our_server_command(base, port, engine, adapters),
@@ -138,7 +167,7 @@ def measure_config(
     names = [name for name, _ in adapters]
     rows: dict[int, dict[str, float]] = {}
     with running(server):
-        warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}")
+        warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}", args.concurrency)
         for mix in [*args.mixes, AFTER]:
             cpu_before, started = server.cpu_seconds(), time.monotonic()
             models = mix_models(max(mix, 0), names)
@@ -158,6 +187,8 @@ def measure_config(
         "label": config.label(),
         "max_loras": loras,
         "max_cpu_loras": cpu,
+        "rank": config.rank,
+        "lora_weight_share": lora_weight_share(json.loads((base / "config.json").read_text()), config.rank),
         "engine": asdict(engine),
         "server_command": shlex.join(server.command),
         "startup_s": server.startup_s,
@@ -168,8 +199,8 @@ def measure_config(
 
 def table(runs: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
-        "| engine slots | requests on | output tok/s | x base | req/s | TTFT p50 (ms) | x base "
-        "| TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
+        "| server (adapter rank, engine slots) | requests on | output tok/s | x base | req/s | TTFT p50 (ms) "
+        "| x base | TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
@@ -198,7 +229,10 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
         points = {int(key): values for key, values in run["relative"].items() if int(key) != AFTER}
         labels = [mix_label(mix).replace(" adapters", "").replace(" adapter", "") for mix in points]
         xs = list(range(len(points)))
-        label = f"max_loras {run['max_loras']}, max_cpu_loras {run['max_cpu_loras'] or run['max_loras']}"
+        label = (
+            f"rank {run.get('rank', 16)}, max_loras {run['max_loras']}, "
+            f"max_cpu_loras {run['max_cpu_loras'] or run['max_loras']}"
+        )
         throughput.plot(xs, [v["output_throughput"] for v in points.values()], "o-", label=label)
         ttft.plot(xs, [v["median_ttft_ms"] for v in points.values()], "o-", label=label)
         for axes in (throughput, ttft):
@@ -233,9 +267,16 @@ def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
             if str(AFTER) in rows
             else ""
         )
+        share = run.get("lora_weight_share")
+        weights = (
+            f" Each adapter's weights are {100 * share:.2f}% of the base's linear weights, so a step over "
+            f"{TARGET_MIX} adapters reads {100 * TARGET_MIX * share:.0f}% of them again in LoRA weights."
+            if share is not None
+            else ""
+        )
         lines.append(
             f"- `{run['label']}`: {TARGET_MIX} adapters keep {kept:.2f} of base throughput ({status} the "
-            f"target {TARGET_RATIO}){versus_one}.{drift}"
+            f"target {TARGET_RATIO}){versus_one}.{weights}{drift}"
         )
     return lines
 
@@ -246,9 +287,9 @@ def section_markdown(
     load, runs = document["load"], document["runs"]
     lines = ["## Multi-LoRA scaling", "", *header_markdown(header)]
     lines += [
-        f"- model: the embedded tiny base with {document['adapters']} PEFT LoRA adapters (rank 16, all "
-        "linear layers, random weights), all registered at start-up; other engine arguments as in "
-        "serve_vs_vllm (`--max-lora-rank 16 --max-model-len 512 --dtype float32 "
+        f"- model: the embedded tiny base with {document['adapters']} PEFT LoRA adapters (all linear layers, "
+        "random weights, of the run's rank), all registered at start-up; other engine arguments as in "
+        "serve_vs_vllm (`--max-lora-rank` = the adapters' rank, `--max-model-len 512 --dtype float32 "
         "--kv-cache-memory-bytes 268435456 "
         "--enforce-eager`)",
         f"- load (`client load`, streamed /v1/completions): {load['num_prompts']} prompts per mix, "
@@ -271,36 +312,38 @@ NOTES: tuple[str, ...] = (
     "Where the loss goes, step by step:",
     "",
     "- base only -> 1 adapter: the cost of running LoRA at all (one slot, nothing swapped). When no request "
-    "in a step uses an adapter, vLLM skips the LoRA path (`no_lora`); otherwise every linear layer adds its "
-    "LoRA product. vLLM's own CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) copy every token's adapter "
-    "matrices out of the slot stack (`weights[indices]`) and run one matrix-vector product per token: with "
-    "them this bench measured 0.33-0.37 of base throughput at 1 adapter and 0.31 (4 slots) / 0.43 (16 "
-    "slots) at 16 adapters (2026-11-25, the previous version of this section). serve/vllm_cpu_lora_fix.py "
-    "now replaces them on CPU: tokens are grouped by adapter once per engine step, each group is one GEMM "
-    "(decode steps over many adapters: batched matmuls over the adapters in use), base-model tokens get "
-    "no LoRA. On the tiny base the LoRA matmuls are about 9% of the model's FLOPs (rank 16 on all seven "
-    "projections of a 256-wide model), but they are several hundred small ops per step, more than the base "
-    "model's own, so per-op overhead, not arithmetic, is what remains of the loss (on a 3584-wide 7B model "
-    "rank-16 LoRA is under 2% of the linear layers' FLOPs; not measured here). GPU builds use vLLM's "
-    "Triton kernels, which this plugin does not touch.",
-    "- 1 -> 4 -> 16 adapters with 16 slots: all fit in slots, nothing is swapped; the loss that grows with "
-    "the adapters is the per-adapter work of each step (more, smaller groups).",
-    "- 4 slots: vLLM's scheduler runs requests of at most `--max-loras` distinct adapters in one step, so "
-    "with 16 or 64 adapters most of the 32 requests in flight wait for a slot (TTFT 10-30x base) and "
-    "throughput falls to 0.4 / 0.2 of base, whatever the ops cost.",
-    "- 64 adapters with 16 slots: the same scheduler limit, 4x over, plus swapping adapters into slots and "
-    "(host cache = 16 by default) re-reading evicted ones from disk. A host cache of 64 "
-    "(`--max-cpu-loras 64`) changed nothing measurable for these small adapters on 2026-11-25.",
+    "in a step uses an adapter, vLLM skips the LoRA path (`no_lora`); otherwise every LoRA layer runs. "
+    "vLLM's own CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) copy every token's adapter matrices out of "
+    "the slot stack (`weights[indices]`) and run one matrix-vector product per token: with them this bench "
+    "measured 0.33-0.37 of base throughput at 1 adapter and 0.43 at 16 adapters (2026-11-25). "
+    "serve/vllm_cpu_lora_fix.py replaces them on CPU: tokens are grouped by adapter once per engine step, "
+    "each group is one GEMM (decode steps over many adapters: one batched matmul over the adapters in use), "
+    "base-model tokens get no LoRA, and LoRA products whose weights are zero in every slot in use are "
+    "skipped: vLLM runs the lm_head and embedding LoRA paths for every adapter, but a PEFT adapter on the "
+    "linear layers has nothing there (on 2026-11-30 those zero products were about a tenth of the step "
+    "time at 16 adapters). GPU builds use vLLM's Triton kernels, which this plugin does not touch.",
+    "- 1 -> 16 adapters (16 slots, nothing swapped): a decode step reads every in-use adapter's A and B in "
+    "every layer, so the loss grows with the adapters' weights relative to the base's. A rank-16 adapter on "
+    "all seven projections of the 256-wide tiny base is 10% of its linear weights, and 16 of them read 1.6x "
+    "the base's weights again each step: that weight traffic is the gap to the target in the rank-16 row. "
+    "Rank 1 on the tiny base is the share a rank-16 adapter has of Qwen2.5-7B (0.6%), and there 16 "
+    "adapters kept the 1-adapter throughput (1.01 of it, 0.87 of base, on 2026-11-30): for 7B-sized "
+    "models the cost on this CPU path is the fixed cost of the LoRA path, not the number of adapters.",
+    "- 64 adapters with 16 slots: vLLM's scheduler runs requests of at most `--max-loras` distinct "
+    "adapters in one step, so most of the 32 requests in flight wait for a slot (TTFT 7-9x base), and "
+    "adapters are swapped into slots and (host cache = slots by default) re-read from disk. With 4 slots "
+    "(serve's default until 2026-11-30) the same limit hit at 16 adapters already: 0.43 of base, TTFT 10x "
+    "(2026-11-30); a host cache of 64 (`--max-cpu-loras 64`) changed nothing measurable for these small "
+    "adapters (2026-11-25).",
     "",
-    "Defaults, from these figures: serve's `--max-loras` is now 16 (was 4): a slot is worth having for "
-    "every adapter busy at the same time, and it costs memory for every LoRA layer at `--max-lora-rank` "
-    "(about 80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU). "
+    "Defaults, from these figures: serve's `--max-loras` is 16 (was 4): a slot is worth having for every "
+    "adapter busy at the same time, and it costs memory for every LoRA layer at `--max-lora-rank` (about "
+    "80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU). "
     "`--max-cpu-loras` stays the engine's default (= max_loras). `--max-lora-rank` stays 16, the rank "
     "`finetune` trains by default: vLLM pads every adapter to it (slot buffers and every LoRA matmul run at "
-    "that rank), so it should be the largest rank actually served, not a safe larger value. "
-    "The 0.8 target at 16 adapters is not met on this CPU: serve's defaults keep 0.60 of base here (0.77 in "
-    "a shorter run the same day with 96 prompts per mix, which shows the spread on this shared 2-core "
-    "machine; base-only throughput moved 8-11% between the start and the end of each server's run).",
+    "that rank), so it should be the largest rank actually served, not a safe larger value. Figures on this "
+    "shared 2-core machine move 10-20% between runs; the base-only row is repeated at the end of each "
+    "server's run to show the drift within it.",
 )
 
 
@@ -315,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs",
         type=lambda s: [SlotConfig.parse(part) for part in s.split(",")],
         default=[SlotConfig.parse(part) for part in DEFAULT_CONFIGS.split(",")],
-        help="comma-separated engine slot settings, each `default` (serve's) or MAX_LORAS[:MAX_CPU_LORAS]; "
+        help="comma-separated server configs, each `default` (serve's slots) or MAX_LORAS[:MAX_CPU_LORAS], "
+        "then optionally /rRANK (adapter rank, default 16); "
         f"one server run each (default: {DEFAULT_CONFIGS})",
     )
     parser.add_argument(
@@ -355,12 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = work / "results" if args.quick else results_dir(NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = tiny_base()
-    paths = make_adapters(base, max(args.mixes))
-    adapters = [(path.name, path) for path in paths]
-    runs = [measure_config(config, base, adapters, args, work) for config in args.configs]
+    runs = [measure_config(config, base, args, work) for config in args.configs]
     document = {
         "header": header,
-        "adapters": len(adapters),
+        "adapters": max(args.mixes),
         "concurrency": args.concurrency,
         "load": asdict(
             Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)

@@ -3,8 +3,10 @@
 `python -m bench.serve_vs_vllm [--quick]`
 
 Both servers run the same vLLM build, the same tiny base model (finetune.tiny_base) with the same three
-LoRA adapters and the same engine arguments (EngineSettings below), one after the other, never both at
-once. Each is driven by two load generators at each concurrency level: vLLM's own serving benchmark
+LoRA adapters and the same engine arguments (EngineSettings below). Both are up together and take turns,
+never loaded at once: for each (load generator, concurrency) cell one runs the load, then the other, in an
+order that alternates from cell to cell (`turns`). Each is driven by two load generators at each concurrency
+level: vLLM's own serving benchmark
 (`vllm.benchmarks.serve`, imported and run in this process) and our `client load` (client.load.run_load).
 Both send streamed /v1/completions requests with random-token prompts of --input-len tokens, exactly
 --output-len output tokens (ignore_eos), spread round-robin over the three adapters. The figures of each
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shlex
@@ -222,10 +225,14 @@ def run_client_load(
     return [level.metrics.to_json() for level in report.levels]
 
 
-def warm_up(url: str, base: Path, models: Sequence[str], out: Path) -> None:
-    """A request on every model (8 at least) first: adapters loaded, code warm, before anything is timed."""
+def warm_up(url: str, base: Path, models: Sequence[str], out: Path, concurrency: int) -> None:
+    """Before anything is timed: a request on every model (8 at least), so every adapter is loaded, then two
+    rounds at the measured `concurrency`, so the engine has run batches of every size the load makes (the
+    first measured run after a lighter warm-up was up to 20% slower than the same run later)."""
     small = Load(num_prompts=max(8, len(models)), input_len=64, output_len=16)
-    run_client_load(url, base, models, [min(16, len(models))], small, out)
+    run_client_load(url, base, models, [min(16, len(models))], small, out / "models")
+    full = Load(num_prompts=2 * concurrency, input_len=64, output_len=16)
+    run_client_load(url, base, models, [concurrency], full, out / "batches")
 
 
 # ----- figures -----------------------------------------------------------------------------------------
@@ -378,44 +385,54 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
     engine = EngineSettings(max_loras=args.max_loras)
     load = Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
     comparison = Comparison()
-    servers: dict[str, dict[str, Any]] = {}
+    processes: dict[str, ServerProcess] = {}
     for server_name in args.servers:
         port = free_port()
         build = our_server_command if server_name == "ours" else vllm_server_command
-        server = ServerProcess(
+        processes[server_name] = ServerProcess(
             name=server_name,
             command=build(base, port, engine, adapters),
             url=f"http://127.0.0.1:{port}",
             log_path=work_dir / f"{server_name}-server.log",
             cwd=REPO_ROOT,
         )
-        with running(server):
-            warm_up(server.url, base, models, work_dir / f"{server_name}-warmup")
-            load_before = load_average()
-            started = time.monotonic()
-            for driver in args.drivers:
-                for level in args.concurrency:
-                    cpu_before = server.cpu_seconds()
-                    if driver == "vllm-bench":
-                        out = out_dir / f"{server_name}-vllm-bench-c{level}.json"
-                        result = run_vllm_bench(server.url, base, models, level, load, out)
-                    else:
-                        out = out_dir / f"{server_name}-client-load-c{level}"
-                        (result,) = run_client_load(server.url, base, models, [level], load, out)
-                    values = figures(result)
-                    values["api_cpu_ms_per_request"] = per_request_ms(
-                        server.cpu_seconds() - cpu_before, values["completed"]
-                    )
-                    comparison.add(driver, level, server_name, values)
-            servers[server_name] = {
-                "command": shlex.join(server.command),
-                "startup_s": server.startup_s,
-                "measure_s": time.monotonic() - started,
-                "loadavg_1m_before": load_before,
-                "loadavg_1m_after": load_average(),
-                "log": str(server.log_path),
-            }
+    servers: dict[str, dict[str, Any]] = {name: {"measure_s": 0.0, "idle_cpu_s": 0.0} for name in processes}
+    with contextlib.ExitStack() as stack:
+        for server_name, server in processes.items():  # one after the other: start-up is CPU-heavy
+            stack.enter_context(running(server))
+            warm_up(server.url, base, models, work_dir / f"{server_name}-warmup", max(args.concurrency))
+        cells = [(driver, level) for driver in args.drivers for level in args.concurrency]
+        for number, (driver, level) in enumerate(cells):
+            for server_name in turns(list(processes), number):
+                server, info = processes[server_name], servers[server_name]
+                info.setdefault("loadavg_1m_before", load_average())
+                idle_before = {
+                    name: processes[name].tree_cpu_seconds() for name in processes if name != server_name
+                }
+                cpu_before, started = server.cpu_seconds(), time.monotonic()
+                if driver == "vllm-bench":
+                    out = out_dir / f"{server_name}-vllm-bench-c{level}.json"
+                    result = run_vllm_bench(server.url, base, models, level, load, out)
+                else:
+                    out = out_dir / f"{server_name}-client-load-c{level}"
+                    (result,) = run_client_load(server.url, base, models, [level], load, out)
+                values = figures(result)
+                values["api_cpu_ms_per_request"] = per_request_ms(
+                    server.cpu_seconds() - cpu_before, values["completed"]
+                )
+                comparison.add(driver, level, server_name, values)
+                info["measure_s"] += time.monotonic() - started
+                for name, before in idle_before.items():  # the waiting server, engine core included
+                    servers[name]["idle_cpu_s"] += processes[name].tree_cpu_seconds() - before
+                info["loadavg_1m_after"] = load_average()
+    for server_name, server in processes.items():
+        servers[server_name] |= {
+            "command": shlex.join(server.command),
+            "startup_s": server.startup_s,
+            "log": str(server.log_path),
+        }
     return {
+        "interleaved": True,
         "engine": asdict(engine),
         "load": asdict(load),
         "adapters": {name: str(path) for name, path in adapters},
@@ -425,6 +442,12 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
         "cells": comparison.cells,
         "ratios": comparison.ratio_rows(),
     }
+
+
+def turns(servers: Sequence[str], cell: int) -> list[str]:
+    """The order the servers take one cell's load in: as given for even cells, reversed for odd ones (ABBA),
+    so that a steady drift of the machine's speed over the run weighs on both servers alike."""
+    return list(servers) if cell % 2 == 0 else list(reversed(servers))
 
 
 def section_markdown(
@@ -446,7 +469,14 @@ def section_markdown(
         f"- engine arguments, identical on both servers: `--enable-lora {flags}`",
         f"- load: streamed `/v1/completions`, {load['num_prompts']} random-token prompts per level, "
         f"{load['input_len']} tokens in, {load['output_len']} out (`ignore_eos`), after a short warm-up; "
-        "the two servers ran one after the other, never together",
+        + (
+            "both servers up together, taking turns: for each (load generator, concurrency) cell one "
+            "server's run then the other's, the order alternating from cell to cell (ABBA), so a drift of "
+            "the machine's speed weighs on both alike; CPU the waiting server used meanwhile: "
+            + ", ".join(f"{name} {info['idle_cpu_s']:.1f} s" for name, info in document["servers"].items())
+            if document.get("interleaved")
+            else "the two servers ran one after the other, never together"
+        ),
         f"- 1-minute load average before -> after each server's measurement: {loads}",
         "",
         *comparison_table(comparison, drivers, concurrency),

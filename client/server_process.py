@@ -77,6 +77,12 @@ class ServerProcess:
             return float("nan")
         return process_cpu_seconds(self.process.pid)
 
+    def tree_cpu_seconds(self) -> float:
+        """CPU time the server's API process and all its descendants (the engine core) have used so far."""
+        if self.process is None:
+            return float("nan")
+        return sum(process_cpu_seconds(pid) for pid in process_tree(self.process.pid))
+
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
@@ -88,6 +94,20 @@ def process_cpu_seconds(pid: int) -> float:
     except (OSError, IndexError):
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its living descendants, from /proc/PID/task/TID/children (Linux); [pid] where unreadable."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                pending += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+    return found
 
 
 @contextlib.contextmanager

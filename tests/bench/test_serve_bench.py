@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 
-from bench.lora_scaling import AFTER, SlotConfig, mix_label, mix_models, relative
+from bench.lora_scaling import AFTER, SlotConfig, lora_weight_share, mix_label, mix_models, relative
 from bench.lora_scaling import table as scaling_table
 from bench.serve_vs_vllm import (
     METRICS,
@@ -18,9 +19,10 @@ from bench.serve_vs_vllm import (
     our_server_command,
     per_request_ms,
     ratio,
+    turns,
     vllm_server_command,
 )
-from client.server_process import process_cpu_seconds
+from client.server_process import process_cpu_seconds, process_tree
 
 
 def test_engine_flags_are_the_same_for_both_servers(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -72,10 +74,36 @@ def test_process_cpu_seconds_reads_this_process() -> None:
     assert math.isnan(process_cpu_seconds(2**22 + 12345))  # above Linux's pid_max: no such process
 
 
+def test_process_tree_finds_a_child_process() -> None:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert process_tree(os.getpid())[0] == os.getpid()
+        assert child.pid in process_tree(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert process_tree(2**22 + 12345) == [2**22 + 12345]
+
+
+def test_servers_take_turns_in_abba_order() -> None:
+    assert [turns(["ours", "vllm"], cell) for cell in range(4)] == [
+        ["ours", "vllm"],
+        ["vllm", "ours"],
+        ["ours", "vllm"],
+        ["vllm", "ours"],
+    ]
+
+
 def test_slot_configs_and_mixes() -> None:
     assert SlotConfig.parse("16:64") == SlotConfig(16, 64)
     assert SlotConfig.parse("8") == SlotConfig(8, None)
     assert SlotConfig.parse("default") == SlotConfig()
+    assert SlotConfig.parse("default/r1") == SlotConfig(rank=1)
+    assert SlotConfig.parse("4:8/r8") == SlotConfig(4, 8, 8)
+    with pytest.raises(ValueError, match="/rR"):
+        SlotConfig.parse("default/8")
     assert SlotConfig().resolved()[0] >= 1
     assert mix_models(0, ["x", "y"]) == ["tiny-base"]
     assert mix_models(2, ["x", "y", "z"]) == ["x", "y"]
@@ -117,3 +145,14 @@ def test_relative_to_base_only() -> None:
     lines = scaling_table([run])
     assert "| 16 adapters | 850 | **0.85** |" in lines[-1]
     assert mix_label(AFTER) == "base only, again after the other mixes"
+
+
+def test_lora_weight_share_of_rank_16_on_a_7b_model_is_that_of_rank_1_on_the_tiny_base() -> None:
+    from bench.finetune_throughput import QWEN25_7B
+
+    # Qwen2.5-7B, one layer: q/o 3584x3584, k/v 3584x512, gate/up 3584x18944, down 18944x3584.
+    linear = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944
+    lora = 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    assert lora_weight_share(QWEN25_7B, 16) == pytest.approx(lora / linear)
+    tiny = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert lora_weight_share(tiny, 1) == pytest.approx(lora_weight_share(QWEN25_7B, 16), rel=0.05)
