@@ -17,12 +17,18 @@ from serve.settings import ServeSettings
 router = APIRouter()
 
 
-def get_settings(request: Request) -> ServeSettings:
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+# dependency per request for work that never blocks.
+async def get_settings(request: Request) -> ServeSettings:
     settings: ServeSettings = request.app.state.settings
     return settings
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
+    return serving_or_error(request)
+
+
+def serving_or_error(request: Request) -> Serving:
     """The serving layer, once the engine is up; 503 before that or after the engine died."""
     serving: Serving | None = request.app.state.serving
     failure = request.app.state.startup_error
@@ -41,7 +47,9 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]) -> None:
+async def require_api_key(
+    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+) -> None:
     if settings.api_key is None:
         return
     token = _bearer(request)
@@ -58,7 +66,9 @@ def require_api_key(request: Request, settings: Annotated[ServeSettings, Depends
         )
 
 
-def require_admin_key(request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]) -> None:
+async def require_admin_key(
+    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+) -> None:
     if settings.admin_api_key is None:
         raise OpenAIError(
             "adapter management is disabled; start the server with --admin-api-key to enable it",
@@ -84,7 +94,7 @@ ADMIN_KEY = [Depends(require_admin_key)]
 async def health(request: Request) -> Response:
     """200 only when the engine can serve."""
     try:
-        get_serving(request)
+        serving_or_error(request)
     except OpenAIError as exc:
         return JSONResponse(exc.body(), status_code=exc.status)
     return JSONResponse({"status": "ok"})

@@ -24,6 +24,7 @@ from serve.metrics import ServerMetrics
 from serve.protocol import OpenAIError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
     from vllm import RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -250,11 +251,12 @@ class Serving:
         return list(work.result())
 
     @staticmethod
-    def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                    # pydantic-core writes the JSON in one call (half the time of model_dump + json.dumps)
+                    yield f"data: {chunk.model_dump_json()}\n\n"
             except OpenAIError as exc:
                 # Headers are gone already: report the error in-band, as OpenAI does.
                 yield f"data: {json.dumps(exc.body())}\n\n"
@@ -296,20 +298,20 @@ class Serving:
         request: protocol.ChatCompletionRequest,
         request_id: str,
         include_usage: bool,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[protocol.ChatCompletionChunk]:
         (stream,) = streams
         created = int(time.time())
         started: set[int] = set()
 
         def chunk(
             index: int, delta: protocol.ChatDelta, finish: protocol.FinishReason | None, logprobs: Any = None
-        ) -> dict[str, Any]:
+        ) -> protocol.ChatCompletionChunk:
             choice = protocol.ChatCompletionChunkChoice(
                 index=index, delta=delta, logprobs=logprobs, finish_reason=finish
             )
             return protocol.ChatCompletionChunk(
                 id=request_id, created=created, model=request.model, choices=[choice]
-            ).model_dump()
+            )
 
         last: RequestOutput | None = None
         async for output in stream:
@@ -334,7 +336,7 @@ class Serving:
         if include_usage and last is not None:
             yield protocol.ChatCompletionChunk(
                 id=request_id, created=created, model=request.model, choices=[], usage=stream.usage()
-            ).model_dump()
+            )
 
     # ----- completion shapes
     def _completion_response(
@@ -384,7 +386,7 @@ class Serving:
         request_id: str,
         prompts: list[list[int]],
         include_usage: bool,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[protocol.CompletionChunk]:
         from vllm.utils.async_utils import merge_async_iterators
 
         created = int(time.time())
@@ -416,12 +418,12 @@ class Serving:
                 )
                 yield protocol.CompletionChunk(
                     id=request_id, created=created, model=request.model, choices=[choice]
-                ).model_dump()
+                )
         if include_usage:
             usage = _add_usage([s.usage() for s in streams])
             yield protocol.CompletionChunk(
                 id=request_id, created=created, model=request.model, choices=[], usage=usage
-            ).model_dump()
+            )
 
     def _decode_token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -454,18 +456,16 @@ class TrackedStream:
             raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
         with self.serving.metrics.track(self.model) as tracker:
             generated: dict[int, int] = {}
+            delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
             finished = False
             outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
             try:
                 async for output in outputs:
                     for completion in output.outputs:
-                        # DELTA outputs carry new tokens only; FINAL_ONLY the whole sequence.
-                        if self.params.output_kind.name == "DELTA":
-                            generated[completion.index] = generated.get(completion.index, 0) + len(
-                                completion.token_ids
-                            )
-                        else:
-                            generated[completion.index] = len(completion.token_ids)
+                        count = len(completion.token_ids)  # FINAL_ONLY outputs: the whole sequence
+                        generated[completion.index] = (
+                            generated.get(completion.index, 0) + count if delta else count
+                        )
                     if any(generated.values()):
                         tracker.first_token()
                     finished = output.finished
