@@ -498,26 +498,29 @@ NOTES: tuple[str, ...] = (
     "serving overhead independently of machine noise (last column: user + system CPU of the API process "
     "during the level, per completed request).",
     "",
-    "Where our overhead would be: a cProfile of our API process under the C=32 load (160 requests, 3 "
-    "adapters) puts the whole per-chunk path (serve/serving.py `_completion_chunks` + `TrackedStream`, "
-    "pydantic chunk models, `json.dumps`, prometheus updates) at about 0.15 ms per streamed chunk, most "
-    "of it in starlette/uvicorn's own `send`, which vLLM's server runs too; per-request tokenization is "
-    "about "
-    "0.07 ms (`len(tokenizer)` 0.2 us). Nothing in serve/'s HTTP path was changed after that profile: there "
-    "was no overhead that is clearly ours to remove.",
+    "Overhead found and removed (2026-12-01): py-spy profiles of both API processes under the C=32 `client "
+    "load` showed two costs vLLM's server does not have. Our request dependencies (API key check, serving "
+    "lookup) were plain `def`, which FastAPI runs in its thread pool: three thread hops per request; they "
+    "are `async def` now (tests/serve/test_routes.py keeps every endpoint and dependency async). Each SSE "
+    "chunk was built as a dict (`model_dump`) and then `json.dumps`-ed, 22 us per chunk; pydantic-core's "
+    "`model_dump_json` writes it in one call, 11 us (vLLM does the same). Same machine, same load, one "
+    "server at a time: API-process CPU for 200 requests 4.21 s before, 3.33-3.62 s after; vLLM's server "
+    "3.39 s. What remains per chunk is starlette/uvicorn's send path, which both servers run (vLLM's wraps "
+    "it in CORS and prometheus-instrumentator middleware, ours in one metrics middleware).",
     "",
-    "Noise, and what is shown: the machine is shared (see the load averages above), and single cells move "
-    "10-20% between runs in both directions. The same script on 2026-11-25 gave throughput ratios 1.04 to "
-    "1.21 and TTFT p50 ratios 0.90 to 1.01, ours ahead at C=1 by 11-21%; the run above (2026-11-30, on a "
-    "day this machine ran about 2x slower: bench.finetune_throughput's own side 3,530 vs 7,585 tok/s for "
-    "the same code) has ours behind at C=1 by 12-16% (TPOT 15.0 vs 12.7 ms). Between the two runs nothing "
-    "changed in our HTTP path; the CPU LoRA ops (serve/vllm_cpu_lora_fix.py) changed, and they run in both "
-    "servers' engines (a vLLM plugin, loaded by vLLM's server too). TPOT at C=1 is engine time, the same "
-    "engine on both sides, so a 15% gap there is the machine, not the server; parity is what these runs "
-    "support, not a consistent lead for either side. A fair verdict needs interleaved runs (both servers "
-    "up, load alternated in short blocks), which this script does not do yet. The full default run takes "
-    "about 8 minutes on a normal day and 15 on a slow one, most of it the two C=1 levels per server "
-    "(200 sequential requests each); `--num-prompts` and `--concurrency` shorten it.",
+    "Noise, and what is shown: both servers are up together and take turns cell by cell (ABBA), so drift "
+    "weighs on both alike. Still, 2 cores are shared by the load generator, both API processes and both "
+    "engine cores (1-minute load average 1.5-4 during the run), and cells move 10-20% between runs. TPOT "
+    "at C=1 is engine time, the same engine on both sides, yet it differs by 8% between the servers in "
+    "either direction within one run: differences under about 10% in a cell are this machine's noise. The "
+    "interleaved run of the same day before the fix above gave throughput ratios 0.89 to 1.03, TTFT p50 "
+    "0.97 to 1.26 and API CPU per request 1.02 to 1.31 (ours higher in every cell); after it, the run "
+    "above. Parity within noise is what these runs support; the target (ratio >= 1.0 throughput, <= 1.0 "
+    "TTFT p50 in every cell) is not met in every cell, and a few-percent difference cannot be settled on "
+    "this machine. A GPU run, where the API process has cores of its own, is the fair test and has not "
+    "been done (no GPU lent to this project's tasks so far). The full default run takes about 20 minutes "
+    "here, most of it the four C=1 levels (200 sequential requests each); `--num-prompts` and "
+    "`--concurrency` shorten it.",
 )
 
 
