@@ -68,7 +68,7 @@ class SlotConfig:
 
     max_loras: int | None = None
     max_cpu_loras: int | None = None
-    rank: int = 16
+    rank: int = EngineSettings.max_lora_rank
 
     @classmethod
     def parse(cls, text: str) -> SlotConfig:
@@ -94,9 +94,17 @@ class SlotConfig:
 
     def label(self) -> str:
         loras, cpu = self.resolved()
-        default = " (serve's defaults)" if self.resolved() == SlotConfig().resolved() else ""
+        default = " (serve's defaults)" if (loras, cpu) == SlotConfig().resolved() else ""
         cpu_text = str(cpu) if cpu is not None else f"{loras} (engine default)"
         return f"rank {self.rank}, --max-loras {loras} --max-cpu-loras {cpu_text}{default}"
+
+
+def parse_configs(text: str) -> list[SlotConfig]:
+    """--configs: comma-separated SlotConfig.parse texts (argparse shows a bad one's message)."""
+    try:
+        return [SlotConfig.parse(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def lora_weight_share(architecture: dict[str, Any], rank: int) -> float:
@@ -356,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--configs",
-        type=lambda s: [SlotConfig.parse(part) for part in s.split(",")],
-        default=[SlotConfig.parse(part) for part in DEFAULT_CONFIGS.split(",")],
+        type=parse_configs,
+        default=parse_configs(DEFAULT_CONFIGS),
         help="comma-separated server configs, each `default` (serve's slots) or MAX_LORAS[:MAX_CPU_LORAS], "
         "then optionally /rRANK (adapter rank, default 16); "
         f"one server run each (default: {DEFAULT_CONFIGS})",

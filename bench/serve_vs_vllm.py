@@ -409,17 +409,8 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
                 idle_before = {
                     name: processes[name].tree_cpu_seconds() for name in processes if name != server_name
                 }
-                cpu_before, started = server.cpu_seconds(), time.monotonic()
-                if driver == "vllm-bench":
-                    out = out_dir / f"{server_name}-vllm-bench-c{level}.json"
-                    result = run_vllm_bench(server.url, base, models, level, load, out)
-                else:
-                    out = out_dir / f"{server_name}-client-load-c{level}"
-                    (result,) = run_client_load(server.url, base, models, [level], load, out)
-                values = figures(result)
-                values["api_cpu_ms_per_request"] = per_request_ms(
-                    server.cpu_seconds() - cpu_before, values["completed"]
-                )
+                started = time.monotonic()
+                values = measure_cell(server, driver, level, base, models, load, out_dir)
                 comparison.add(driver, level, server_name, values)
                 info["measure_s"] += time.monotonic() - started
                 for name, before in idle_before.items():  # the waiting server, engine core included
@@ -442,6 +433,29 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
         "cells": comparison.cells,
         "ratios": comparison.ratio_rows(),
     }
+
+
+def measure_cell(
+    server: ServerProcess,
+    driver: str,
+    level: int,
+    base: Path,
+    models: Sequence[str],
+    load: Load,
+    out_dir: Path,
+) -> dict[str, float]:
+    """One server's run of one (load generator, concurrency) cell: its figures and API CPU per request."""
+    cpu_before = server.cpu_seconds()
+    if driver == "vllm-bench":
+        out = out_dir / f"{server.name}-vllm-bench-c{level}.json"
+        result = run_vllm_bench(server.url, base, models, level, load, out)
+    else:
+        (result,) = run_client_load(
+            server.url, base, models, [level], load, out_dir / f"{server.name}-client-load-c{level}"
+        )
+    values = figures(result)
+    values["api_cpu_ms_per_request"] = per_request_ms(server.cpu_seconds() - cpu_before, values["completed"])
+    return values
 
 
 def turns(servers: Sequence[str], cell: int) -> list[str]:

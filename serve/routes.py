@@ -25,10 +25,6 @@ async def get_settings(request: Request) -> ServeSettings:
 
 
 async def get_serving(request: Request) -> Serving:
-    return serving_or_error(request)
-
-
-def serving_or_error(request: Request) -> Serving:
     """The serving layer, once the engine is up; 503 before that or after the engine died."""
     serving: Serving | None = request.app.state.serving
     failure = request.app.state.startup_error
@@ -94,7 +90,7 @@ ADMIN_KEY = [Depends(require_admin_key)]
 async def health(request: Request) -> Response:
     """200 only when the engine can serve."""
     try:
-        serving_or_error(request)
+        await get_serving(request)
     except OpenAIError as exc:
         return JSONResponse(exc.body(), status_code=exc.status)
     return JSONResponse({"status": "ok"})
