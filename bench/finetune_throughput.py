@@ -17,6 +17,9 @@ Sides, run one after the other, each in its own subprocess (so each has its own 
 - `ours_rows`: ours again with `micro_batch_size=1` and gradient accumulation over as many micro-batches
   (the same token budget per step, one packed row of at most max_seq_len tokens per forward pass instead
   of micro_batch_size rows in one batched pass): a config variant.
+- `ours_flex` (CUDA only, in the `--gpu` run by default): ours again with
+  `training.attn_implementation=flex_attention`: each micro-batch is one packed row, and PyTorch's
+  FlexAttention skips the attention blocks where no sample meets itself (no flash-attn package needed).
 
 Everything else is the same on both sides: the records (finetune.data.load_data, the same list in the
 same order; no eval split), LoRA (r, alpha, dropout, all-linear, no bias), AdamW (betas, eps 1e-8, no
@@ -25,11 +28,14 @@ sdpa attention, no gradient checkpointing (TRL's SFTConfig turns it on by defaul
 fixed number of optimizer steps. The loss is the mean over the step's labelled tokens on both sides (TRL
 divides by `num_items_in_batch`); the labels of both are compared sample by sample before training.
 
-Throughput = real (non-padding) tokens of all steps / wall time of the training loop (`recipe.train()`,
-`trainer.train()`); tokenization, model loading and saving are outside. TRL's real tokens are counted
-in its `compute_loss` from the batch it gets: `attention_mask.sum()` for padded batches, the length of
-the flattened row for padding-free ones; the padded size is counted too. Peak memory: max RSS of the
-side's process on CPU (`getrusage(RUSAGE_SELF)`), `torch.cuda.max_memory_allocated()` on a GPU.
+Throughput = real (non-padding) tokens / wall time of the training loop's steps (`recipe.train()`,
+`trainer.train()`; tokenization, model loading and saving are outside), leaving out the first steps
+(`warmup_steps_excluded`: 3 of 20 or more), which pay one-off costs (allocator growth, kernel selection,
+compilation); the figure over all steps is reported next to it. MFU uses the same steps. TRL's real
+tokens are counted in its `compute_loss` from the batch it gets: `attention_mask.sum()` for padded
+batches, the length of the flattened row for padding-free ones; the padded size is counted too. Peak
+memory: max RSS of the side's process on CPU (`getrusage(RUSAGE_SELF)`), `torch.cuda.max_memory_allocated()`
+on a GPU.
 
 `--gpu` runs the same on a CUDA GPU with a random-weight model of the Qwen2.5-7B architecture (built from
 its config in code, saved once under the work dir; the tiny base's tokenizer, whose ids are all inside
@@ -66,15 +72,28 @@ log = logging.getLogger("bench.finetune_throughput")
 NAME = "finetune_throughput"
 TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
 DEMO_CONFIG = REPO_ROOT / "configs" / "tiny-demo.yaml"
-SIDES = ("ours", "trl", "trl_packed", "ours_rows")
+SIDES = ("ours", "trl", "trl_packed", "ours_rows", "ours_flex")
 SIDE_LABELS = {
     "ours": "ours (`finetune run`, padding-free packing)",
     "ours_rows": "ours, one packed row of max_seq_len per micro-batch (config variant, see below)",
+    "ours_flex": "ours, `flex_attention`: one packed row per micro-batch (config variant, see below)",
     "trl": "TRL SFTTrainer, default (padded batches)",
     "trl_packed": "TRL SFTTrainer, `packing=True` (BFD, padding-free)",
 }
-SHORT_LABELS = {"ours": "ours", "trl": "TRL default", "trl_packed": "TRL packed", "ours_rows": "ours, rows"}
+SHORT_LABELS = {
+    "ours": "ours",
+    "trl": "TRL default",
+    "trl_packed": "TRL packed",
+    "ours_rows": "ours, rows",
+    "ours_flex": "ours, flex",
+}
 TRL_SIDES = ("trl", "trl_packed")
+OUR_VARIANTS = ("ours_rows", "ours_flex")  # our recipe again, one config setting changed
+CUDA_ONLY_SIDES = ("ours_flex",)  # FlexAttention has no backward pass on CPU
+# Steps left out of the throughput figure (the first ones pay one-off costs: allocator growth, kernel
+# selection, compilation); at most this many, and at most a fifth of the steps.
+WARMUP_STEPS_EXCLUDED = 3
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size
 IGNORE_INDEX = -100
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 TARGET_RATIO = 1.5
@@ -131,6 +150,7 @@ class Settings:
     precision: str  # fp32 | bf16
     gradient_checkpointing: bool
     seed: int
+    attn_implementation: str = "sdpa"  # ours only: TRL's sides use sdpa
 
     def overrides(self, output_dir: Path) -> list[str]:
         """`finetune run` overrides that give our recipe these settings (on top of configs/tiny-demo.yaml)."""
@@ -157,7 +177,7 @@ class Settings:
             f"training.adam_betas=[{self.adam_betas[0]}, {self.adam_betas[1]}]",
             f"training.weight_decay={self.weight_decay}",
             f"training.precision={self.precision}",
-            "training.attn_implementation=sdpa",
+            f"training.attn_implementation={self.attn_implementation}",
             f"training.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
             "training.packing=true",
             f"training.eval_every={self.steps + 1}",
@@ -245,6 +265,34 @@ def segment_lengths(position_ids: Sequence[int]) -> list[int]:
             lengths.append(0)
         lengths[-1] += 1
     return lengths
+
+
+def block_sparse_scores(lengths: Sequence[int], block: int = FLEX_BLOCK) -> int:
+    """Attention scores FlexAttention computes for one packed row of samples of these `lengths`: every
+    (query block, key block) pair, key block at or before the query block, in which some sample has tokens
+    in both, in full (block x block); blocks with no sample in common are skipped."""
+    pairs: set[tuple[int, int]] = set()
+    start = 0
+    for length in lengths:
+        first, last = start // block, (start + length - 1) // block
+        pairs.update((q, k) for q in range(first, last + 1) for k in range(first, q + 1))
+        start += length
+    return len(pairs) * block * block
+
+
+def steady_rate(marks: Sequence[tuple[float, int, int]], skip: int) -> tuple[float, int, int]:
+    """(seconds, real tokens, sum of squared sample lengths) of the steps after the first `skip`, from
+    cumulative marks taken at the end of every step (`skip` 0: all steps)."""
+    if not marks:
+        return float("nan"), 0, 0
+    skip = min(skip, len(marks) - 1)
+    end = marks[-1]
+    begin = marks[skip - 1] if skip > 0 else (0.0, 0, 0)
+    return end[0] - begin[0], end[1] - begin[1], end[2] - begin[2]
+
+
+def warmup_steps_excluded(steps: int) -> int:
+    return min(WARMUP_STEPS_EXCLUDED, steps // 5)
 
 
 def label_count(labels: Sequence[int]) -> int:
@@ -405,12 +453,21 @@ def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
     samples = recipe.train_samples
     # What the N steps will see, from the recipe's own plan (the same collate the recipe uses).
     counts = TokenCounts()
-    for indices in recipe.plan:
-        batch = collate_packed([samples[i] for i in indices], packed_row_len(config))
-        counts.add_lengths([len(samples[i].input_ids) for i in indices])
+    step_counts: list[tuple[int, int]] = []  # cumulative (real tokens, sum of squared lengths) per step
+    per_step = len(recipe.plan) // settings.steps
+    row_len = packed_row_len(config)
+    for number, indices in enumerate(recipe.plan, start=1):
+        batch = collate_packed([samples[i] for i in indices], row_len)
+        lengths = [len(samples[i].input_ids) for i in indices]
+        counts.add_lengths(lengths)
         counts.computed_tokens += batch.input_ids.numel()
-        counts.sum_sq_rows += batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
+        if settings.attn_implementation == "flex_attention":
+            counts.sum_sq_rows += block_sparse_scores(lengths)
+        else:
+            counts.sum_sq_rows += batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
         counts.label_tokens += batch.n_label_tokens
+        if number % per_step == 0:
+            step_counts.append((counts.real_tokens, counts.sum_sq_lengths))
     seconds, rss_before, gpu_before = _timed(recipe.train)
     state = recipe.state
     if state.tokens != counts.real_tokens or state.label_tokens != counts.label_tokens:
@@ -418,9 +475,13 @@ def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
             f"token count mismatch: recipe {state.tokens}/{state.label_tokens}, "
             f"plan {counts.real_tokens}/{counts.label_tokens}"
         )
+    history = state.train_history  # one entry per step (log_every=1)
+    if [int(h["tokens"]) for h in history] != [tokens for tokens, _ in step_counts]:
+        raise RuntimeError("the recipe's per-step token counts differ from its plan's")
+    marks = [(h["train_seconds"], tokens, sq) for h, (tokens, sq) in zip(history, step_counts, strict=True)]
     model = recipe.accelerator.unwrap_model(recipe.model)
-    losses = [h["loss"] for h in state.train_history]
-    result = _result("ours", settings, counts, seconds, losses, rss_before, model, gpu_before)
+    losses = [h["loss"] for h in history]
+    result = _result("ours", settings, counts, seconds, losses, rss_before, model, gpu_before, marks)
     result["batch"] = {
         "micro_batch_size": settings.micro_batch_size,
         "row_token_budget": settings.micro_batch_size * settings.max_seq_len,
@@ -435,11 +496,12 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     side = "trl_packed" if packing else "trl"
     counts = TokenCounts()
+    marks: list[tuple[float, int, int]] = []  # cumulative (seconds, real tokens, sum len^2) per step
 
     class CountingSFTTrainer(SFTTrainer):
         """SFTTrainer that counts what each training micro-batch holds (no change to the training)."""
@@ -448,6 +510,19 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
             if model.training:
                 _count_batch(inputs, counts)
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+    class StepClock(TrainerCallback):
+        """The time and the tokens counted so far at the end of every optimizer step (device synchronised)."""
+
+        started = 0.0
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            _sync()
+            self.started = time.monotonic()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            _sync()
+            marks.append((time.monotonic() - self.started, counts.real_tokens, counts.sum_sq_lengths))
 
     records = _records(settings)
     dataset = Dataset.from_list([{"messages": record.to_messages()} for record in records])
@@ -496,7 +571,12 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
         dataloader_pin_memory=_cuda(),
     )
     trainer = CountingSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[StepClock()],
     )
     labels = None
     if not packing:  # the tokenized, labelled samples, in record order (packing regroups them)
@@ -506,7 +586,7 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     if trainer.state.global_step != settings.steps:
         raise RuntimeError(f"TRL ran {trainer.state.global_step} steps, not {settings.steps}")
-    result = _result(side, settings, counts, seconds, losses, rss_before, trainer.model, gpu_before)
+    result = _result(side, settings, counts, seconds, losses, rss_before, trainer.model, gpu_before, marks)
     result["batch"] = {
         "per_device_train_batch_size": batch_size,
         "packing": packing,
@@ -573,9 +653,16 @@ def _result(
     rss_before: int,
     model: Any,
     gpu_before: int | None,
+    marks: Sequence[tuple[float, int, int]],
 ) -> dict[str, Any]:
+    """A side's figures. `tokens_per_s` leaves out the first `warmup_steps_excluded` steps (from `marks`,
+    cumulative (seconds, real tokens, sum len^2) at each step's end); `tokens_per_s_all_steps` does not."""
     import torch
 
+    if len(marks) != settings.steps or marks[-1][1] != counts.real_tokens:
+        raise RuntimeError(f"{side}: {len(marks)} step marks for {settings.steps} steps, or tokens differ")
+    skip = warmup_steps_excluded(settings.steps)
+    steady_seconds, steady_tokens, steady_sum_sq = steady_rate(marks, skip)
     parameters = list(model.parameters())
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     total = sum(p.numel() for p in parameters)
@@ -586,7 +673,14 @@ def _result(
         "steps": settings.steps,
         "train_seconds": seconds,
         "counts": asdict(counts),
-        "tokens_per_s": counts.real_tokens / seconds,
+        "tokens_per_s": steady_tokens / steady_seconds,
+        "tokens_per_s_all_steps": counts.real_tokens / seconds,
+        "steady": {
+            "steps_excluded": skip,
+            "seconds": steady_seconds,
+            "real_tokens": steady_tokens,
+            "sum_sq_lengths": steady_sum_sq,
+        },
         "real_tokens_per_step": counts.real_tokens / settings.steps,
         "label_tokens_per_step": counts.label_tokens / settings.steps,
         "padding_fraction": 1 - counts.real_tokens / max(counts.computed_tokens, 1),
@@ -616,7 +710,7 @@ def worker_main(spec_path: Path) -> int:
     work = Path(spec["work_dir"])
     load_before = _load_average()
     side = spec["side"]
-    if side in ("ours", "ours_rows"):
+    if side in ("ours", *OUR_VARIANTS):
         result = run_ours(settings, work)
         result["side"] = side
     else:
@@ -751,6 +845,8 @@ def run_side(side: str, plan: Plan, work_dir: Path, log_dir: Path) -> dict[str, 
             micro_batch_size=1,
             gradient_accumulation_steps=settings.micro_batch_size * settings.gradient_accumulation_steps,
         )
+    if side == "ours_flex":  # the same micro-batches, each one row with block-sparse attention
+        settings = replace(settings, attn_implementation="flex_attention")
     write_json(
         spec_path,
         {
@@ -813,12 +909,12 @@ def summarize(results: dict[str, dict[str, Any]], plan: Plan, peak_tflops: float
         if "error" in result:
             continue
         if peak_tflops and plan.model_config:
-            counts = result["counts"]
+            steady = result["steady"]
             report = model_flops(
                 plan.model_config,
-                counts["real_tokens"],
-                counts["sum_sq_lengths"],
-                result["train_seconds"],
+                steady["real_tokens"],
+                steady["sum_sq_lengths"],
+                steady["seconds"],
                 peak_tflops * 1e12,
                 lora_params=result["trainable_params"],
             )
@@ -841,16 +937,17 @@ def summarize(results: dict[str, dict[str, Any]], plan: Plan, peak_tflops: float
         }
     if "trl" in results and "error" not in ours and "error" not in results["trl"]:
         summary["labels"] = label_check(ours, results["trl"])
-    rows = results.get("ours_rows", {})
-    if rows and "error" not in rows:
-        summary["ours_rows"] = {
-            side: {
-                "tokens_per_s": rows["tokens_per_s"] / results[side]["tokens_per_s"],
-                "peak_memory": rows[memory] / results[side][memory],
+    for variant in OUR_VARIANTS:  # each against ours and TRL's sides
+        figures = results.get(variant, {})
+        if figures and "error" not in figures:
+            summary[variant] = {
+                side: {
+                    "tokens_per_s": figures["tokens_per_s"] / results[side]["tokens_per_s"],
+                    "peak_memory": figures[memory] / results[side][memory],
+                }
+                for side in ("ours", *TRL_SIDES)
+                if side in results and "error" not in results[side]
             }
-            for side in ("ours", *TRL_SIDES)
-            if side in results and "error" not in results[side]
-        }
     return summary
 
 
@@ -875,6 +972,7 @@ def results_table(document: dict[str, Any]) -> list[str]:
     header = [
         "side",
         "real tok/s",
+        "all steps",
         "ours ÷ side",
         "peak GPU memory (max allocated)" if on_gpu else "peak RSS",
         "ours ÷ side (mem)",
@@ -899,6 +997,7 @@ def results_table(document: dict[str, Any]) -> list[str]:
         cells = [
             SIDE_LABELS[side],
             f"{result['tokens_per_s']:,.0f}",
+            f"{result['tokens_per_s_all_steps']:,.0f}",
             "—" if ratio is None else f"**{ratio['tokens_per_s']:.2f}x**",
             _mib(result[key]),
             "—" if ratio is None else f"{ratio['peak_memory']:.2f}",
@@ -918,6 +1017,15 @@ def results_table(document: dict[str, Any]) -> list[str]:
             )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _against_each(ratios: dict[str, dict[str, float]]) -> str:
+    """'1.19x the speed of ours, 2.65x the speed of TRL default (memory 0.78x, 0.53x respectively)'."""
+    speeds = ", ".join(
+        f"{r['tokens_per_s']:.2f}x the speed of {SHORT_LABELS[side]}" for side, r in ratios.items()
+    )
+    memory = ", ".join(f"{r['peak_memory']:.2f}x" for r in ratios.values())
+    return f"{speeds} (memory {memory} respectively)"
 
 
 def interpretation(document: dict[str, Any]) -> list[str]:
@@ -958,18 +1066,24 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             "its memory; the rest is per-step overhead (Trainer, TRL's entropy/accuracy metrics) and TRL's "
             "output head at every position."
         )
+    flex = summary.get("ours_flex", {})
+    if flex:
+        lines.append(
+            "- Config variant `training.attn_implementation=flex_attention` (PyTorch's FlexAttention; it "
+            f"trains on CUDA only): the same micro-batches, each one row of up to {row} tokens whose block "
+            f"mask skips the {FLEX_BLOCK}x{FLEX_BLOCK} blocks where no sample meets itself "
+            f"({results['ours_flex']['attention_overcompute']:.1f}x the scores the samples need, computed "
+            f"as whole blocks): {_against_each(flex)}."
+        )
     rows = summary.get("ours_rows", {})
     accumulation = settings["micro_batch_size"] * settings["gradient_accumulation_steps"]
     if rows:
-        parts = [f"{rows[side]['tokens_per_s']:.2f}x the speed of {SHORT_LABELS[side]}" for side in rows]
-        memory_parts = [f"{rows[side]['peak_memory']:.2f}x" for side in rows]
         lines.append(
             "- Config variant, same code and the same token budget per step: `micro_batch_size=1 "
             f"gradient_accumulation_steps={accumulation}`, one row of at most {settings['max_seq_len']} "
             "tokens per forward pass instead of all rows in one batched pass "
-            f"({results['ours_rows']['attention_overcompute']:.1f}x attention): "
-            + ", ".join(parts)
-            + f" (memory {', '.join(memory_parts)} respectively). Rows fill a little less "
+            f"({results['ours_rows']['attention_overcompute']:.1f}x attention): {_against_each(rows)}. "
+            "Rows fill a little less "
             f"({results['ours_rows']['real_tokens_per_step']:,.0f} real tokens per step)."
         )
     if summary["loss"]:
@@ -1028,8 +1142,11 @@ def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
         f"step); TRL default gets {plan['trl_batch_size']} samples per batch, the count that holds the same "
         f"real tokens on average; TRL packed gets {settings['micro_batch_size']} BFD bins of "
         f"{settings['max_seq_len']} tokens, the same budget as our row. Tokens/s counts real (non-padding) "
-        "tokens over the wall time of the training loop only; TRL's are counted from the batches its "
-        "`compute_loss` receives (`attention_mask.sum()`, or the flattened row when padding-free). Peak "
+        "tokens over the wall time of the training loop's steps (tokenization, model loading and saving are "
+        "outside); TRL's are counted from the batches its "
+        "`compute_loss` receives (`attention_mask.sum()`, or the flattened row when padding-free). The "
+        f"first {warmup_steps_excluded(settings['steps'])} steps are left out of the real tok/s column "
+        "(one-off costs: allocator growth, kernel selection, compilation); `all steps` keeps them. Peak "
         "memory is the max RSS of each side's own process (model, data, Python and libraries included). "
         "Final loss: mean ± standard error of the last 20% of the steps.",
         "",
@@ -1101,13 +1218,19 @@ def plot(document: dict[str, Any], path: Path) -> None:
     sides = [s for s in SIDES if s in results]
     key = memory_key(results)
     labels = [SHORT_LABELS[s] for s in sides]
-    palette = {"ours": "#2a9d8f", "ours_rows": "#264653", "trl": "#e76f51", "trl_packed": "#f4a261"}
+    palette = {
+        "ours": "#2a9d8f",
+        "ours_rows": "#264653",
+        "ours_flex": "#8ab17d",
+        "trl": "#e76f51",
+        "trl_packed": "#f4a261",
+    }
     colors = [palette[s] for s in sides]
     figure = Figure(figsize=(13, 4))
     FigureCanvasAgg(figure)
     speed, memory, loss = figure.subplots(1, 3)
     speed.bar(labels, [results[s]["tokens_per_s"] for s in sides], color=colors)
-    speed.set_title("real (non-padding) tokens / s  (higher is better)")
+    speed.set_title("real (non-padding) tokens / s after warm-up  (higher is better)")
     memory.bar(labels, [results[s][key] / 2**20 for s in sides], color=colors)
     memory.set_title(
         ("peak GPU memory" if key == "gpu_peak_bytes" else "peak RSS") + " (MiB, lower is better)"
@@ -1128,6 +1251,22 @@ def plot(document: dict[str, Any], path: Path) -> None:
 
 
 # ----- main ------------------------------------------------------------------------------------------------
+
+
+def load_saved(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def publish_saved(folder: Path) -> int:
+    """The section of BENCHMARKS.md again from the documents saved in `folder` (after a text change)."""
+    cpu_document = load_saved(folder / "results.json")
+    gpu_document = load_saved(folder / "results-gpu.json")
+    if cpu_document is None and gpu_document is None:
+        raise SystemExit(f"--from-json: neither results.json nor results-gpu.json in {folder}")
+    markdown = section_markdown(cpu_document, f"bench/results/{NAME}/{NAME}.png", gpu_document)
+    print(markdown)
+    update_section(NAME, markdown)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1151,8 +1290,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sides",
         type=lambda s: s.split(","),
-        default=list(SIDES),
-        help=f"comma-separated sides to run, in this order (default: {','.join(SIDES)})",
+        default=None,
+        help=f"comma-separated sides to run, in this order (default: {','.join(SIDES)}; "
+        f"{', '.join(CUDA_ONLY_SIDES)} with --gpu only)",
     )
     parser.add_argument(
         "--n-train", type=int, default=2000, help="training records generated (default: 2000)"
@@ -1192,6 +1332,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="data, models, logs, and --quick/--smoke-cpu results (default: %(default)s)",
     )
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="measure nothing: rewrite the section from the saved results.json and results-gpu.json",
+    )
     parser.add_argument("--worker-spec", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -1202,11 +1348,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_spec is not None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return worker_main(args.worker_spec)
+    if args.from_json is not None:
+        return publish_saved(args.from_json.parent)
+    if args.smoke_cpu and not args.gpu:
+        parser.error("--smoke-cpu goes with --gpu")
+    on_cuda = args.gpu and not args.smoke_cpu
+    if args.sides is None:
+        args.sides = [side for side in SIDES if on_cuda or side not in CUDA_ONLY_SIDES]
     for side in args.sides:
         if side not in SIDES:
             parser.error(f"--sides: unknown side {side!r}; choose from {', '.join(SIDES)}")
-    if args.smoke_cpu and not args.gpu:
-        parser.error("--smoke-cpu goes with --gpu")
+        if side in CUDA_ONLY_SIDES and not on_cuda:
+            parser.error(f"--sides: {side} trains on a CUDA GPU only (FlexAttention has no CPU backward)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1293,13 +1446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mode == "gpu-smoke-cpu":  # a check of the code path: printed, never written to BENCHMARKS.md
         print("\n".join(gpu_markdown(document)))
     elif mode == "gpu":
-        cpu_document = json.loads(cpu_path.read_text(encoding="utf-8")) if cpu_path.is_file() else None
+        cpu_document = load_saved(cpu_path)
         markdown = section_markdown(cpu_document, f"bench/results/{NAME}/{NAME}.png", document)
         print(markdown)
         if not (scratch or args.no_markdown):
             update_section(NAME, markdown)
     else:
-        gpu_document = json.loads(gpu_path.read_text(encoding="utf-8")) if gpu_path.is_file() else None
+        gpu_document = load_saved(gpu_path)
         markdown = section_markdown(document, None if scratch else chart, gpu_document)
         print(markdown)
         if not (scratch or args.no_markdown):

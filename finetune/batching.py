@@ -5,7 +5,8 @@ each sample; with `attention_mask=None`, transformers then builds a block-diagon
 attention uses the same position ids for its varlen kernel), so no sample attends to another. With
 SDPA or eager attention a micro-batch is `micro_batch_size` rows of at most `max_seq_len` tokens (the
 dense attention then costs rows x max_seq_len^2, not (rows x max_seq_len)^2); with flash attention, whose
-varlen kernel wastes nothing on long rows, it is one row (its position-id detection needs batch size 1).
+varlen kernel wastes nothing on long rows, it is one row (its position-id detection needs batch size 1), and
+so it is with FlexAttention, whose block mask skips the blocks where no sample meets itself.
 """
 
 from __future__ import annotations

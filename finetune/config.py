@@ -97,8 +97,16 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 is refused."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
-        "sdpa", description="transformers attention kernel; flash_attention_2 needs flash-attn."
+    attn_implementation: Literal[
+        "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "sdpa",
+        description=(
+            "transformers attention kernel. sdpa/eager: packed rows of max_seq_len with a dense masked "
+            "attention; flash_attention_2/3 (flash-attn package) and flex_attention (PyTorch FlexAttention: "
+            "block-sparse, no extra package; trains on CUDA only): one packed row per micro-batch whose "
+            "samples attend only to themselves."
+        ),
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations: less memory, ~30% slower."

@@ -6,6 +6,7 @@ Read top to bottom: `run(config)` is the whole job; checkpoints make a killed ru
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -114,6 +115,25 @@ def encode_records(
     return samples, report
 
 
+def refuse_cuda_only_settings(config: FinetuneConfig, device: torch.device) -> None:
+    """Settings that train on a CUDA GPU only, refused before any data or model is loaded elsewhere."""
+    flex = config.training.attn_implementation == "flex_attention"
+    if device.type == "cuda":
+        if flex and importlib.util.find_spec("triton") is None:
+            raise ConfigError(
+                "training.attn_implementation=flex_attention compiles its kernels with Triton, which is not "
+                "installed; install triton (it comes with CUDA builds of torch) or use sdpa"
+            )
+        return
+    if config.training.quantization == "4bit":
+        raise ConfigError("training.quantization=4bit (QLoRA) needs a CUDA GPU; set it to none on CPU")
+    if flex:
+        raise ConfigError(
+            "training.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch's FlexAttention "
+            "has no backward pass on CPU); use sdpa on CPU"
+        )
+
+
 def load_model(config: FinetuneConfig, dtype: torch.dtype, accelerator: Accelerator) -> PeftModel:
     """The base model with LoRA adapters attached; only the adapters are trainable."""
     kwargs: dict[str, Any] = {
@@ -122,8 +142,6 @@ def load_model(config: FinetuneConfig, dtype: torch.dtype, accelerator: Accelera
         "attn_implementation": config.training.attn_implementation,
     }
     if config.training.quantization == "4bit":
-        if not torch.cuda.is_available():
-            raise ConfigError("training.quantization=4bit (QLoRA) needs a CUDA GPU; set it to none on CPU")
         from transformers import BitsAndBytesConfig  # GPU-only path; bitsandbytes comes with the gpu extra
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -199,9 +217,14 @@ def packing_isolates_samples(
     return bool(((logits_packed - logits_alone).abs().max() / scale) < tolerance)
 
 
+# Attention kernels that cost nothing for the parts of a long packed row where samples do not meet: flash's
+# varlen kernel, and FlexAttention's block-sparse mask. A micro-batch is then one row (see finetune.batching).
+ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 def packed_row_len(config: FinetuneConfig) -> int | None:
-    """Tokens per packed row: max_seq_len for dense attention (SDPA, eager), None (one row) for flash."""
-    return None if config.training.attn_implementation.startswith("flash") else config.data.max_seq_len
+    """Tokens per packed row: max_seq_len for dense attention (SDPA, eager), None (one row) for flash/flex."""
+    return None if config.training.attn_implementation in ONE_ROW_ATTENTION else config.data.max_seq_len
 
 
 def plan_epoch(lengths: list[int], config: FinetuneConfig, packing: bool, seed: int) -> list[list[int]]:
@@ -282,6 +305,7 @@ class LoraRecipe:
         self._check_paths()
         self.dtype = resolve_precision(config)
         self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == torch.bfloat16 else "no")
+        refuse_cuda_only_settings(config, self.accelerator.device)
         set_seed(config.seed)
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.base_model, revision=config.revision)
@@ -445,6 +469,7 @@ class LoraRecipe:
                         "lr": float(self.scheduler.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "tokens": self.state.tokens,
+                        "train_seconds": self.state.train_seconds,
                         "tokens_per_s": tokens_per_s,
                     }
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,64 @@ def test_settings_reach_the_recipe_config_unchanged(tmp_path: Path) -> None:
     assert training.packing and not training.gradient_checkpointing
     assert config.data.eval_fraction == 0
     assert training.save_every > 40 and training.eval_every > 40
+    assert training.attn_implementation == "sdpa"
+    flex = replace(settings, attn_implementation="flex_attention")
+    assert load_config(ft.DEMO_CONFIG, flex.overrides(tmp_path / "out")).training.attn_implementation == (
+        "flex_attention"
+    )
+
+
+def test_block_sparse_scores_count_the_blocks_a_sample_spans() -> None:
+    # One sample of 256 tokens: blocks 0 and 1, causal pairs (0,0), (1,0), (1,1).
+    assert ft.block_sparse_scores([256], block=128) == 3 * 128 * 128
+    # Two samples of 128 tokens, one block each: no pair across them.
+    assert ft.block_sparse_scores([128, 128], block=128) == 2 * 128 * 128
+    # A sample straddling the block boundary links blocks 0 and 1; the shared blocks count once.
+    assert ft.block_sparse_scores([100, 100, 56], block=128) == 3 * 128 * 128
+    # Many short samples in one 4096-token row: far below the dense causal score matrix.
+    dense_causal_blocks = 32 * 33 // 2
+    assert ft.block_sparse_scores([64] * 64, block=128) == 32 * 128 * 128 < dense_causal_blocks * 128 * 128
+
+
+def test_steady_rate_leaves_out_the_first_steps() -> None:
+    marks = [(5.0, 100, 10), (6.0, 200, 20), (7.0, 300, 30), (8.0, 400, 40)]  # a slow first step
+    assert ft.steady_rate(marks, 0) == (8.0, 400, 40)
+    assert ft.steady_rate(marks, 1) == (3.0, 300, 30)
+    assert ft.steady_rate(marks, 9) == (1.0, 100, 10)  # never fewer than the last step
+    assert [ft.warmup_steps_excluded(n) for n in (1, 6, 20, 60)] == [0, 1, 3, 3]
+
+
+def test_flex_side_is_refused_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal without a CUDA GPU")
+    with pytest.raises(SystemExit):
+        ft.main(["--sides", "ours,ours_flex", "--quick"])
+    assert "ours_flex trains on a CUDA GPU only" in capsys.readouterr().err
+
+
+def test_gpu_section_reports_every_side_with_mfu() -> None:
+    """The GPU report (only a CUDA run writes it) from the saved CPU run's figures, as if on a GPU, plus a
+    flex side: every side gets a row, MFU columns and the flex variant's comparison."""
+    import copy
+    import json
+    from types import SimpleNamespace
+
+    document = json.loads((ft.results_dir(ft.NAME) / "results.json").read_text(encoding="utf-8"))
+    results = document["results"]
+    for result in results.values():
+        result.pop("labels", None)  # saved without the per-sample counts the label check needs
+        result |= {
+            "device": "cuda",
+            "gpu_peak_bytes": result["peak_rss_bytes"],
+            "gpu_before_train_bytes": result["rss_before_train_bytes"],
+        }
+    flex = copy.deepcopy(results["ours"]) | {"side": "ours_flex", "attention_overcompute": 1.9}
+    flex["tokens_per_s"] *= 1.5
+    results["ours_flex"] = flex
+    plan = SimpleNamespace(model_config=ft.QWEN25_7B)
+    document |= {"mode": "gpu", "peak_tflops": 989.0, "summary": ft.summarize(results, plan, 989.0)}  # type: ignore[arg-type]
+    document["plan"]["model_config"] = ft.QWEN25_7B
+    text = "\n".join(ft.gpu_markdown(document))
+    assert text.count("| ours, `flex_attention`: one packed row per micro-batch") == 1
+    assert "MFU (6N)" in text and "1.50x the speed of ours" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + len(results)

@@ -98,6 +98,32 @@ def test_eager_attention_packs_too(tiny_base: Path, tiny_tokenizer) -> None:  # 
     )
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_flex_attention_keeps_a_packed_row_apart(model, tiny_base: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """flex_attention trains on one packed row per micro-batch (packed_row_len None): its block mask must keep
+    the samples of the row apart. Forward only: FlexAttention has no CPU backward (the recipe refuses it
+    there); the first call compiles the kernel (about 25 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import load_config
+    from finetune.recipe import packed_row_len
+
+    config = load_config(None, ["base_model=x", "output_dir=o", "data.path=d.jsonl"])
+    flex_config = config.model_copy(
+        update={"training": config.training.model_copy(update={"attn_implementation": "flex_attention"})}
+    )
+    assert packed_row_len(config) == config.data.max_seq_len and packed_row_len(flex_config) is None
+    flex = AutoModelForCausalLM.from_pretrained(
+        tiny_base, dtype=torch.float32, attn_implementation="flex_attention"
+    ).eval()
+    samples = _samples(tiny_tokenizer, 5)
+    row = collate_packed(samples)
+    assert row.input_ids.shape[0] == 1
+    one_by_one = sum(token_loss_sum(model, collate_packed([s])) for s in samples)  # sdpa, each alone
+    torch.testing.assert_close(token_loss_sum(flex, row), one_by_one, rtol=1e-5, atol=1e-4)
+
+
 def test_packing_probe_detects_leaking_attention(model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     """A model that ignores position-id restarts (here: positions forced to run on) is caught by the probe."""
     from finetune.recipe import packing_isolates_samples

@@ -194,9 +194,54 @@ def test_cli_reports_bad_config_without_a_traceback(
     assert "Traceback" not in error
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("training.quantization=4bit", "QLoRA. needs a CUDA GPU; set it to none on CPU"),
+        ("training.attn_implementation=flex_attention", "flex_attention trains on a CUDA GPU only"),
+    ],
+)
+def test_cuda_only_settings_are_refused_without_cuda(
+    tiny_base: Path, task_data: Path, tmp_path: Path, setting: str, message: str
+) -> None:
+    out = tmp_path / "refused"
+    with pytest.raises(ConfigError, match=message):
+        run(load_config(None, overrides(tiny_base, task_data, out, setting)))
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_flex_attention_on_cuda_needs_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from finetune.recipe import refuse_cuda_only_settings
+
+    config = load_config(
+        None,
+        ["base_model=x", "output_dir=o", "data.path=d.jsonl", "training.attn_implementation=flex_attention"],
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match="compiles its kernels with Triton, which is not installed"):
+        refuse_cuda_only_settings(config, torch.device("cuda"))
+    refuse_cuda_only_settings(
+        config.model_copy(
+            update={"training": config.training.model_copy(update={"attn_implementation": "sdpa"})}
+        ),
+        torch.device("cuda"),
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "extra", [(), ("training.quantization=4bit", "training.gradient_checkpointing=true")]
+    "extra",
+    [
+        (),
+        ("training.quantization=4bit", "training.gradient_checkpointing=true"),
+        ("training.attn_implementation=flex_attention",),
+    ],
 )
 def test_gpu_bf16_and_qlora_train(
     tiny_base: Path, task_data: Path, tmp_path: Path, extra: tuple[str, ...]
@@ -210,6 +255,7 @@ def test_gpu_bf16_and_qlora_train(
     assert metrics["precision"] == "bfloat16"
     assert metrics["peak_memory_kind"] == "cuda_max_memory_allocated"
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
+    assert metrics["packing"] is True  # the packing probe passed: packed samples kept apart
 
 
 def test_eval_pass_covers_every_eval_sample(tiny_base: Path, task_data: Path, tmp_path: Path) -> None:
