@@ -1049,8 +1049,8 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             f"tokens are padding (batches of {batch} samples padded to the longest). Ours: no padding but "
             f"a short filler at row ends; a micro-batch of up to {row} tokens is "
             f"{settings['micro_batch_size']} rows of at most {settings['max_seq_len']} tokens, so with sdpa "
-            "(no varlen kernel; on CPU there "
-            "is none), whose block-diagonal mask is applied to a dense row x row score matrix, attention "
+            "(no varlen kernel), whose block-diagonal mask is applied to a dense row x row score matrix, "
+            "attention "
             f"computes {ours['attention_overcompute']:.1f}x the scores the samples need (TRL default: "
             f"{trl['attention_overcompute']:.1f}x; one row of {row} tokens, our layout before 2026-11-25, "
             "~32x, which cancelled the gain from packing). Ours also computes logits only at labelled "
@@ -1175,7 +1175,9 @@ def gpu_markdown(document: dict[str, Any] | None) -> list[str]:
             "**Not measured in this session**: the machine that ran it has no GPU. The code path is in "
             "place and was checked on CPU with a tiny Qwen2 config (`--gpu --smoke-cpu`); run "
             "`python -m bench.finetune_throughput --gpu` on a CUDA machine to fill this in. It reports real "
-            "tokens/s, peak `torch.cuda.max_memory_allocated()` and MFU.",
+            "tokens/s, peak `torch.cuda.max_memory_allocated()` and MFU, for the sides above and for ours "
+            "with `flex_attention` (one packed row per micro-batch, block-sparse attention), which trains on "
+            "CUDA only.",
             "",
             MFU_FORMULA,
         ]
