@@ -35,12 +35,12 @@ starts, the engine-core workers included. It patches nothing on other platforms 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,13 @@ log = logging.getLogger(__name__)
 def group_by_slot(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """(slot, rows) for each adapter slot in `indices` (tokens with -1 belong to none), slots ascending;
     rows is None when every token uses the one slot."""
+    if len(indices) == 0:
+        return []
+    first = int(indices[0])
+    if len(indices) == 1 or bool((indices == first).all()):  # one slot, or none, for the whole batch
+        return [(first, None)] if first >= 0 else []
     order = torch.argsort(indices, stable=True)
     slots, counts = torch.unique_consecutive(indices.index_select(0, order), return_counts=True)
-    if len(slots) == 1 and int(slots[0]) >= 0:
-        return [(int(slots[0]), None)]
     return [
         (slot, rows)
         for slot, rows in zip(slots.tolist(), torch.split(order, counts.tolist()), strict=True)
@@ -325,6 +328,11 @@ def skip_when_zero(original: Callable[..., Any]) -> Callable[..., Any]:
     return add_lora
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without a call when it already is (most calls: one per op of every LoRA layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
     """`PunicaWrapperCPU.add_lora_linear`: `y[:, slice i] += (x A_i^T * scale) B_i^T`, per token adapter.
 
@@ -348,12 +356,7 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> None:
         x2 = x.reshape(-1, x.shape[-1])
         indices = self.token_lora_indices
-        if (
-            kwargs
-            or buffer is not None
-            or indices.shape[0] != x2.shape[0]
-            or any(b.shape[-2] != size for b, size in zip(lora_b_stacked, output_slices, strict=True))
-        ):
+        if kwargs or buffer is not None or indices.shape[0] != x2.shape[0]:
             return original(
                 self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
             )
@@ -361,40 +364,48 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         if plan is None or plan.tokens != indices.shape[0]:
             plan = self._tuneserve_plan = LoraBatchPlan(indices)
         y2 = y.view(-1, y.shape[-1])
-        starts = itertools.accumulate([0, *output_slices[:-1]])
-        # per output slice: (A (slots, rank, in), B (slots, out_i, rank), y's columns of the slice)
-        slices = [
-            (a.squeeze(1), b.squeeze(1).to(y.dtype), y2[:, start : start + size])
-            for a, b, start, size in zip(lora_a_stacked, lora_b_stacked, starts, output_slices, strict=True)
-            if needs_lora(plan.slots, a, b)
-        ]
+        # per output slice: A (slots, 1, rank, in), B (slots, 1, out_i, rank), y's columns of the slice
+        slices = []
+        start = 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            if b.shape[-2] != size:  # padded differently from the slices: not what this was written for
+                return original(
+                    self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+                )
+            if needs_lora(plan.slots, a, b):
+                slices.append((a, b, y2[:, start : start + size]))
+            start += size
         if not slices:
             return None  # no token has an adapter, or its adapter leaves this layer alone
         if plan.padded:
             layout = plan.layout(slices[0][0].shape[0])
             padded = layout.scatter(x2)
             for a, b, columns in slices:
-                shrunk = torch.bmm(padded, layout.weights(a).float().transpose(1, 2))
+                shrunk = torch.bmm(padded, _as(layout.weights(a.squeeze(1)), torch.float32).transpose(1, 2))
                 if scale != 1.0:
                     shrunk.mul_(scale)
-                columns += layout.gather(torch.bmm(shrunk.to(y.dtype), layout.weights(b).transpose(1, 2)))
+                weights = _as(layout.weights(b.squeeze(1)), y.dtype).transpose(1, 2)
+                columns += layout.gather(torch.bmm(_as(shrunk, y.dtype), weights))
             return None
+        x32 = _as(x2, torch.float32)
         if plan.groups[0][1] is None:  # every token on one adapter
             slot = plan.groups[0][0]
             for a, b, columns in slices:
-                columns.addmm_((x2.float() @ a[slot].float().t()).mul_(scale).to(y.dtype), b[slot].t())
+                shrunk = F.linear(x32, _as(a[slot, 0], torch.float32))
+                if scale != 1.0:
+                    shrunk.mul_(scale)
+                columns.addmm_(_as(shrunk, y.dtype), _as(b[slot, 0], y.dtype).t())
             return None
         # Scatter each group's rows into a dense delta per slice, then one add: index_add_ into y's strided
         # column slices is several times slower.
-        groups = [
-            (slot, rows, x2.index_select(0, rows).float()) for slot, rows in plan.groups if rows is not None
-        ]
+        groups = [(slot, rows, x32.index_select(0, rows)) for slot, rows in plan.groups if rows is not None]
         for a, b, columns in slices:
             delta = columns.new_zeros(columns.shape)
             for slot, rows, inputs in groups:
-                delta.index_copy_(
-                    0, rows, (inputs @ a[slot].float().t()).mul_(scale).to(y.dtype) @ b[slot].t()
-                )
+                shrunk = F.linear(inputs, _as(a[slot, 0], torch.float32))
+                if scale != 1.0:
+                    shrunk.mul_(scale)
+                delta.index_copy_(0, rows, F.linear(_as(shrunk, y.dtype), _as(b[slot, 0], y.dtype)))
             columns += delta
         return None
 

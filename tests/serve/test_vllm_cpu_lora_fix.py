@@ -14,6 +14,7 @@ from serve.vllm_cpu_lora_fix import (
     PATCHED_OPS,
     REPLACEMENTS,
     LoraBatchPlan,
+    group_by_slot,
     lora_matmul,
     register,
     track_live_slots,
@@ -211,6 +212,31 @@ def test_grouped_add_lora_linear_equals_vllms(token_slots: list[int], slots: int
     torch.testing.assert_close(got[missing], torch.ones(int(missing.sum()), 9))
 
 
+@pytest.mark.parametrize(
+    ("token_slots", "slots"),
+    [([2], 4), ([1] * 6, 4), ([0, -1, 0, 2, -1, 2, 2], 4), ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8)],
+)
+def test_grouped_add_lora_linear_in_bfloat16_equals_vllms(token_slots: list[int], slots: int) -> None:
+    """A bf16 model: the shrink runs in float32 and the expand in y's dtype, as in vLLM's ops."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    wrapper = _wrapper(token_slots, slots)
+    x, shrink, expand = _linear_case(len(token_slots), slots)
+    x = x.bfloat16()
+    shrink = [weights.bfloat16() for weights in shrink]
+    expand = [weights.bfloat16() for weights in expand]
+    expected = torch.ones(len(token_slots), 9, dtype=torch.bfloat16)
+    PunicaWrapperCPU.add_lora_linear.__wrapped__(
+        wrapper, expected, x, tuple(shrink), tuple(expand), 0.5, (4, 2, 2)
+    )
+    got = torch.ones(len(token_slots), 9, dtype=torch.bfloat16)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 0.5, (4, 2, 2))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=5e-2)
+    assert not torch.equal(got, torch.ones_like(got)) or all(slot < 0 for slot in token_slots)
+
+
 def test_add_lora_linear_plan_follows_each_steps_mapping() -> None:
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -231,6 +257,19 @@ def test_add_lora_linear_plan_follows_each_steps_mapping() -> None:
     )
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got[1], torch.zeros(8))
+
+
+def test_group_by_slot() -> None:
+    assert group_by_slot(torch.tensor([], dtype=torch.long)) == []
+    assert group_by_slot(torch.tensor([3])) == [(3, None)]
+    assert group_by_slot(torch.tensor([2, 2, 2])) == [(2, None)]  # one adapter: no row lists
+    assert group_by_slot(torch.tensor([-1, -1])) == []  # base model only
+    groups = group_by_slot(torch.tensor([4, -1, 1, 4, 1, 1]))
+    assert [(slot, rows.tolist()) for slot, rows in groups if rows is not None] == [
+        (1, [2, 4, 5]),
+        (4, [0, 3]),
+    ]
+    assert [(slot, rows.tolist()) for slot, rows in group_by_slot(torch.tensor([-1, 0]))] == [(0, [1])]
 
 
 def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
