@@ -369,47 +369,60 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         start = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             if b.shape[-2] != size:  # padded differently from the slices: not what this was written for
-                return original(
-                    self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
-                )
+                break
             if needs_lora(plan.slots, a, b):
                 slices.append((a, b, y2[:, start : start + size]))
             start += size
-        if not slices:
-            return None  # no token has an adapter, or its adapter leaves this layer alone
-        if plan.padded:
-            layout = plan.layout(slices[0][0].shape[0])
-            padded = layout.scatter(x2)
-            for a, b, columns in slices:
-                shrunk = torch.bmm(padded, _as(layout.weights(a.squeeze(1)), torch.float32).transpose(1, 2))
-                if scale != 1.0:
-                    shrunk.mul_(scale)
-                weights = _as(layout.weights(b.squeeze(1)), y.dtype).transpose(1, 2)
-                columns += layout.gather(torch.bmm(_as(shrunk, y.dtype), weights))
-            return None
-        x32 = _as(x2, torch.float32)
-        if plan.groups[0][1] is None:  # every token on one adapter
-            slot = plan.groups[0][0]
-            for a, b, columns in slices:
-                shrunk = F.linear(x32, _as(a[slot, 0], torch.float32))
-                if scale != 1.0:
-                    shrunk.mul_(scale)
-                columns.addmm_(_as(shrunk, y.dtype), _as(b[slot, 0], y.dtype).t())
-            return None
-        # Scatter each group's rows into a dense delta per slice, then one add: index_add_ into y's strided
-        # column slices is several times slower.
-        groups = [(slot, rows, x32.index_select(0, rows)) for slot, rows in plan.groups if rows is not None]
-        for a, b, columns in slices:
-            delta = columns.new_zeros(columns.shape)
-            for slot, rows, inputs in groups:
-                shrunk = F.linear(inputs, _as(a[slot, 0], torch.float32))
-                if scale != 1.0:
-                    shrunk.mul_(scale)
-                delta.index_copy_(0, rows, F.linear(_as(shrunk, y.dtype), _as(b[slot, 0], y.dtype)))
-            columns += delta
-        return None
+        else:
+            return _apply(plan, x2, slices, scale, y.dtype)
+        return original(
+            self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+        )
 
     return add_lora_linear
+
+
+def _expand_input(shrunk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The shrink's float32 result, scaled, in the dtype the expand runs in."""
+    if scale != 1.0:
+        shrunk.mul_(scale)
+    return _as(shrunk, dtype)
+
+
+def _apply(
+    plan: LoraBatchPlan,
+    x2: torch.Tensor,
+    slices: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float,
+    dtype: torch.dtype,
+) -> None:
+    """`columns += (x A^T * scale) B^T` per (A, B, columns) slice, each token with its adapter's A and B."""
+    if not slices:
+        return  # no token has an adapter, or its adapter leaves this layer alone
+    if plan.padded:
+        layout = plan.layout(slices[0][0].shape[0])
+        padded = layout.scatter(x2)
+        for a, b, columns in slices:
+            shrunk = torch.bmm(padded, _as(layout.weights(a.squeeze(1)), torch.float32).transpose(1, 2))
+            weights = _as(layout.weights(b.squeeze(1)), dtype).transpose(1, 2)
+            columns += layout.gather(torch.bmm(_expand_input(shrunk, scale, dtype), weights))
+        return
+    x32 = _as(x2, torch.float32)
+    if plan.groups[0][1] is None:  # every token on one adapter
+        slot = plan.groups[0][0]
+        for a, b, columns in slices:
+            shrunk = F.linear(x32, _as(a[slot, 0], torch.float32))
+            columns.addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot, 0], dtype).t())
+        return
+    # Scatter each group's rows into a dense delta per slice, then one add: index_add_ into y's strided
+    # column slices is several times slower.
+    groups = [(slot, rows, x32.index_select(0, rows)) for slot, rows in plan.groups if rows is not None]
+    for a, b, columns in slices:
+        delta = columns.new_zeros(columns.shape)
+        for slot, rows, inputs in groups:
+            shrunk = F.linear(inputs, _as(a[slot, 0], torch.float32))
+            delta.index_copy_(0, rows, F.linear(_expand_input(shrunk, scale, dtype), _as(b[slot, 0], dtype)))
+        columns += delta
 
 
 def new_plan_each_step(original: Callable[..., Any]) -> Callable[..., Any]:
