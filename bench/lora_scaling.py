@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from bench.common import (
     update_section,
     write_json,
 )
+from bench.lora_engine import EngineSpec
 from bench.serve_vs_vllm import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
@@ -44,6 +46,7 @@ from bench.serve_vs_vllm import (
     ratio,
     run_client_load,
     tiny_base,
+    turns,
     warm_up,
 )
 from client.server_process import ServerProcess, free_port, running
@@ -57,7 +60,10 @@ MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the
 # (0.62%, `lora_weight_share`). 4 slots (serve's default until 2026-11-30) kept 0.43 of base at 16 adapters;
 # a larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
 DEFAULT_CONFIGS = "default,default/r1"
-AFTER = -1  # key of the base-only run repeated after the other mixes
+# Every mix is measured once per round, the mixes in forward order in even rounds and reversed in odd ones
+# (bench.serve_vs_vllm.turns), and reported as the mean of its rounds: with an even number of rounds a steady
+# drift of the machine's speed weighs on every mix alike. One round of 128 prompts is ~2.5 s of load per mix.
+ROUNDS = 2
 TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
 
 
@@ -139,23 +145,40 @@ def mix_models(mix: int, adapters: Sequence[str]) -> list[str]:
 
 
 def mix_label(mix: int) -> str:
-    if mix == AFTER:
-        return "base only, again after the other mixes"
     return "base only" if mix == 0 else f"{mix} adapter" + ("s" if mix > 1 else "")
 
 
-def relative(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
-    """Each mix's throughput and TTFT p50 as a ratio to base-only: the base-only row (mix 0), or with an AFTER
-    row (base-only measured again after the other mixes) the mean of the two, which cancels a steady drift of
-    the machine's speed over the run."""
+def relative(rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Each mix's throughput and TTFT p50 as a ratio to the base-only row (mix 0)."""
     if 0 not in rows:
         return {}
-    references = [rows[key] for key in (0, AFTER) if key in rows]
-    reference = {
-        key: sum(row[key] for row in references) / len(references)
-        for key in ("output_throughput", "median_ttft_ms")
+    keys = [key for key in ("output_throughput", "median_ttft_ms") if key in rows[0]]
+    return {mix: {key: ratio(row[key], rows[0][key]) for key in keys} for mix, row in rows.items()}
+
+
+def mean_row(rounds: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """One mix's row from its rounds: the mean of each figure (request counts summed), and the rounds
+    themselves under `rounds`."""
+    totals = ("completed", "failed")
+    row: dict[str, Any] = {
+        key: sum(r[key] for r in rounds) / (1 if key in totals else len(rounds)) for key in rounds[0]
     }
-    return {mix: {key: ratio(row[key], reference[key]) for key in reference} for mix, row in rows.items()}
+    row["rounds"] = list(rounds)
+    return row
+
+
+def measure_mix(
+    server: ServerProcess, base: Path, models: Sequence[str], load: Load, concurrency: int, out: Path
+) -> dict[str, float]:
+    """One load on `models` (round-robin): the figures of the level, and the API process's CPU per request."""
+    cpu_before, started = server.cpu_seconds(), time.monotonic()
+    (result,) = run_client_load(server.url, base, models, [concurrency], load, out)
+    row = {key: float(result[key]) for key in ("output_throughput", "request_throughput")}
+    row |= {key: float(result[key]) for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")}
+    row |= {"completed": float(result["completed"]), "failed": float(result["failed"])}
+    row["api_cpu_ms_per_request"] = per_request_ms(server.cpu_seconds() - cpu_before, row["completed"])
+    row["wall_s"] = time.monotonic() - started
+    return row
 
 
 def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -173,24 +196,34 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
         cwd=REPO_ROOT,
     )
     names = [name for name, _ in adapters]
-    rows: dict[int, dict[str, float]] = {}
+    measured: dict[int, list[dict[str, float]]] = {mix: [] for mix in args.mixes}
     with running(server):
         warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}", args.concurrency)
-        for mix in [*args.mixes, AFTER]:
-            cpu_before, started = server.cpu_seconds(), time.monotonic()
-            models = mix_models(max(mix, 0), names)
-            (result,) = run_client_load(
-                server.url, base, models, [args.concurrency], load, work / f"{tag}-mix{mix}"
-            )
-            row = {key: float(result[key]) for key in ("output_throughput", "request_throughput")}
-            row |= {key: float(result[key]) for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")}
-            row |= {"completed": float(result["completed"]), "failed": float(result["failed"])}
-            row["api_cpu_ms_per_request"] = per_request_ms(
-                server.cpu_seconds() - cpu_before, row["completed"]
-            )
-            row["wall_s"] = time.monotonic() - started
-            rows[mix] = row
-            log.info("%s, %s: %.0f output tok/s", tag, mix_label(mix), row["output_throughput"])
+        for round_ in range(args.rounds):
+            for mix in turns(args.mixes, round_):
+                out = work / f"{tag}-mix{mix}-round{round_}"
+                row = measure_mix(server, base, mix_models(mix, names), load, args.concurrency, out)
+                measured[mix].append(row)
+                log.info(
+                    "%s, round %d, %s: %.0f output tok/s",
+                    tag,
+                    round_ + 1,
+                    mix_label(mix),
+                    row["output_throughput"],
+                )
+    rows = {mix: mean_row(rounds) for mix, rounds in measured.items()}
+    engine_only = None
+    if args.engine:
+        spec = EngineSpec(
+            serve_args=server.command[3:],  # after `python -m serve`
+            mixes=list(args.mixes),
+            rounds=args.rounds,
+            num_prompts=args.num_prompts,
+            concurrency=args.concurrency,
+            input_len=args.input_len,
+            output_len=args.output_len,
+        )
+        engine_only = measure_engine_only(spec, work / f"engine-{tag}")
     return {
         "label": config.label(),
         "max_loras": loras,
@@ -202,22 +235,46 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
         "startup_s": server.startup_s,
         "rows": {str(mix): row for mix, row in rows.items()},
         "relative": {str(mix): values for mix, values in relative(rows).items()},
+        "engine_only": engine_only,
     }
+
+
+def measure_engine_only(spec: EngineSpec, work: Path, timeout: float = 1800) -> dict[str, Any]:
+    """bench.lora_engine in its own process (the server of this config stopped): its rows and their ratios
+    to base-only."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = work / "spec.json", work / "result.json", work / "engine.log"
+    spec_path.write_text(spec.to_json())
+    command = [sys.executable, "-m", "bench.lora_engine", str(spec_path), str(out_path)]
+    log.info("engine only: %s (log %s)", shlex.join(command), log_path)
+    with log_path.open("wb") as handle:
+        done = subprocess.run(
+            command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    if done.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"bench.lora_engine exited with {done.returncode}:\n{tail}")
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    rows = {int(mix): row for mix, row in result["rows"].items()}
+    result["relative"] = {str(mix): values for mix, values in relative(rows).items()}
+    return result
 
 
 def table(runs: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
-        "| server (adapter rank, engine slots) | requests on | output tok/s | x base | req/s | TTFT p50 (ms) "
-        "| x base | TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server (adapter rank, engine slots) | requests on | output tok/s | x base | tok/s per round "
+        "| req/s | TTFT p50 (ms) | x base | TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         for mix_key, row in run["rows"].items():
             rel = run["relative"].get(mix_key, {})
             failed = f" ({row['failed']:.0f} failed)" if row["failed"] else ""
+            per_round = ", ".join(f"{r['output_throughput']:.0f}" for r in row.get("rounds", [row]))
             lines.append(
                 f"| `{run['label']}` | {mix_label(int(mix_key))}{failed} | {row['output_throughput']:.0f} | "
-                f"**{rel.get('output_throughput', float('nan')):.2f}** | {row['request_throughput']:.2f} | "
+                f"**{rel.get('output_throughput', float('nan')):.2f}** | {per_round} | "
+                f"{row['request_throughput']:.2f} | "
                 f"{row['median_ttft_ms']:.0f} | {rel.get('median_ttft_ms', float('nan')):.2f} | "
                 f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.2f} | "
                 f"{row['api_cpu_ms_per_request']:.2f} |"
@@ -225,8 +282,45 @@ def table(runs: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The engine-only side (bench.lora_engine) beside the served ratios; empty when no run has it."""
+    lines = [
+        "| server (adapter rank, engine slots) | requests on | engine-only tok/s | x base, engine only "
+        "| tok/s per round | x base, served |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        engine = run.get("engine_only")
+        if not engine:
+            continue
+        for mix_key, row in engine["rows"].items():
+            rel = engine["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
+            served = run["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
+            per_round = ", ".join(f"{value:.0f}" for value in row["rounds"])
+            lines.append(
+                f"| `{run['label']}` | {mix_label(int(mix_key))} | {row['output_throughput']:.0f} | "
+                f"**{rel:.2f}** | {per_round} | {served:.2f} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The engine-only table with its introduction, and a blank line; nothing when no run has it."""
+    rows = engine_table(runs)
+    if not rows:
+        return []
+    intro = (
+        "Engine only (`bench.lora_engine`, run after each server): the same mixes, rounds and prompts on "
+        "vLLM's offline engine, built from the same server flags (serve.engine.engine_args), in one process "
+        "with no HTTP, streaming or detokenization, requests in waves of the load's concurrency. It shows "
+        "the LoRA computation's own cost; the served ratio (last column) is what a client sees."
+    )
+    return [intro, "", *rows, ""]
+
+
 def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
-    """Throughput and TTFT p50 relative to base-only, against the number of adapters, one line per config."""
+    """Throughput and TTFT p50 relative to base-only, against the number of adapters, one line per config
+    (served, and dashed the engine-only throughput)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -234,15 +328,24 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     FigureCanvasAgg(figure)
     throughput, ttft = figure.subplots(1, 2)
     for run in runs:
-        points = {int(key): values for key, values in run["relative"].items() if int(key) != AFTER}
+        points = {int(key): values for key, values in run["relative"].items()}
         labels = [mix_label(mix).replace(" adapters", "").replace(" adapter", "") for mix in points]
         xs = list(range(len(points)))
         label = (
             f"rank {run.get('rank', 16)}, max_loras {run['max_loras']}, "
             f"max_cpu_loras {run['max_cpu_loras'] or run['max_loras']}"
         )
-        throughput.plot(xs, [v["output_throughput"] for v in points.values()], "o-", label=label)
+        (line,) = throughput.plot(xs, [v["output_throughput"] for v in points.values()], "o-", label=label)
         ttft.plot(xs, [v["median_ttft_ms"] for v in points.values()], "o-", label=label)
+        engine = (run.get("engine_only") or {}).get("relative", {})
+        if engine:
+            throughput.plot(
+                xs,
+                [engine[str(mix)]["output_throughput"] for mix in points],
+                "s--",
+                color=line.get_color(),
+                label=f"{label}, engine only",
+            )
         for axes in (throughput, ttft):
             axes.set_xticks(xs, labels)
     throughput.axhline(TARGET_RATIO, color="tab:red", linestyle=":", label=f"target {TARGET_RATIO} at 16")
@@ -251,7 +354,7 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     for axes in (throughput, ttft):
         axes.set_xlabel("distinct adapters the requests spread over")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize="small", framealpha=0.7)
     figure.suptitle("Our server, tiny base, 64 in / 64 out, fixed concurrency")
     figure.savefig(path, dpi=120)
 
@@ -267,12 +370,12 @@ def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
         status = "meets" if kept >= TARGET_RATIO else "misses"
         one = run["relative"].get("1", {}).get("output_throughput")
         versus_one = f"; {kept / one:.2f} of the 1-adapter throughput" if one else ""
-        rows = run["rows"]
+        base_rounds = [r["output_throughput"] for r in run["rows"]["0"].get("rounds", [])]
         drift = (
-            " Base-only throughput at the end / at the start: "
-            f"{ratio(rows[str(AFTER)]['output_throughput'], rows['0']['output_throughput']):.2f} "
-            "(the machine's drift over the run; ratios are to the mean of the two)."
-            if str(AFTER) in rows
+            " Base-only throughput per round: "
+            + ", ".join(f"{value:.0f}" for value in base_rounds)
+            + f" (last / first {ratio(base_rounds[-1], base_rounds[0]):.2f}: the machine's drift and noise)."
+            if len(base_rounds) > 1
             else ""
         )
         share = run.get("lora_weight_share")
@@ -282,9 +385,17 @@ def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
             if share is not None
             else ""
         )
+        engine_rel = (run.get("engine_only") or {}).get("relative", {}).get(str(TARGET_MIX))
+        engine = ""
+        if engine_rel is not None:
+            engine_kept = engine_rel["output_throughput"]
+            engine_status = "meets" if engine_kept >= TARGET_RATIO else "misses"
+            engine = (
+                f" Engine only (offline, no HTTP): {engine_kept:.2f} of base ({engine_status} the target)."
+            )
         lines.append(
             f"- `{run['label']}`: {TARGET_MIX} adapters keep {kept:.2f} of base throughput ({status} the "
-            f"target {TARGET_RATIO}){versus_one}.{weights}{drift}"
+            f"target {TARGET_RATIO}){versus_one}.{engine}{weights}{drift}"
         )
     return lines
 
@@ -300,13 +411,15 @@ def section_markdown(
         "serve_vs_vllm (`--max-lora-rank` = the adapters' rank, `--max-model-len 512 --dtype float32 "
         "--kv-cache-memory-bytes 268435456 "
         "--enforce-eager`)",
-        f"- load (`client load`, streamed /v1/completions): {load['num_prompts']} prompts per mix, "
+        f"- load (`client load`, streamed /v1/completions): {load['num_prompts']} prompts per mix and round, "
+        f"{document.get('rounds', 1)} round(s) (mixes in forward, then reverse order), "
         f"{load['input_len']} tokens in, {load['output_len']} out (ignore_eos), concurrency "
         f"{document['concurrency']}, requests round-robin over the mix's models, after one warm-up request "
         "on every model",
         "",
         *table(runs),
         "",
+        *engine_section(runs),
         f"![LoRA scaling]({chart})",
         "",
         *interpretation(runs),
@@ -330,15 +443,29 @@ NOTES: tuple[str, ...] = (
     "skipped: vLLM runs the lm_head and embedding LoRA paths for every adapter, but a PEFT adapter on the "
     "linear layers has nothing there (on 2026-11-30 those zero products were about a tenth of the step "
     "time at 16 adapters). GPU builds use vLLM's Triton kernels, which this plugin does not touch.",
-    "- 1 -> 16 adapters (16 slots, nothing swapped): a decode step reads every in-use adapter's A and B in "
-    "every layer, so the loss grows with the adapters' weights relative to the base's. A rank-16 adapter on "
-    "all seven projections of the 256-wide tiny base is 10% of its linear weights, and 16 of them read 1.6x "
-    "the base's weights again each step: that weight traffic is the gap to the target in the rank-16 row. "
-    "Rank 1 on the tiny base is the share a rank-16 adapter has of Qwen2.5-7B (0.6%), and there 16 "
-    "adapters kept the 1-adapter throughput (1.01 of it, 0.87 of base, on 2026-11-30): for 7B-sized "
-    "models the cost on this CPU path is the fixed cost of the LoRA path, not the number of adapters.",
+    "- 1 -> 16 adapters (16 slots, nothing swapped): the time goes to the LoRA layers, nothing else in the "
+    "step changes. Timed in-process (offline engine, 32 requests x 64 tokens, 2026-12-01), "
+    "`add_lora_linear` per engine step took 0.11 ms with requests on the base only (the skip check), "
+    "0.57-0.69 ms on 1 adapter, 1.4 ms on 4 adapters (either rank), and on 16 adapters 1.4 ms at rank 1 "
+    "and 1.9 ms at rank 16, against a base-only step of 3.8-4.8 ms. On one adapter each LoRA product is "
+    "one GEMM over the step's tokens. Over "
+    "several adapters a decode step gives each adapter a few tokens, and the plugin lays them out for "
+    "batched matmuls over the adapters: a scatter per layer, then per output slice two bmm, a gather and an "
+    "add. That fixed cost (about 0.8 ms per step here, the same at 4 and 16 adapters, rank 1 or 16) "
+    "is most of the gap; the rest, in the rank-16 row, is weight traffic: a rank-16 adapter on all seven "
+    "projections of the 256-wide tiny base is 10% of its linear weights, so a step over 16 of them reads "
+    "1.6x the base's weights again. Rank 1 on the tiny base is the share a rank-16 adapter has of "
+    "Qwen2.5-7B (0.6%): there the weight traffic is small, and against a 7B model's own step, orders of "
+    "magnitude longer than the tiny base's, so is the fixed cost.",
+    "- Served vs engine only: on these 2 cores vLLM binds the engine core to one core and leaves the other "
+    "to the API process and the load generator, and at concurrency 32 that side, not the engine, sets the "
+    "pace (served base-only throughput is about half the engine-only one). An engine step made slower by "
+    "many adapters is then partly absorbed, so the served ratios sit above the engine-only ones: the "
+    "engine-only table is the LoRA path's own cost, the served one what a client of this machine sees. "
+    "On a GPU server the API process has cores of its own and the engine is the bottleneck.",
     "- 64 adapters with 16 slots: vLLM's scheduler runs requests of at most `--max-loras` distinct "
-    "adapters in one step, so most of the 32 requests in flight wait for a slot (TTFT 7-9x base), and "
+    "adapters in one step, so most of the 32 requests in flight wait for a slot (TTFT several times "
+    "base's), and "
     "adapters are swapped into slots and (host cache = slots by default) re-read from disk. With 4 slots "
     "(serve's default until 2026-11-30) the same limit hit at 16 adapters already: 0.43 of base, TTFT 10x "
     "(2026-11-30); a host cache of 64 (`--max-cpu-loras 64`) changed nothing measurable for these small "
@@ -350,8 +477,9 @@ NOTES: tuple[str, ...] = (
     "`--max-cpu-loras` stays the engine's default (= max_loras). `--max-lora-rank` stays 16, the rank "
     "`finetune` trains by default: vLLM pads every adapter to it (slot buffers and every LoRA matmul run at "
     "that rank), so it should be the largest rank actually served, not a safe larger value. Figures on this "
-    "shared 2-core machine move 10-20% between runs; the base-only row is repeated at the end of each "
-    "server's run to show the drift within it.",
+    "shared 2-core machine move 10-20% between runs, and a single 128-prompt load (a few seconds) can be "
+    "off by more: each mix is measured once per round, the mixes in forward order then reversed (so a "
+    "steady drift weighs on every mix alike), and the table gives the mean and each round's figure.",
 )
 
 
@@ -377,7 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64)",
     )
     parser.add_argument("--num-prompts", type=int, default=128, help="requests per mix (default: 128)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"times each mix is measured, mixes in forward then reverse order; figures are the mean "
+        f"(default: {ROUNDS})",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: 32)")
+    parser.add_argument(
+        "--no-engine",
+        dest="engine",
+        action="store_false",
+        help="skip the engine-only side (bench.lora_engine: the same mixes on vLLM's offline engine)",
+    )
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
     add_run_options(
@@ -397,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_markdown = True
     if 0 not in args.mixes:
         parser.error("--mixes must include 0 (base only): every figure is a ratio to it")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.from_json is not None:
         document = json.loads(args.from_json.read_text())
         return publish(document, args.from_json.parent, markdown=not args.no_markdown)
@@ -412,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "header": header,
         "adapters": max(args.mixes),
         "concurrency": args.concurrency,
+        "rounds": args.rounds,
         "load": asdict(
             Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
         ),

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.common import (
     REPO_ROOT,
@@ -458,9 +458,13 @@ def measure_cell(
     return values
 
 
-def turns(servers: Sequence[str], cell: int) -> list[str]:
-    """The order the servers take one cell's load in: as given for even cells, reversed for odd ones (ABBA),
-    so that a steady drift of the machine's speed over the run weighs on both servers alike."""
+T = TypeVar("T")
+
+
+def turns(servers: Sequence[T], cell: int) -> list[T]:
+    """The order the servers (or bench.lora_scaling's mixes) take one cell's load in: as given for even cells,
+    reversed for odd ones (ABBA), so that a steady drift of the machine's speed over the run weighs on all
+    alike."""
     return list(servers) if cell % 2 == 0 else list(reversed(servers))
 
 
@@ -532,9 +536,10 @@ NOTES: tuple[str, ...] = (
     "above. Parity within noise is what these runs support; the target (ratio >= 1.0 throughput, <= 1.0 "
     "TTFT p50 in every cell) is not met in every cell, and a few-percent difference cannot be settled on "
     "this machine. A GPU run, where the API process has cores of its own, is the fair test and has not "
-    "been done (no GPU lent to this project's tasks so far). The full default run takes about 20 minutes "
-    "here, most of it the four C=1 levels (200 sequential requests each); `--num-prompts` and "
-    "`--concurrency` shorten it.",
+    "been done (no GPU lent to this project's tasks so far). The full default run took 4 minutes on the "
+    "2-core host of 2026-12-01 10:15 and about 20 minutes on the slower 2-core hosts of the same morning "
+    "(vLLM's time per engine step differed 3-4x between them), most of it the four C=1 levels (200 "
+    "sequential requests each); `--num-prompts` and `--concurrency` shorten it.",
 )
 
 

@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from bench.lora_scaling import AFTER, SlotConfig, lora_weight_share, mix_label, mix_models, relative
+from bench.lora_scaling import (
+    SlotConfig,
+    interpretation,
+    lora_weight_share,
+    mean_row,
+    mix_label,
+    mix_models,
+    relative,
+)
 from bench.lora_scaling import table as scaling_table
 from bench.serve_vs_vllm import (
     METRICS,
@@ -121,30 +129,51 @@ def test_relative_to_base_only() -> None:
     assert rel[16]["output_throughput"] == pytest.approx(0.85)
     assert rel[16]["median_ttft_ms"] == pytest.approx(1.5)
     assert relative({16: rows[16]}) == {}
-    # base-only again at the end, 20% slower: ratios are to the mean of the two base-only runs
-    after = {"output_throughput": 800.0, "median_ttft_ms": 120.0}
-    rel_after = relative(rows | {AFTER: after})
-    assert rel_after[16]["output_throughput"] == pytest.approx(850 / 900)
-    assert rel_after[16]["median_ttft_ms"] == pytest.approx(150 / 110)
-    assert rel_after[AFTER]["output_throughput"] == pytest.approx(800 / 900)
+    assert mix_label(0) == "base only" and mix_label(1) == "1 adapter" and mix_label(16) == "16 adapters"
+
+
+def _round(throughput: float, ttft: float) -> dict[str, float]:
+    return {
+        "output_throughput": throughput,
+        "request_throughput": throughput / 64,
+        "median_ttft_ms": ttft,
+        "p99_ttft_ms": 2 * ttft,
+        "median_tpot_ms": 8.0,
+        "api_cpu_ms_per_request": 4.0,
+        "completed": 128.0,
+        "failed": 0.0,
+    }
+
+
+def test_mixes_are_the_mean_of_rounds_taken_forward_then_reversed() -> None:
+    # the machine slows down 20% from the first round to the second: base-only is measured first in round 1
+    # and last in round 2, 16 adapters the other way round; each mix is the mean of its two rounds
+    assert [turns([0, 1, 16], r) for r in range(2)] == [[0, 1, 16], [16, 1, 0]]
+    rows = {
+        0: mean_row([_round(1000.0, 100.0), _round(800.0, 140.0)]),
+        16: mean_row([_round(900.0, 150.0), _round(700.0, 170.0)]),
+    }
+    assert rows[0]["output_throughput"] == pytest.approx(900.0)
+    assert rows[0]["completed"] == 256.0  # requests add up over rounds
+    assert rows[16]["median_ttft_ms"] == pytest.approx(160.0)
+    assert [r["output_throughput"] for r in rows[16]["rounds"]] == [900.0, 700.0]
+    rel = relative(rows)
+    assert rel[16]["output_throughput"] == pytest.approx(800 / 900)
+    assert rel[16]["median_ttft_ms"] == pytest.approx(160 / 120)
     run = {
-        "label": "--max-loras 4",
-        "rows": {
-            str(mix): row
-            | {
-                "request_throughput": 1.0,
-                "p99_ttft_ms": 1.0,
-                "median_tpot_ms": 1.0,
-                "api_cpu_ms_per_request": 1.0,
-                "failed": 0.0,
-            }
-            for mix, row in rows.items()
-        },
+        "label": "rank 16, --max-loras 16",
+        "rows": {str(mix): row for mix, row in rows.items()},
         "relative": {str(mix): values for mix, values in rel.items()},
+        "lora_weight_share": 0.1,
     }
     lines = scaling_table([run])
-    assert "| 16 adapters | 850 | **0.85** |" in lines[-1]
-    assert mix_label(AFTER) == "base only, again after the other mixes"
+    assert "| 16 adapters | 800 | **0.89** | 900, 700 | 12.50 | 160 | 1.33 |" in lines[-1]
+    (verdict,) = interpretation([run])
+    assert "16 adapters keep 0.89 of base throughput (meets the target 0.8)" in verdict
+    assert "Base-only throughput per round: 1000, 800 (last / first 0.80" in verdict
+    run["rows"]["16"] = mean_row([_round(700.0, 150.0)])
+    run["relative"] = {str(mix): v for mix, v in relative({0: rows[0], 16: run["rows"]["16"]}).items()}
+    assert "misses the target" in interpretation([run])[0]
 
 
 def test_lora_weight_share_of_rank_16_on_a_7b_model_is_that_of_rank_1_on_the_tiny_base() -> None:

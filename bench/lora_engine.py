@@ -1,0 +1,130 @@
+"""bench.lora_scaling's engine-only side: the same mixes on vLLM's offline engine, without the HTTP server.
+
+`python -m bench.lora_engine SPEC.json OUT.json` (bench.lora_scaling starts it, one process per config).
+
+The engine is built from the very flags the server of that config got (`ServeSettings` parsed from them, then
+serve.engine.engine_args), in this one process (no engine-core process, no HTTP, no detokenization), so what
+it measures is the engine step itself: how much of the served throughput's loss over many adapters is the
+LoRA computation, and how much the server hides behind its HTTP and streaming work. Requests go in waves of
+`concurrency` random-token prompts (the fixed concurrency of the served load, in lockstep), round-robin over
+the mix's adapters; every mix is measured once per round, forward then reversed (bench.serve_vs_vllm.turns).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.serve_vs_vllm import turns
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What bench.lora_scaling asks for; written as JSON (`to_json`) for the child process."""
+
+    serve_args: list[str]  # `python -m serve` flags of the config's server
+    mixes: list[int]
+    rounds: int
+    num_prompts: int
+    concurrency: int
+    input_len: int
+    output_len: int
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineSpec:
+        return cls(**json.loads(text))
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`count` prompts of `length` random token ids (ids below 10 left out: special tokens live there)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def lora_names(serve_args: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, path) of every `--lora NAME=PATH` in the server's flags, in order."""
+    found = []
+    for flag, value in itertools.pairwise(serve_args):
+        if flag == "--lora":
+            name, _, path = value.partition("=")
+            found.append((name, path))
+    return found
+
+
+def measure(spec: EngineSpec) -> dict[str, Any]:
+    """Output tokens/s per mix and round (mix 0: the base only), after one warm-up wave per mix."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    from pydantic_settings import CliApp
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from serve.engine import engine_args
+    from serve.settings import ServeSettings
+
+    adapters = [
+        LoRARequest(name, index, path) for index, (name, path) in enumerate(lora_names(spec.serve_args), 1)
+    ]
+    if max(spec.mixes) > len(adapters):
+        raise SystemExit(
+            f"a mix of {max(spec.mixes)} adapters, but the server flags name only {len(adapters)} "
+            "(--lora NAME=PATH)"
+        )
+    settings = CliApp.run(ServeSettings, cli_args=spec.serve_args)
+    started = time.monotonic()
+    llm = LLM(**engine_args(settings))  # type: ignore[arg-type]
+    startup_s = time.monotonic() - started
+    vocab_size = int(llm.llm_engine.model_config.get_vocab_size())
+    prompts = random_prompts(spec.num_prompts, spec.input_len, vocab_size, spec.seed)
+    params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
+
+    def run(mix: int, count: int) -> tuple[int, float]:
+        """(output tokens, seconds) of `count` prompts in waves of `concurrency`."""
+        tokens, begin = 0, time.perf_counter()
+        for start in range(0, count, spec.concurrency):
+            wave = prompts[start : start + spec.concurrency]
+            requests = [adapters[(start + i) % mix] for i in range(len(wave))] if mix else None
+            inputs: Any = [{"prompt_token_ids": ids} for ids in wave]
+            outputs = llm.generate(inputs, params, lora_request=requests, use_tqdm=False)
+            tokens += sum(len(output.outputs[0].token_ids) for output in outputs)
+        return tokens, time.perf_counter() - begin
+
+    for mix in spec.mixes:
+        run(mix, min(spec.concurrency, spec.num_prompts))
+    rounds: dict[int, list[tuple[int, float]]] = {mix: [] for mix in spec.mixes}
+    for round_ in range(spec.rounds):
+        for mix in turns(spec.mixes, round_):
+            rounds[mix].append(run(mix, spec.num_prompts))
+    rows = {}
+    for mix, measured in rounds.items():
+        per_round = [tokens / seconds for tokens, seconds in measured]
+        rows[str(mix)] = {
+            "output_throughput": sum(per_round) / len(per_round),
+            "rounds": per_round,
+            "output_tokens": [tokens for tokens, _ in measured],
+        }
+    return {"startup_s": startup_s, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        raise SystemExit("usage: python -m bench.lora_engine SPEC.json OUT.json")
+    spec = EngineSpec.from_json(Path(args[0]).read_text())
+    Path(args[1]).write_text(json.dumps(measure(spec), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
