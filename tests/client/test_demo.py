@@ -54,7 +54,10 @@ def test_reduced_demo_tunes_adapters_that_beat_the_base(tiny_base: Path, tmp_pat
     config = DemoConfig(
         out=out,
         tasks=("uppercase", "wrap_in_quotes"),
-        n_train=800,
+        # 1600 samples, 80-100 steps: 800 (40-48 steps) sufficed for the tiny base built on an AVX2 host but
+        # not for the one an AVX-512 host builds (float kernels differ, so pre-training ends elsewhere): there
+        # the wrap_in_quotes adapter opened its quote and never closed it (0.0, 2026-12-01).
+        n_train=1600,
         n_test=40,
         suite_per_family=4,
         finetune_overrides=("training.eval_every=1000", "training.save_every=1000"),
