@@ -28,3 +28,16 @@ def test_every_endpoint_and_dependency_runs_on_the_event_loop() -> None:
             assert inspect.iscoroutinefunction(call), f"{route.path}: {call.__qualname__} is not async"
             checked += 1
     assert checked > len(router.routes)  # the dependencies were walked, not only the endpoints
+
+
+def test_freeze_startup_heap_puts_live_objects_out_of_the_collectors_reach() -> None:
+    import gc
+
+    from serve.app import freeze_startup_heap
+
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
