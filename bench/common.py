@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,19 @@ def header_markdown(header: dict[str, Any]) -> list[str]:
         f"- software: torch {machine['torch']}, vLLM {machine['vllm']}, tuneserve {machine['tuneserve']}",
         f"- date: {header['date']}",
     ]
+
+
+COUNTS = ("completed", "failed")
+
+
+def mean_of_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """One measurement from several rounds of it: the mean of each figure (request counts summed), and the
+    rounds themselves under `rounds`."""
+    row: dict[str, Any] = {
+        key: sum(r[key] for r in rounds) / (1 if key in COUNTS else len(rounds)) for key in rounds[0]
+    }
+    row["rounds"] = list(rounds)
+    return row
 
 
 def write_json(path: Path, document: Any) -> None:

@@ -29,6 +29,7 @@ from bench.common import (
     REPO_ROOT,
     add_run_options,
     header_markdown,
+    mean_of_rounds,
     results_dir,
     run_header,
     update_section,
@@ -156,17 +157,6 @@ def relative(rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, float]]:
     return {mix: {key: ratio(row[key], rows[0][key]) for key in keys} for mix, row in rows.items()}
 
 
-def mean_row(rounds: Sequence[dict[str, float]]) -> dict[str, Any]:
-    """One mix's row from its rounds: the mean of each figure (request counts summed), and the rounds
-    themselves under `rounds`."""
-    totals = ("completed", "failed")
-    row: dict[str, Any] = {
-        key: sum(r[key] for r in rounds) / (1 if key in totals else len(rounds)) for key in rounds[0]
-    }
-    row["rounds"] = list(rounds)
-    return row
-
-
 def measure_mix(
     server: ServerProcess, base: Path, models: Sequence[str], load: Load, concurrency: int, out: Path
 ) -> dict[str, float]:
@@ -211,7 +201,7 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
                     mix_label(mix),
                     row["output_throughput"],
                 )
-    rows = {mix: mean_row(rounds) for mix, rounds in measured.items()}
+    rows = {mix: mean_of_rounds(rounds) for mix, rounds in measured.items()}
     engine_only = None
     if args.engine:
         spec = EngineSpec(

@@ -37,6 +37,7 @@ from bench.common import (
     REPO_ROOT,
     add_run_options,
     header_markdown,
+    mean_of_rounds,
     results_dir,
     run_header,
     update_section,
@@ -264,7 +265,7 @@ def ratios(ours: dict[str, float], theirs: dict[str, float]) -> dict[str, float]
 class Comparison:
     """Both servers' figures for each (driver, concurrency) cell."""
 
-    cells: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # cell -> server -> figures
+    cells: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # cell -> server -> figures
 
     @staticmethod
     def cell(driver: str, concurrency: int) -> str:
@@ -329,7 +330,27 @@ def verdict(comparison: Comparison) -> list[str]:
         f"{len(rows)} (load generator, concurrency) cells (target >= 1.0). "
         f"TTFT p50 ratio: {min(ttft):.2f} to {max(ttft):.2f} (target <= 1.0).{cpu_text}"
     ]
+    per_round = round_ratios(comparison)
+    if per_round:
+        lines[0] += (
+            " Throughput ratio in each round, per cell: "
+            + "; ".join(
+                f"{cell.replace('@', ' C=')} " + ", ".join(f"{value:.2f}" for value in values)
+                for cell, values in per_round.items()
+            )
+            + "."
+        )
     return lines
+
+
+def round_ratios(comparison: Comparison, key: str = "output_throughput") -> dict[str, list[float]]:
+    """Per cell, ours/vLLM of `key` in each round (cells measured over more than one round only)."""
+    out = {}
+    for name, sides in comparison.cells.items():
+        ours, theirs = sides.get("ours", {}).get("rounds", []), sides.get("vllm", {}).get("rounds", [])
+        if len(ours) > 1 and len(ours) == len(theirs):
+            out[name] = [ratio(a[key], b[key]) for a, b in zip(ours, theirs, strict=True)]
+    return out
 
 
 def plot(comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int], path: Path) -> None:
@@ -402,20 +423,22 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
             stack.enter_context(running(server))
             warm_up(server.url, base, models, work_dir / f"{server_name}-warmup", max(args.concurrency))
         cells = [(driver, level) for driver in args.drivers for level in args.concurrency]
-        for number, (driver, level) in enumerate(cells):
-            for server_name in turns(list(processes), number):
-                server, info = processes[server_name], servers[server_name]
-                info.setdefault("loadavg_1m_before", load_average())
-                idle_before = {
-                    name: processes[name].tree_cpu_seconds() for name in processes if name != server_name
-                }
-                started = time.monotonic()
-                values = measure_cell(server, driver, level, base, models, load, out_dir)
-                comparison.add(driver, level, server_name, values)
-                info["measure_s"] += time.monotonic() - started
-                for name, before in idle_before.items():  # the waiting server, engine core included
-                    servers[name]["idle_cpu_s"] += processes[name].tree_cpu_seconds() - before
-                info["loadavg_1m_after"] = load_average()
+        measured: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        for (driver, level), server_name in schedule(cells, list(processes), args.rounds):
+            server, info = processes[server_name], servers[server_name]
+            info.setdefault("loadavg_1m_before", load_average())
+            idle_before = {
+                name: processes[name].tree_cpu_seconds() for name in processes if name != server_name
+            }
+            started = time.monotonic()
+            values = measure_cell(server, driver, level, base, models, load, out_dir)
+            measured.setdefault((driver, level, server_name), []).append(values)
+            info["measure_s"] += time.monotonic() - started
+            for name, before in idle_before.items():  # the waiting server, engine core included
+                servers[name]["idle_cpu_s"] += processes[name].tree_cpu_seconds() - before
+            info["loadavg_1m_after"] = load_average()
+    for (driver, level, server_name), rounds in measured.items():
+        comparison.add(driver, level, server_name, mean_of_rounds(rounds))
     for server_name, server in processes.items():
         servers[server_name] |= {
             "command": shlex.join(server.command),
@@ -424,6 +447,7 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
         }
     return {
         "interleaved": True,
+        "rounds": args.rounds,
         "engine": asdict(engine),
         "load": asdict(load),
         "adapters": {name: str(path) for name, path in adapters},
@@ -458,7 +482,23 @@ def measure_cell(
     return values
 
 
+def schedule(
+    cells: Sequence[tuple[str, int]], servers: Sequence[str], rounds: int
+) -> list[tuple[tuple[str, int], str]]:
+    """(cell, server) in the order they run: cell after cell, both servers per cell in `turns` order, and each
+    round in the order of the round before reversed per cell, so with 2 rounds every cell is ABBA."""
+    return [
+        (cell, server)
+        for round_ in range(rounds)
+        for number, cell in enumerate(cells)
+        for server in turns(servers, round_ + number)
+    ]
+
+
 T = TypeVar("T")
+# Runs of each cell per server: with 2, each cell is ours-vLLM-vLLM-ours or the reverse (ABBA), so a drift of
+# the machine's speed within the cell weighs on both alike, and a one-off stall counts half.
+ROUNDS = 2
 
 
 def turns(servers: Sequence[T], cell: int) -> list[T]:
@@ -490,7 +530,9 @@ def section_markdown(
         + (
             "both servers up together, taking turns: for each (load generator, concurrency) cell one "
             "server's run then the other's, the order alternating from cell to cell (ABBA), so a drift of "
-            "the machine's speed weighs on both alike; CPU the waiting server used meanwhile: "
+            f"the machine's speed weighs on both alike; {document.get('rounds', 1)} round(s) of all cells, "
+            "each round in the order of the one before reversed, figures the mean of the rounds; CPU the "
+            "waiting server used meanwhile: "
             + ", ".join(f"{name} {info['idle_cpu_s']:.1f} s" for name, info in document["servers"].items())
             if document.get("interleaved")
             else "the two servers ran one after the other, never together"
@@ -536,20 +578,23 @@ NOTES: tuple[str, ...] = (
     "of 200 requests each: TTFT p99 570/138/181 ms before, 158/184/141 after; API CPU per request "
     "3.3-5.2 ms before, 2.9-3.1 after.",
     "",
-    "Noise, and what is shown: both servers are up together and take turns cell by cell (ABBA), so drift "
-    "weighs on both alike. Still, 2 cores are shared by the load generator, both API processes and both "
-    "engine cores (1-minute load average 1.5-4 during the run), and cells move 10-20% between runs. TPOT "
-    "at C=1 is engine time, the same engine on both sides, yet it differs by 8% between the servers in "
-    "either direction within one run: differences under about 10% in a cell are this machine's noise. The "
-    "interleaved run of the same day before the fix above gave throughput ratios 0.89 to 1.03, TTFT p50 "
-    "0.97 to 1.26 and API CPU per request 1.02 to 1.31 (ours higher in every cell); after it, the run "
-    "above. Parity within noise is what these runs support; the target (ratio >= 1.0 throughput, <= 1.0 "
-    "TTFT p50 in every cell) is not met in every cell, and a few-percent difference cannot be settled on "
-    "this machine. A GPU run, where the API process has cores of its own, is the fair test and has not "
-    "been done (no GPU lent to this project's tasks so far). The full default run took 4 minutes on the "
-    "2-core host of 2026-12-01 10:15 and about 20 minutes on the slower 2-core hosts of the same morning "
-    "(vLLM's time per engine step differed 3-4x between them), most of it the four C=1 levels (200 "
-    "sequential requests each); `--num-prompts` and `--concurrency` shorten it.",
+    "Noise, and what is shown: both servers are up together and take turns cell by cell (ABBA), and every "
+    "cell runs twice per server, the second round in the reverse order, so drift weighs on both alike and a "
+    "one-off stall counts half; the verdict line gives each round's throughput ratio. Still, 2 cores are "
+    "shared by the load generator, both API processes and both engine cores (1-minute load average 1.5-5 "
+    "during the run), and a single run of a cell moves 10-20%: TTFT p50 at C=32 is especially jumpy, "
+    "because requests of equal length come in waves of 32, and the median falls inside or outside a "
+    "wave's prefill (81-178 ms for the same server in the run above). The single-round runs of the same "
+    "day gave throughput ratios 0.90-1.08, 0.90-1.05 and (after the heap freeze) 0.88-1.12; API CPU per "
+    "request 0.82-1.32; in the two-round run above ours used less API CPU per request in all four cells. "
+    "Parity within noise is what these runs support, and on CPU per request ours is ahead; the target "
+    "(ratio >= 1.0 throughput, <= 1.0 TTFT p50 in every cell) is not met in every cell, and a few-percent "
+    "difference cannot be settled on this machine. A GPU run, where the API process has cores of its own, "
+    "is the fair test and has not been done (no GPU lent to this project's tasks so far). The full default "
+    "run (2 rounds) took 6 minutes on the 2-core host of 2026-12-01 11:30; one round took 4 minutes there "
+    "and about 20 on the slower 2-core hosts of the same morning (vLLM's time per engine step differed "
+    "3-4x between them), most of it the C=1 levels (200 sequential requests each); `--rounds`, "
+    "`--num-prompts` and `--concurrency` shorten it.",
 )
 
 
@@ -560,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
         "load; writes bench/results/serve_vs_vllm/ and the serve_vs_vllm section of BENCHMARKS.md.",
     )
     parser.add_argument("--num-prompts", type=int, default=200, help="requests per level (default: 200)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help="times every (load generator, concurrency) cell is run on each server, the servers' order "
+        f"reversed each time; figures are the mean (default: {ROUNDS})",
+    )
     parser.add_argument(
         "--concurrency",
         type=lambda s: [int(p) for p in s.split(",")],
@@ -598,6 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.num_prompts = min(args.num_prompts, 16)
         args.no_markdown = True
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     for name in args.servers:
         if name not in SERVERS:
             parser.error(f"--servers: unknown server {name!r}; choose from {', '.join(SERVERS)}")

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
+from bench.common import mean_of_rounds
 from bench.lora_scaling import (
     SlotConfig,
     interpretation,
     lora_weight_share,
-    mean_row,
     mix_label,
     mix_models,
     relative,
@@ -27,7 +27,10 @@ from bench.serve_vs_vllm import (
     our_server_command,
     per_request_ms,
     ratio,
+    round_ratios,
+    schedule,
     turns,
+    verdict,
     vllm_server_command,
 )
 from client.server_process import process_cpu_seconds, process_tree
@@ -150,8 +153,8 @@ def test_mixes_are_the_mean_of_rounds_taken_forward_then_reversed() -> None:
     # and last in round 2, 16 adapters the other way round; each mix is the mean of its two rounds
     assert [turns([0, 1, 16], r) for r in range(2)] == [[0, 1, 16], [16, 1, 0]]
     rows = {
-        0: mean_row([_round(1000.0, 100.0), _round(800.0, 140.0)]),
-        16: mean_row([_round(900.0, 150.0), _round(700.0, 170.0)]),
+        0: mean_of_rounds([_round(1000.0, 100.0), _round(800.0, 140.0)]),
+        16: mean_of_rounds([_round(900.0, 150.0), _round(700.0, 170.0)]),
     }
     assert rows[0]["output_throughput"] == pytest.approx(900.0)
     assert rows[0]["completed"] == 256.0  # requests add up over rounds
@@ -171,7 +174,7 @@ def test_mixes_are_the_mean_of_rounds_taken_forward_then_reversed() -> None:
     (verdict,) = interpretation([run])
     assert "16 adapters keep 0.89 of base throughput (meets the target 0.8)" in verdict
     assert "Base-only throughput per round: 1000, 800 (last / first 0.80" in verdict
-    run["rows"]["16"] = mean_row([_round(700.0, 150.0)])
+    run["rows"]["16"] = mean_of_rounds([_round(700.0, 150.0)])
     run["relative"] = {str(mix): v for mix, v in relative({0: rows[0], 16: run["rows"]["16"]}).items()}
     assert "misses the target" in interpretation([run])[0]
 
@@ -185,3 +188,40 @@ def test_lora_weight_share_of_rank_16_on_a_7b_model_is_that_of_rank_1_on_the_tin
     assert lora_weight_share(QWEN25_7B, 16) == pytest.approx(lora / linear)
     tiny = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2}
     assert lora_weight_share(tiny, 1) == pytest.approx(lora_weight_share(QWEN25_7B, 16), rel=0.05)
+
+
+def test_two_rounds_run_every_cell_abba_and_figures_are_their_mean() -> None:
+    cells = [("vllm-bench", 1), ("client-load", 1)]
+    order = schedule(cells, ["ours", "vllm"], 2)
+    assert order == [
+        (cells[0], "ours"),
+        (cells[0], "vllm"),
+        (cells[1], "vllm"),
+        (cells[1], "ours"),
+        (cells[0], "vllm"),
+        (cells[0], "ours"),
+        (cells[1], "ours"),
+        (cells[1], "vllm"),
+    ]
+    for cell in cells:  # each server's runs of a cell sit, on average, at the same place in the run
+        positions = {
+            server: [i for i, (c, s) in enumerate(order) if c == cell and s == server]
+            for server in ("ours", "vllm")
+        }
+        assert sum(positions["ours"]) == sum(positions["vllm"])
+    assert schedule(cells, ["ours"], 1) == [(cells[0], "ours"), (cells[1], "ours")]
+
+    comparison = Comparison()
+    runs = {"ours": [900.0, 1100.0], "vllm": [1000.0, 1000.0]}
+    for server, throughputs in runs.items():
+        rounds = [
+            {"output_throughput": t, "median_ttft_ms": 100.0, "completed": 200.0, "failed": 0.0}
+            for t in throughputs
+        ]
+        comparison.add("vllm-bench", 32, server, mean_of_rounds(rounds))
+    assert comparison.get("vllm-bench", 32, "ours")["output_throughput"] == 1000.0  # type: ignore[index]
+    assert comparison.get("vllm-bench", 32, "ours")["completed"] == 400.0  # type: ignore[index]
+    assert round_ratios(comparison) == {"vllm-bench@32": [0.9, 1.1]}
+    (text,) = verdict(comparison)
+    assert "Output-token throughput ratio ours/vLLM: 1.00 to 1.00" in text
+    assert text.endswith("Throughput ratio in each round, per cell: vllm-bench C=32 0.90, 1.10.")
