@@ -446,7 +446,9 @@ NOTES: tuple[str, ...] = (
     "projections of the 256-wide tiny base is 10% of its linear weights, so a step over 16 of them reads "
     "1.6x the base's weights again. Rank 1 on the tiny base is the share a rank-16 adapter has of "
     "Qwen2.5-7B (0.6%): there the weight traffic is small, and against a 7B model's own step, orders of "
-    "magnitude longer than the tiny base's, so is the fixed cost.",
+    "magnitude longer than the tiny base's, so is the fixed cost. (Rank 1 also overstates the cost a "
+    "little: its expand is a batched matmul with an inner dimension of 1, which ran 5-10x slower than a "
+    "plain matmul of the same size in a micro-benchmark here.)",
     "- Served vs engine only: on these 2 cores vLLM binds the engine core to one core and leaves the other "
     "to the API process and the load generator, and at concurrency 32 that side, not the engine, sets the "
     "pace (served base-only throughput is about half the engine-only one). An engine step made slower by "
