@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from client.report import machine_info
 
@@ -43,6 +43,16 @@ def header_markdown(header: dict[str, Any]) -> list[str]:
         f"- software: torch {machine['torch']}, vLLM {machine['vllm']}, tuneserve {machine['tuneserve']}",
         f"- date: {header['date']}",
     ]
+
+
+T = TypeVar("T")
+
+
+def turns(sides: Sequence[T], cell: int) -> list[T]:
+    """The order the sides (servers, or bench.lora_scaling's mixes) take one cell's load in: as given for even
+    cells, reversed for odd ones (ABBA), so that a steady drift of the machine's speed over the run weighs on
+    all alike."""
+    return list(sides) if cell % 2 == 0 else list(reversed(sides))
 
 
 COUNTS = ("completed", "failed")

@@ -7,7 +7,7 @@ serve.engine.engine_args), in this one process (no engine-core process, no HTTP,
 it measures is the engine step itself: how much of the served throughput's loss over many adapters is the
 LoRA computation, and how much the server hides behind its HTTP and streaming work. Requests go in waves of
 `concurrency` random-token prompts (the fixed concurrency of the served load, in lockstep), round-robin over
-the mix's adapters; every mix is measured once per round, forward then reversed (bench.serve_vs_vllm.turns).
+the mix's adapters; every mix is measured once per round, forward then reversed (bench.common.turns).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.serve_vs_vllm import turns
+from bench.common import turns
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,14 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def lora_names(serve_args: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, path) of every `--lora NAME=PATH` in the server's flags, in order."""
+    """(name, path) of every `--lora NAME=PATH` in the server's flags, in order, parsed as the server does."""
+    from serve.adapters import parse_lora_option
+
     found = []
     for flag, value in itertools.pairwise(serve_args):
         if flag == "--lora":
-            name, _, path = value.partition("=")
-            found.append((name, path))
+            name, path = parse_lora_option(value)
+            found.append((name, str(path)))
     return found
 
 

@@ -32,6 +32,7 @@ from bench.common import (
     mean_of_rounds,
     results_dir,
     run_header,
+    turns,
     update_section,
     write_json,
 )
@@ -42,12 +43,10 @@ from bench.serve_vs_vllm import (
     EngineSettings,
     Load,
     make_adapters,
+    measure_cell,
     our_server_command,
-    per_request_ms,
     ratio,
-    run_client_load,
     tiny_base,
-    turns,
     warm_up,
 )
 from client.server_process import ServerProcess, free_port, running
@@ -62,7 +61,7 @@ MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the
 # a larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
 DEFAULT_CONFIGS = "default,default/r1"
 # Every mix is measured once per round, the mixes in forward order in even rounds and reversed in odd ones
-# (bench.serve_vs_vllm.turns), and reported as the mean of its rounds: with an even number of rounds a steady
+# (bench.common.turns), and reported as the mean of its rounds: with an even number of rounds a steady
 # drift of the machine's speed weighs on every mix alike. One round of 128 prompts is ~2.5 s of load per mix.
 ROUNDS = 2
 TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
@@ -157,20 +156,6 @@ def relative(rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, float]]:
     return {mix: {key: ratio(row[key], rows[0][key]) for key in keys} for mix, row in rows.items()}
 
 
-def measure_mix(
-    server: ServerProcess, base: Path, models: Sequence[str], load: Load, concurrency: int, out: Path
-) -> dict[str, float]:
-    """One load on `models` (round-robin): the figures of the level, and the API process's CPU per request."""
-    cpu_before, started = server.cpu_seconds(), time.monotonic()
-    (result,) = run_client_load(server.url, base, models, [concurrency], load, out)
-    row = {key: float(result[key]) for key in ("output_throughput", "request_throughput")}
-    row |= {key: float(result[key]) for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")}
-    row |= {"completed": float(result["completed"]), "failed": float(result["failed"])}
-    row["api_cpu_ms_per_request"] = per_request_ms(server.cpu_seconds() - cpu_before, row["completed"])
-    row["wall_s"] = time.monotonic() - started
-    return row
-
-
 def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     adapters = [(path.name, path) for path in make_adapters(base, max(args.mixes), rank=config.rank)]
     loras, cpu = config.resolved()
@@ -192,7 +177,10 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
         for round_ in range(args.rounds):
             for mix in turns(args.mixes, round_):
                 out = work / f"{tag}-mix{mix}-round{round_}"
-                row = measure_mix(server, base, mix_models(mix, names), load, args.concurrency, out)
+                started = time.monotonic()
+                models = mix_models(mix, names)
+                row = measure_cell(server, "client-load", args.concurrency, base, models, load, out)
+                row["wall_s"] = time.monotonic() - started
                 measured[mix].append(row)
                 log.info(
                     "%s, round %d, %s: %.0f output tok/s",

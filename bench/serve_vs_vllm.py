@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bench.common import (
     REPO_ROOT,
@@ -40,6 +40,7 @@ from bench.common import (
     mean_of_rounds,
     results_dir,
     run_header,
+    turns,
     update_section,
     write_json,
 )
@@ -56,6 +57,9 @@ SERVED_BASE_NAME = "tiny-base"
 SERVERS = ("ours", "vllm")
 DRIVERS = ("vllm-bench", "client-load")
 SERVER_LABELS = {"ours": "ours (`python -m serve`)", "vllm": "vLLM OpenAI server"}
+# Runs of each cell per server: with 2, each cell is ours-vLLM-vLLM-ours or the reverse (ABBA), so a drift of
+# the machine's speed within the cell weighs on both alike, and a one-off stall counts half.
+ROUNDS = 2
 DRIVER_LABELS = {"vllm-bench": "vLLM `benchmarks.serve`", "client-load": "our `client load`"}
 
 # The figures compared, as (key in both tools' result JSON, label, higher is better).
@@ -431,7 +435,9 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
                 name: processes[name].tree_cpu_seconds() for name in processes if name != server_name
             }
             started = time.monotonic()
-            values = measure_cell(server, driver, level, base, models, load, out_dir)
+            suffix = ".json" if driver == "vllm-bench" else ""  # vLLM's result file; our load's folder
+            out = out_dir / f"{server.name}-{driver}-c{level}{suffix}"
+            values = measure_cell(server, driver, level, base, models, load, out)
             measured.setdefault((driver, level, server_name), []).append(values)
             info["measure_s"] += time.monotonic() - started
             for name, before in idle_before.items():  # the waiting server, engine core included
@@ -466,17 +472,15 @@ def measure_cell(
     base: Path,
     models: Sequence[str],
     load: Load,
-    out_dir: Path,
+    out: Path,
 ) -> dict[str, float]:
-    """One server's run of one (load generator, concurrency) cell: its figures and API CPU per request."""
+    """One server's run of one (load generator, concurrency) cell: its figures and API CPU per request. The
+    load generator's own output goes to `out` (vLLM's benchmark: a JSON file; `client load`: a folder)."""
     cpu_before = server.cpu_seconds()
     if driver == "vllm-bench":
-        out = out_dir / f"{server.name}-vllm-bench-c{level}.json"
         result = run_vllm_bench(server.url, base, models, level, load, out)
     else:
-        (result,) = run_client_load(
-            server.url, base, models, [level], load, out_dir / f"{server.name}-client-load-c{level}"
-        )
+        (result,) = run_client_load(server.url, base, models, [level], load, out)
     values = figures(result)
     values["api_cpu_ms_per_request"] = per_request_ms(server.cpu_seconds() - cpu_before, values["completed"])
     return values
@@ -493,19 +497,6 @@ def schedule(
         for number, cell in enumerate(cells)
         for server in turns(servers, round_ + number)
     ]
-
-
-T = TypeVar("T")
-# Runs of each cell per server: with 2, each cell is ours-vLLM-vLLM-ours or the reverse (ABBA), so a drift of
-# the machine's speed within the cell weighs on both alike, and a one-off stall counts half.
-ROUNDS = 2
-
-
-def turns(servers: Sequence[T], cell: int) -> list[T]:
-    """The order the servers (or bench.lora_scaling's mixes) take one cell's load in: as given for even cells,
-    reversed for odd ones (ABBA), so that a steady drift of the machine's speed over the run weighs on all
-    alike."""
-    return list(servers) if cell % 2 == 0 else list(reversed(servers))
 
 
 def section_markdown(

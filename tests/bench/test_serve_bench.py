@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.common import mean_of_rounds
+from bench.common import mean_of_rounds, turns
 from bench.lora_scaling import (
     SlotConfig,
     interpretation,
@@ -29,7 +29,6 @@ from bench.serve_vs_vllm import (
     ratio,
     round_ratios,
     schedule,
-    turns,
     verdict,
     vllm_server_command,
 )
