@@ -11,16 +11,18 @@ per-sequence indices and call them) compute every token's LoRA product as
   projection of every layer) and the einsum then runs one matrix-vector product per token. For a 2048-token
   prefill step on a 1024-wide projection that is a 134 MB copy per op, 50-100x the time of the matmul itself.
 
-This plugin does two things on CPU:
+On CPU, this plugin:
 
-- It replaces the three `bgmv_*` ops with `lora_matmul`: tokens are grouped by adapter and each group runs one
+- replaces the three `bgmv_*` ops with `lora_matmul`: tokens are grouped by adapter and each group runs one
   GEMM against its adapter's matrix (a batch on a single adapter is one plain matmul), and tokens with index
   -1 get exactly zero. Calls whose shapes are not one index per input row keep vLLM's op.
-- It replaces `PunicaWrapperCPU.add_lora_linear`, which every LoRA linear layer calls (shrink then expand, per
+- replaces `PunicaWrapperCPU.add_lora_linear`, which every LoRA linear layer calls (shrink then expand, per
   output slice), with `grouped_add_lora_linear`: the step's tokens are grouped by adapter once per engine
   step (`LoraBatchPlan`) instead of once per op, and many small groups (decode steps spread over many
-  adapters) run as batched matmuls over the adapters (`PaddedLayout`) instead of one GEMM per adapter.
-- It skips LoRA work that adds exactly zero. vLLM gives every adapter a slot in every LoRA layer, the
+  adapters) run as batched matmuls over the adapters (`PaddedLayout`) instead of one GEMM per adapter. A layer
+  of several output slices (q/k/v, gate/up) runs as one product over all of them (`fused_weights`) where the
+  extra weight traffic that costs is small (low ranks), instead of one per slice.
+- skips LoRA work that adds exactly zero. vLLM gives every adapter a slot in every LoRA layer, the
   embeddings and lm_head included, and writes zeros where an adapter leaves a module (or a slice of a packed
   one, such as k in q/k/v) alone; its ops then multiply by those zeros. A patched
   `LoRAModelManager.activate_adapter` records which slots of each stacked weight are non-zero, and
@@ -243,9 +245,17 @@ class PaddedLayout:
             token_rows.fill_(int(free.nonzero()[0]))
         token_rows[self.adapter_rows] = self.scatter_rows
         self.token_rows = token_rows
+        # Every row of the layout holds a token (each adapter has as many): the layout is a permutation.
+        self.permutation = (
+            torch.argsort(token_rows)
+            if self.all_tokens and self.batch * self.longest == plan.tokens
+            else None
+        )
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """x (tokens, features) laid out as a float32 (batch, longest, features) tensor, zero elsewhere."""
+        if self.permutation is not None:
+            return _as(x.index_select(0, self.permutation), torch.float32).view(self.batch, self.longest, -1)
         padded = x.new_zeros(self.batch * self.longest, x.shape[1], dtype=torch.float32)
         if self.all_tokens:
             padded.index_copy_(0, self.token_rows, x.float())
@@ -254,8 +264,13 @@ class PaddedLayout:
         return padded.view(self.batch, self.longest, x.shape[1])
 
     def weights(self, stacked: torch.Tensor) -> torch.Tensor:
-        """The (batch, out, in) weights for this layout from vLLM's (slots, out, in) stack."""
-        return stacked if self.weights_index is None else stacked.index_select(0, self.weights_index)
+        """The (batch, out, in) weights for this layout from a (slots, out, in) stack: vLLM's, or the
+        transpose of a contiguous one (`fused_weights`' B), whose memory layout the selection keeps."""
+        if self.weights_index is None:
+            return stacked
+        if stacked.is_contiguous():
+            return stacked.index_select(0, self.weights_index)
+        return stacked.transpose(1, 2).index_select(0, self.weights_index).transpose(1, 2)
 
     def gather(self, batched: torch.Tensor) -> torch.Tensor:
         """The (tokens, out) rows of a (batch, longest, out) result, zero for tokens without an adapter."""
@@ -364,22 +379,70 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         if plan is None or plan.tokens != indices.shape[0]:
             plan = self._tuneserve_plan = LoraBatchPlan(indices)
         y2 = y.view(-1, y.shape[-1])
-        # per output slice: A (slots, 1, rank, in), B (slots, 1, out_i, rank), y's columns of the slice
-        slices = []
+        # per output slice: A (slots, rank, in), B (slots, out_i, rank), y's columns of the slice
+        products = []
         start = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             if b.shape[-2] != size:  # padded differently from the slices: not what this was written for
                 break
             if needs_lora(plan.slots, a, b):
-                slices.append((a, b, y2[:, start : start + size]))
+                products.append((a.squeeze(1), b.squeeze(1), y2[:, start : start + size]))
             start += size
         else:
-            return _apply(plan, x2, slices, scale, y.dtype)
+            if 1 < len(products) == len(output_slices):  # every slice of a q/k/v or gate/up layer is adapted
+                fused = fused_weights(lora_a_stacked, lora_b_stacked, y.dtype)
+                if fused is not None:
+                    products = [(*fused, y2[:, :start])]
+            return _apply(plan, x2, products, scale, y.dtype)
         return original(
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
 
     return add_lora_linear
+
+
+# Largest extra weight traffic, in bytes, for which a layer of several output slices (q/k/v, gate/up) runs
+# as one product (`fused_weights`). Measured on a 2-core x86 CPU with the tiny base's shapes (16 LoRA layers,
+# 16 slots, decode steps of 32 tokens over 4 or 16 adapters): the LoRA layers took 0.65-0.7x the time at
+# ranks 1-4, 0.85-1.0x at rank 8 (the q/k/v layer, 512 KiB extra, fused); at rank 16, 1-1.4 MB extra per
+# layer, fusing was 1.05-1.1x slower: the block-diagonal B's zeros cost more weight traffic than it saved.
+FUSED_MAX_EXTRA_BYTES = 512 * 1024
+FUSED = "_tuneserve_fused"
+
+
+def fused_weights(
+    lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer's LoRA over all its output slices as one (A, B) product, or None when not worth it.
+
+    vLLM stacks A (slots, 1, rank, in) and B (slots, 1, out_i, rank) per output slice; each slice is then
+    two matmuls (and, over several adapters, a gather and an add). Here A is every slice's A stacked along the
+    rank, float32 (slots, slices x rank, in), and B (slots, out, slices x rank) is block-diagonal in `dtype`:
+    slice i's columns read only its own rank rows. B is the transpose of a contiguous (slots, rank, out)
+    tensor, the layout the batched matmul reads fastest. The zero blocks read
+    (slices - 1) x B's weights again, so layers where that exceeds FUSED_MAX_EXTRA_BYTES keep one product
+    per slice. Cached on the layer's first A, rebuilt when vLLM writes any of the weights (loading an
+    adapter into a slot bumps the tensors' versions).
+    """
+    first = lora_a_stacked[0]
+    versions = tuple(weights._version for weights in (*lora_a_stacked, *lora_b_stacked))
+    cached = getattr(first, FUSED, None)
+    if cached is not None and cached[0] == versions and cached[1] == dtype:
+        return cached[2]
+    slots, _, rank, _ = first.shape
+    sizes = [b.shape[-2] for b in lora_b_stacked]
+    extra = slots * rank * sum(sizes) * (len(sizes) - 1) * dtype.itemsize
+    fused = None
+    if extra <= FUSED_MAX_EXTRA_BYTES and all(a.shape == first.shape for a in lora_a_stacked):
+        a = torch.cat([_as(a.squeeze(1), torch.float32) for a in lora_a_stacked], 1)
+        b_t = first.new_zeros(slots, len(sizes) * rank, sum(sizes), dtype=dtype)
+        start = 0
+        for i, (b, size) in enumerate(zip(lora_b_stacked, sizes, strict=True)):
+            b_t[:, i * rank : (i + 1) * rank, start : start + size] = b.squeeze(1).transpose(1, 2)
+            start += size
+        fused = (a, b_t.transpose(1, 2))
+    setattr(first, FUSED, (versions, dtype, fused))
+    return fused
 
 
 def _expand_input(shrunk: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -392,36 +455,37 @@ def _expand_input(shrunk: torch.Tensor, scale: float, dtype: torch.dtype) -> tor
 def _apply(
     plan: LoraBatchPlan,
     x2: torch.Tensor,
-    slices: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     scale: float,
     dtype: torch.dtype,
 ) -> None:
-    """`columns += (x A^T * scale) B^T` per (A, B, columns) slice, each token with its adapter's A and B."""
-    if not slices:
+    """`columns += (x A^T * scale) B^T` per (A (slots, rank, in), B (slots, out, rank), columns) product, each
+    token with its adapter's A and B."""
+    if not products:
         return  # no token has an adapter, or its adapter leaves this layer alone
     if plan.padded:
-        layout = plan.layout(slices[0][0].shape[0])
+        layout = plan.layout(products[0][0].shape[0])
         padded = layout.scatter(x2)
-        for a, b, columns in slices:
-            shrunk = torch.bmm(padded, _as(layout.weights(a.squeeze(1)), torch.float32).transpose(1, 2))
-            weights = _as(layout.weights(b.squeeze(1)), dtype).transpose(1, 2)
+        for a, b, columns in products:
+            shrunk = torch.bmm(padded, _as(layout.weights(a), torch.float32).transpose(1, 2))
+            weights = _as(layout.weights(b), dtype).transpose(1, 2)
             columns += layout.gather(torch.bmm(_expand_input(shrunk, scale, dtype), weights))
         return
     x32 = _as(x2, torch.float32)
     if plan.groups[0][1] is None:  # every token on one adapter
         slot = plan.groups[0][0]
-        for a, b, columns in slices:
-            shrunk = F.linear(x32, _as(a[slot, 0], torch.float32))
-            columns.addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot, 0], dtype).t())
+        for a, b, columns in products:
+            shrunk = F.linear(x32, _as(a[slot], torch.float32))
+            columns.addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
         return
-    # Scatter each group's rows into a dense delta per slice, then one add: index_add_ into y's strided
+    # Scatter each group's rows into a dense delta per product, then one add: index_add_ into y's strided
     # column slices is several times slower.
     groups = [(slot, rows, x32.index_select(0, rows)) for slot, rows in plan.groups if rows is not None]
-    for a, b, columns in slices:
+    for a, b, columns in products:
         delta = columns.new_zeros(columns.shape)
         for slot, rows, inputs in groups:
-            shrunk = F.linear(inputs, _as(a[slot, 0], torch.float32))
-            delta.index_copy_(0, rows, F.linear(_expand_input(shrunk, scale, dtype), _as(b[slot, 0], dtype)))
+            shrunk = F.linear(inputs, _as(a[slot], torch.float32))
+            delta.index_copy_(0, rows, F.linear(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype)))
         columns += delta
 
 

@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 import torch
 
+import serve.vllm_cpu_lora_fix as fix
 from serve.vllm_cpu_lora_fix import (
+    FUSED,
     LIVE,
     PATCHED_OPS,
     REPLACEMENTS,
     LoraBatchPlan,
+    fused_weights,
     group_by_slot,
     lora_matmul,
     register,
@@ -193,9 +196,14 @@ def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tens
         ([-1] * 5, 2),  # no adapter at all
     ],
 )
-def test_grouped_add_lora_linear_equals_vllms(token_slots: list[int], slots: int) -> None:
+@pytest.mark.parametrize("fuse", [True, False], ids=["one-product-per-layer", "one-per-slice"])
+def test_grouped_add_lora_linear_equals_vllms(
+    token_slots: list[int], slots: int, fuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+    if not fuse:
+        monkeypatch.setattr(fix, "FUSED_MAX_EXTRA_BYTES", 0)
     register()
     patched = PunicaWrapperCPU.add_lora_linear
     vllm_method = patched.__wrapped__
@@ -210,6 +218,53 @@ def test_grouped_add_lora_linear_equals_vllms(token_slots: list[int], slots: int
     torch.testing.assert_close(got, expected)
     missing = torch.tensor(token_slots) < 0
     torch.testing.assert_close(got[missing], torch.ones(int(missing.sum()), 9))
+    if not missing.all():
+        assert (getattr(shrink[0], FUSED)[2] is not None) == fuse
+
+
+def test_fused_weights_stack_a_and_lay_b_out_block_diagonally(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, shrink, expand = _linear_case(3, 2)
+    fused = fused_weights(shrink, expand, torch.float32)
+    assert fused is not None
+    a, b = fused
+    assert a.shape == (2, 3 * RANK, FEATURES) and b.shape == (2, 8, 3 * RANK)
+    off_blocks = b.clone()
+    for i, (start, stop) in enumerate([(0, 4), (4, 6), (6, 8)]):
+        ranks = slice(i * RANK, (i + 1) * RANK)
+        assert torch.equal(a[:, ranks], shrink[i].squeeze(1))
+        assert torch.equal(b[:, start:stop, ranks], expand[i].squeeze(1))
+        off_blocks[:, start:stop, ranks] = 0
+    assert not off_blocks.any()  # slice i's columns read only its own ranks
+    assert b.transpose(1, 2).is_contiguous()  # B^T is the contiguous one: the layout bmm reads fastest
+    assert fused_weights(shrink, expand, torch.float32)[0] is a  # type: ignore[index]  # cached
+    zeros = 2 * RANK * 8 * (3 - 1) * 4  # slots x rank x columns x (slices - 1) x float32: B's zero blocks
+    monkeypatch.setattr(fix, "FUSED_MAX_EXTRA_BYTES", zeros - 1)
+    _, shrink, expand = _linear_case(3, 2)
+    assert fused_weights(shrink, expand, torch.float32) is None
+
+
+def test_fused_weights_follow_adapters_written_into_slots() -> None:
+    """vLLM loads an adapter by copying its weights into a slot of the stacks and clears a slot by zeroing
+    it: the fused product must not keep serving the old weights."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    register()
+    wrapper = _wrapper([0, 1, 0, 1, 1], 2)
+    x, shrink, expand = _linear_case(5, 2)
+    PunicaWrapperCPU.add_lora_linear(
+        wrapper, torch.zeros(5, 8), x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    assert getattr(shrink[0], FUSED)[2] is not None
+    shrink[1][1, 0].copy_(torch.randn(RANK, FEATURES))  # as vLLM's set_lora writes a new adapter
+    expand[2][0, 0].zero_()  # as its reset_lora clears one
+    got = torch.zeros(5, 8)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
+    expected = torch.zeros(5, 8)
+    PunicaWrapperCPU.add_lora_linear.__wrapped__(
+        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    torch.testing.assert_close(got, expected)
+    assert not got[[0, 2], 6:].any()
 
 
 @pytest.mark.parametrize(
@@ -290,7 +345,13 @@ def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
     assert padded.squeeze(2).tolist() == [[2.0, 4.0], [6.0, 0.0], [1.0, 5.0]]
     gathered = layout.gather(padded).squeeze(1)
     assert gathered.tolist() == [1.0, 2.0, 0.0, 4.0, 5.0, 6.0]  # back in token order; no adapter: zero
-    assert LoraBatchPlan(torch.tensor([0, 1, 1, 0])).layout(2).weights_index is None  # every slot: no gather
+    assert layout.permutation is None  # base tokens and padding: scattered into zeros
+    full = LoraBatchPlan(torch.tensor([0, 1, 1, 0])).layout(2)
+    assert full.weights_index is None  # every slot: no gather
+    assert full.permutation is not None  # every row a token: the layout is a reordering
+    x = torch.arange(4.0).unsqueeze(1)
+    assert full.scatter(x).squeeze(2).tolist() == [[0.0, 3.0], [1.0, 2.0]]
+    assert full.gather(full.scatter(x)).squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def _live_case() -> tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
