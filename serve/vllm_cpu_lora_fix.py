@@ -185,11 +185,36 @@ PADDED_MAX_GROUP = 32
 PADDING_WASTE = 4
 
 
+# Shortest mean run of consecutive tokens on one adapter for which a step runs one matmul pair per run, in
+# place in the output (`LoraBatchPlan.runs`), rather than one per adapter through a dense delta that is
+# zeroed, scattered into and added (three passes over a tokens x features tensor). Measured on a 2-core x86
+# CPU, tiny base shapes, 16 LoRA layers, 1024-2048-token steps: in place 1.3-2.3x faster with runs of 64
+# and 512 tokens, 1.1-1.3x slower with runs of 16, 2-3x slower with runs of 4-8.
+MIN_RUN_TOKENS = 32
+
+
+def contiguous_runs(indices: torch.Tensor, min_mean: int) -> list[tuple[int, int, int]] | None:
+    """(slot, start, stop) for each run of consecutive tokens on one adapter slot (runs without one left out),
+    or None when the runs are shorter than `min_mean` tokens on average.
+
+    A sequence's tokens are consecutive in a step, so a prefill step is a few long runs, one per prompt."""
+    starts = torch.cat(
+        [torch.zeros(1, dtype=torch.long), (indices[1:] != indices[:-1]).nonzero().flatten() + 1]
+    )
+    if len(indices) < min_mean * len(starts):
+        return None
+    bounds = [*starts.tolist(), len(indices)]
+    slots = indices.index_select(0, starts).tolist()
+    return [(slot, bounds[i], bounds[i + 1]) for i, slot in enumerate(slots) if slot >= 0]
+
+
 class LoraBatchPlan:
     """How one engine step's tokens map to adapter slots; computed once per step, used by every LoRA layer.
 
     `groups`: (slot, rows) per adapter slot in use, rows = None when every token uses that one slot. `padded`:
-    whether the step runs as batched matmuls over the adapters (`PaddedLayout`, one per slot count).
+    whether the step runs as batched matmuls over the adapters (`PaddedLayout`, one per slot count). `runs`:
+    (slot, start, stop) per run of consecutive tokens on one adapter when the runs are long (prefill steps),
+    for matmuls in place; else None.
     """
 
     def __init__(self, indices: torch.Tensor) -> None:
@@ -205,6 +230,7 @@ class LoraBatchPlan:
             and len(members) * self.longest <= PADDING_WASTE * self.tokens
         )
         self._layouts: dict[int, PaddedLayout] = {}
+        self.runs = None if self.padded or not members else contiguous_runs(indices, MIN_RUN_TOKENS)
 
     def layout(self, slots: int) -> PaddedLayout:
         """The batched layout for weights stacked over `slots` adapter slots."""
@@ -472,6 +498,12 @@ def _apply(
             columns += layout.gather(torch.bmm(_expand_input(shrunk, scale, dtype), weights))
         return
     x32 = _as(x2, torch.float32)
+    if plan.runs is not None:  # long runs of tokens on one adapter: in place, no delta to scatter and add
+        for a, b, columns in products:
+            for slot, start, stop in plan.runs:
+                shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
+                columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
+        return
     if plan.groups[0][1] is None:  # every token on one adapter
         slot = plan.groups[0][0]
         for a, b, columns in products:

@@ -16,6 +16,7 @@ from serve.vllm_cpu_lora_fix import (
     PATCHED_OPS,
     REPLACEMENTS,
     LoraBatchPlan,
+    contiguous_runs,
     fused_weights,
     group_by_slot,
     lora_matmul,
@@ -193,6 +194,7 @@ def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tens
         ([5, 1, -1, 1, 5, 3, 3, -1], 8),  # some slots: their weights gathered, base tokens read a padding row
         ([0, 1, -1, 1, 0, -1], 2),  # no padding in the batched layout: one zero row added for base tokens
         ([0] * 20 + [1, 2, 3], 8),  # one long prefill and a few decodes: one GEMM per adapter
+        ([0] * 40 + [-1] * 8 + [1] * 40 + [0] * 40, 4),  # long prefill runs: matmuls in place per run
         ([-1] * 5, 2),  # no adapter at all
     ],
 )
@@ -333,6 +335,20 @@ def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
     assert not LoraBatchPlan(torch.tensor([0] * 30 + [1, 2, 3, 4, 5])).padded  # mostly padding
     assert not LoraBatchPlan(torch.tensor([0, 1] * 40)).padded  # groups long enough for one GEMM each
     assert not LoraBatchPlan(torch.tensor([3] * 8)).padded  # one adapter: a plain matmul
+
+
+def test_long_runs_of_one_adapter_run_in_place() -> None:
+    assert contiguous_runs(torch.tensor([2] * 40 + [-1] * 8 + [0] * 40 + [2] * 40), 32) == [
+        (2, 0, 40),
+        (0, 48, 88),  # the base model's run has no matmul
+        (2, 88, 128),
+    ]
+    assert contiguous_runs(torch.tensor([2] * 40 + [0] * 20), 32) is None  # 30 tokens per run: too short
+    prefill = LoraBatchPlan(torch.tensor([(token // 64) % 4 for token in range(512)]))  # 8 prompts of 64
+    assert not prefill.padded and prefill.runs is not None and len(prefill.runs) == 8
+    decode = LoraBatchPlan(torch.tensor([token % 2 for token in range(128)]))
+    assert not decode.padded and decode.runs is None  # runs of one token: one GEMM per adapter
+    assert LoraBatchPlan(torch.tensor([1] * 64)).runs is None  # one adapter: one matmul for the batch
 
 
 def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
