@@ -5,9 +5,10 @@
 The engine is built from the very flags the server of that config got (`ServeSettings` parsed from them, then
 serve.engine.engine_args), in this one process (no engine-core process, no HTTP, no detokenization), so what
 it measures is the engine step itself: how much of the served throughput's loss over many adapters is the
-LoRA computation, and how much the server hides behind its HTTP and streaming work. Requests go in waves of
-`concurrency` random-token prompts (the fixed concurrency of the served load, in lockstep), round-robin over
-the mix's adapters; every mix is measured once per round, forward then reversed (bench.common.turns).
+LoRA computation, and how much the server hides behind its HTTP and streaming work. Random-token prompts go
+round-robin over the mix's adapters, `concurrency` of them in flight, a new one as soon as one finishes (the
+served load's closed loop, so engine steps have the same make-up: a new prompt's prefill joins the others'
+decoding); every mix is measured once per round, forward then reversed (bench.common.turns).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def measure(spec: EngineSpec) -> dict[str, Any]:
     """Output tokens/s per mix and round (mix 0: the base only), after one warm-up wave per mix."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     from pydantic_settings import CliApp
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
 
     from serve.engine import engine_args
@@ -91,30 +92,47 @@ def measure(spec: EngineSpec) -> dict[str, Any]:
     prompts = random_prompts(spec.num_prompts, spec.input_len, vocab_size, spec.seed)
     params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
 
-    def run(mix: int, count: int) -> tuple[int, float]:
-        """(output tokens, seconds) of `count` prompts in waves of `concurrency`."""
-        tokens, begin = 0, time.perf_counter()
-        for start in range(0, count, spec.concurrency):
-            wave = prompts[start : start + spec.concurrency]
-            requests = [adapters[(start + i) % mix] for i in range(len(wave))] if mix else None
-            inputs: Any = [{"prompt_token_ids": ids} for ids in wave]
-            outputs = llm.generate(inputs, params, lora_request=requests, use_tqdm=False)
-            tokens += sum(len(output.outputs[0].token_ids) for output in outputs)
-        return tokens, time.perf_counter() - begin
+    engine = llm.llm_engine
+    request_ids = itertools.count()
+
+    def run(mix: int, count: int) -> tuple[int, float, int]:
+        """(output tokens, seconds, most requests in flight) of `count` prompts, `concurrency` of them in
+        flight: a new one as soon as one finishes, as the served load's clients do, so steps mix new prompts'
+        prefill with decoding."""
+        queue = iter(range(count))
+
+        def submit(index: int) -> None:
+            adapter = adapters[index % mix] if mix else None
+            prompt: Any = {"prompt_token_ids": prompts[index]}
+            engine.add_request(str(next(request_ids)), prompt, params, lora_request=adapter)
+
+        for index in itertools.islice(queue, spec.concurrency):
+            submit(index)
+        tokens, peak, begin = 0, 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            peak = max(peak, engine.get_num_unfinished_requests())
+            for output in engine.step():
+                if isinstance(output, RequestOutput) and output.finished:
+                    tokens += len(output.outputs[0].token_ids)
+                    following = next(queue, None)
+                    if following is not None:
+                        submit(following)
+        return tokens, time.perf_counter() - begin, peak
 
     for mix in spec.mixes:
         run(mix, min(spec.concurrency, spec.num_prompts))
-    rounds: dict[int, list[tuple[int, float]]] = {mix: [] for mix in spec.mixes}
+    rounds: dict[int, list[tuple[int, float, int]]] = {mix: [] for mix in spec.mixes}
     for round_ in range(spec.rounds):
         for mix in turns(spec.mixes, round_):
             rounds[mix].append(run(mix, spec.num_prompts))
     rows = {}
     for mix, measured in rounds.items():
-        per_round = [tokens / seconds for tokens, seconds in measured]
+        per_round = [tokens / seconds for tokens, seconds, _ in measured]
         rows[str(mix)] = {
             "output_throughput": sum(per_round) / len(per_round),
             "rounds": per_round,
-            "output_tokens": [tokens for tokens, _ in measured],
+            "output_tokens": [tokens for tokens, _, _ in measured],
+            "peak_in_flight": max(peak for _, _, peak in measured),
         }
     return {"startup_s": startup_s, "rows": rows}
 

@@ -185,42 +185,53 @@ PADDED_MAX_GROUP = 32
 PADDING_WASTE = 4
 
 
-# Shortest mean run of consecutive tokens on one adapter for which a step runs one matmul pair per run, in
-# place in the output (`LoraBatchPlan.runs`), rather than one per adapter through a dense delta that is
-# zeroed, scattered into and added (three passes over a tokens x features tensor). Measured on a 2-core x86
-# CPU, tiny base shapes, 16 LoRA layers, 1024-2048-token steps: in place 1.3-2.3x faster with runs of 64
-# and 512 tokens, 1.1-1.3x slower with runs of 16, 2-3x slower with runs of 4-8.
+# Shortest run of consecutive tokens on one adapter that runs as its own matmul pair, in place in the output
+# (`LoraBatchPlan.runs`), rather than with the step's other tokens on that adapter through a dense delta that
+# is zeroed, scattered into and added (three passes over a tokens x features tensor). Measured on a 2-core
+# x86 CPU, tiny base shapes, 16 LoRA layers, 1024-2048-token steps: in place 1.3-2.3x faster with runs of
+# 64 and 512 tokens, 1.1-1.3x slower with runs of 16, 2-3x slower with runs of 4-8.
 MIN_RUN_TOKENS = 32
 
 
-def contiguous_runs(indices: torch.Tensor, min_mean: int) -> list[tuple[int, int, int]] | None:
-    """(slot, start, stop) for each run of consecutive tokens on one adapter slot (runs without one left out),
-    or None when the runs are shorter than `min_mean` tokens on average.
+def long_runs(indices: torch.Tensor, min_length: int) -> list[tuple[int, int, int]]:
+    """(slot, start, stop) for each run of at least `min_length` consecutive tokens on one adapter slot.
 
-    A sequence's tokens are consecutive in a step, so a prefill step is a few long runs, one per prompt."""
+    A sequence's tokens are consecutive in a step, so a prompt's prefill (or a chunk of it) is one run."""
     starts = torch.cat(
         [torch.zeros(1, dtype=torch.long), (indices[1:] != indices[:-1]).nonzero().flatten() + 1]
     )
-    if len(indices) < min_mean * len(starts):
-        return None
     bounds = [*starts.tolist(), len(indices)]
     slots = indices.index_select(0, starts).tolist()
-    return [(slot, bounds[i], bounds[i + 1]) for i, slot in enumerate(slots) if slot >= 0]
+    return [
+        (slot, start, stop)
+        for slot, start, stop in zip(slots, bounds, bounds[1:], strict=False)
+        if slot >= 0 and stop - start >= min_length
+    ]
 
 
 class LoraBatchPlan:
     """How one engine step's tokens map to adapter slots; computed once per step, used by every LoRA layer.
 
-    `groups`: (slot, rows) per adapter slot in use, rows = None when every token uses that one slot. `padded`:
-    whether the step runs as batched matmuls over the adapters (`PaddedLayout`, one per slot count). `runs`:
-    (slot, start, stop) per run of consecutive tokens on one adapter when the runs are long (prefill steps),
-    for matmuls in place; else None.
+    `runs`: (slot, start, stop) per long run of tokens on one adapter (a prompt's prefill), each one matmul
+    pair in place. The other tokens: `groups`, (slot, rows) per adapter slot they use, rows = None when every
+    token of the step uses that one slot; `padded`: whether they run as batched matmuls over the adapters
+    (`PaddedLayout`, one per slot count; decode tokens over many adapters), else one GEMM per group. A step
+    where new prompts join decoding requests (the steady state of a served load) is usually both.
     """
 
     def __init__(self, indices: torch.Tensor) -> None:
         self.tokens = int(indices.shape[0])
-        self.groups = group_by_slot(indices)
-        self.slots = frozenset(slot for slot, _ in self.groups)
+        groups = group_by_slot(indices)
+        self.slots = frozenset(slot for slot, _ in groups)
+        self.runs: list[tuple[int, int, int]] = []
+        if groups and groups[0][1] is not None:  # tokens on several slots, or some without an adapter
+            self.runs = long_runs(indices, MIN_RUN_TOKENS)
+            if self.runs:
+                rest = indices.clone()
+                for _, start, stop in self.runs:
+                    rest[start:stop] = -1
+                groups = group_by_slot(rest)
+        self.groups = groups
         members = [rows for _, rows in self.groups if rows is not None]
         self.longest = max((len(rows) for rows in members), default=self.tokens)
         # Several adapters, each with few tokens (as in decode steps), and little padding.
@@ -230,7 +241,6 @@ class LoraBatchPlan:
             and len(members) * self.longest <= PADDING_WASTE * self.tokens
         )
         self._layouts: dict[int, PaddedLayout] = {}
-        self.runs = None if self.padded or not members else contiguous_runs(indices, MIN_RUN_TOKENS)
 
     def layout(self, slots: int) -> PaddedLayout:
         """The batched layout for weights stacked over `slots` adapter slots."""
@@ -489,6 +499,14 @@ def _apply(
     token with its adapter's A and B."""
     if not products:
         return  # no token has an adapter, or its adapter leaves this layer alone
+    if plan.runs:  # long runs of tokens on one adapter: in place, no delta
+        x32 = _as(x2, torch.float32)
+        for a, b, columns in products:
+            for slot, start, stop in plan.runs:
+                shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
+                columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
+    if not plan.groups:
+        return
     if plan.padded:
         layout = plan.layout(products[0][0].shape[0])
         padded = layout.scatter(x2)
@@ -498,12 +516,6 @@ def _apply(
             columns += layout.gather(torch.bmm(_expand_input(shrunk, scale, dtype), weights))
         return
     x32 = _as(x2, torch.float32)
-    if plan.runs is not None:  # long runs of tokens on one adapter: in place, no delta to scatter and add
-        for a, b, columns in products:
-            for slot, start, stop in plan.runs:
-                shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
-                columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
-        return
     if plan.groups[0][1] is None:  # every token on one adapter
         slot = plan.groups[0][0]
         for a, b, columns in products:

@@ -52,6 +52,7 @@ def test_engine_only_measures_every_mix_in_every_round(
     for row in result["rows"].values():
         # every prompt ran to exactly output_len tokens (ignore_eos), in each of the two rounds
         assert row["output_tokens"] == [spec.num_prompts * spec.output_len] * spec.rounds
+        assert row["peak_in_flight"] == spec.concurrency  # a closed loop: never all 4 prompts at once
         assert len(row["rounds"]) == 2 and all(value > 0 for value in row["rounds"])
         assert row["output_throughput"] == pytest.approx(sum(row["rounds"]) / 2)
     assert result["relative"]["0"]["output_throughput"] == 1.0

@@ -16,9 +16,9 @@ from serve.vllm_cpu_lora_fix import (
     PATCHED_OPS,
     REPLACEMENTS,
     LoraBatchPlan,
-    contiguous_runs,
     fused_weights,
     group_by_slot,
+    long_runs,
     lora_matmul,
     register,
     track_live_slots,
@@ -195,6 +195,7 @@ def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tens
         ([0, 1, -1, 1, 0, -1], 2),  # no padding in the batched layout: one zero row added for base tokens
         ([0] * 20 + [1, 2, 3], 8),  # one long prefill and a few decodes: one GEMM per adapter
         ([0] * 40 + [-1] * 8 + [1] * 40 + [0] * 40, 4),  # long prefill runs: matmuls in place per run
+        ([2] * 40 + [0, 1, 2, 3, -1, 1, 0, 3, 2], 4),  # a prefill run and decodes (batched over adapters)
         ([-1] * 5, 2),  # no adapter at all
     ],
 )
@@ -338,17 +339,22 @@ def test_plan_uses_the_batched_layout_only_when_it_wastes_little() -> None:
 
 
 def test_long_runs_of_one_adapter_run_in_place() -> None:
-    assert contiguous_runs(torch.tensor([2] * 40 + [-1] * 8 + [0] * 40 + [2] * 40), 32) == [
+    assert long_runs(torch.tensor([2] * 40 + [-1] * 8 + [0] * 40 + [2] * 40), 32) == [
         (2, 0, 40),
         (0, 48, 88),  # the base model's run has no matmul
         (2, 88, 128),
     ]
-    assert contiguous_runs(torch.tensor([2] * 40 + [0] * 20), 32) is None  # 30 tokens per run: too short
+    assert long_runs(torch.tensor([2] * 40 + [0] * 20), 32) == [(2, 0, 40)]  # 20 tokens: too short
     prefill = LoraBatchPlan(torch.tensor([(token // 64) % 4 for token in range(512)]))  # 8 prompts of 64
-    assert not prefill.padded and prefill.runs is not None and len(prefill.runs) == 8
+    assert len(prefill.runs) == 8 and not prefill.groups  # every token in a run
+    # A served load's steady state: a new prompt's prefill, and the other requests decoding.
+    mixed = LoraBatchPlan(torch.tensor([3] * 64 + [token % 16 for token in range(31)]))
+    assert mixed.runs == [(3, 0, 64)]
+    assert mixed.padded and len(mixed.groups) == 16  # the decode tokens: batched over their adapters
+    assert mixed.layout(16).gather(mixed.layout(16).scatter(torch.ones(95, 1)))[:64].eq(0).all()  # not twice
     decode = LoraBatchPlan(torch.tensor([token % 2 for token in range(128)]))
-    assert not decode.padded and decode.runs is None  # runs of one token: one GEMM per adapter
-    assert LoraBatchPlan(torch.tensor([1] * 64)).runs is None  # one adapter: one matmul for the batch
+    assert not decode.runs and not decode.padded  # runs of one token: one GEMM per adapter
+    assert not LoraBatchPlan(torch.tensor([1] * 64)).runs  # one adapter: one matmul for the batch
 
 
 def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
