@@ -67,7 +67,8 @@ def lora_names(serve_args: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def measure(spec: EngineSpec) -> dict[str, Any]:
-    """Output tokens/s per mix and round (mix 0: the base only), after one warm-up wave per mix."""
+    """Output tokens/s per mix and round (mix 0: the base only), after one warm-up pass of `concurrency`
+    prompts per mix."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     from pydantic_settings import CliApp
     from vllm import LLM, RequestOutput, SamplingParams
