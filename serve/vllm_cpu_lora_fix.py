@@ -19,9 +19,10 @@ On CPU, this plugin:
 - replaces `PunicaWrapperCPU.add_lora_linear`, which every LoRA linear layer calls (shrink then expand, per
   output slice), with `grouped_add_lora_linear`: the step's tokens are grouped by adapter once per engine
   step (`LoraBatchPlan`) instead of once per op, and many small groups (decode steps spread over many
-  adapters) run as batched matmuls over the adapters (`PaddedLayout`) instead of one GEMM per adapter. A layer
-  of several output slices (q/k/v, gate/up) runs as one product over all of them (`fused_weights`) where the
-  extra weight traffic that costs is small (low ranks), instead of one per slice.
+  adapters) run as batched matmuls over the adapters (`PaddedLayout`) instead of one GEMM per adapter, while
+  a prompt's prefill (a long run of tokens on one adapter) runs in place. A layer of several output slices
+  (q/k/v, gate/up) runs as one product over all of them (`fused_weights`) where the extra weight traffic
+  that costs is small (low ranks), instead of one per slice.
 - skips LoRA work that adds exactly zero. vLLM gives every adapter a slot in every LoRA layer, the
   embeddings and lm_head included, and writes zeros where an adapter leaves a module (or a slice of a packed
   one, such as k in q/k/v) alone; its ops then multiply by those zeros. A patched
@@ -454,11 +455,11 @@ def fused_weights(
     vLLM stacks A (slots, 1, rank, in) and B (slots, 1, out_i, rank) per output slice; each slice is then
     two matmuls (and, over several adapters, a gather and an add). Here A is every slice's A stacked along the
     rank, float32 (slots, slices x rank, in), and B (slots, out, slices x rank) is block-diagonal in `dtype`:
-    slice i's columns read only its own rank rows. B is the transpose of a contiguous (slots, rank, out)
-    tensor, the layout the batched matmul reads fastest. The zero blocks read
-    (slices - 1) x B's weights again, so layers where that exceeds FUSED_MAX_EXTRA_BYTES keep one product
-    per slice. Cached on the layer's first A, rebuilt when vLLM writes any of the weights (loading an
-    adapter into a slot bumps the tensors' versions).
+    slice i's columns read only its own rank rows. B is the transpose of a contiguous (slots, slices x rank,
+    out) tensor, the layout the batched matmul reads fastest. The zero blocks read (slices - 1) x B's
+    weights again, so layers where that exceeds FUSED_MAX_EXTRA_BYTES keep one product per slice. Cached on
+    the layer's first A, rebuilt when vLLM writes any of the weights (loading an adapter into a slot bumps
+    the tensors' versions).
     """
     first = lora_a_stacked[0]
     versions = tuple(weights._version for weights in (*lora_a_stacked, *lora_b_stacked))

@@ -272,7 +272,13 @@ def test_fused_weights_follow_adapters_written_into_slots() -> None:
 
 @pytest.mark.parametrize(
     ("token_slots", "slots"),
-    [([2], 4), ([1] * 6, 4), ([0, -1, 0, 2, -1, 2, 2], 4), ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8)],
+    [
+        ([2], 4),
+        ([1] * 6, 4),
+        ([0, -1, 0, 2, -1, 2, 2], 4),
+        ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8),
+        ([2] * 40 + [0, 1, 3, -1], 4),  # a prefill run in place, decodes batched
+    ],
 )
 def test_grouped_add_lora_linear_in_bfloat16_equals_vllms(token_slots: list[int], slots: int) -> None:
     """A bf16 model: the shrink runs in float32 and the expand in y's dtype, as in vLLM's ops."""
