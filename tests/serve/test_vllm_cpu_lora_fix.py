@@ -185,6 +185,20 @@ def _linear_case(tokens: int, slots: int) -> tuple[torch.Tensor, list[torch.Tens
     return x, shrink, expand
 
 
+def _ours_and_vllms(
+    wrapper: Any, x: torch.Tensor, shrink: list[torch.Tensor], expand: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y from the patched add_lora_linear and from vLLM's own, for `_linear_case`'s q/k/v-like layer."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    got, expected = torch.zeros(len(x), 8), torch.zeros(len(x), 8)
+    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
+    PunicaWrapperCPU.add_lora_linear.__wrapped__(
+        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
+    )
+    return got, expected
+
+
 @pytest.mark.parametrize(
     ("token_slots", "slots"),
     [
@@ -260,12 +274,7 @@ def test_fused_weights_follow_adapters_written_into_slots() -> None:
     assert getattr(shrink[0], FUSED)[2] is not None
     shrink[1][1, 0].copy_(torch.randn(RANK, FEATURES))  # as vLLM's set_lora writes a new adapter
     expand[2][0, 0].zero_()  # as its reset_lora clears one
-    got = torch.zeros(5, 8)
-    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
-    expected = torch.zeros(5, 8)
-    PunicaWrapperCPU.add_lora_linear.__wrapped__(
-        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
-    )
+    got, expected = _ours_and_vllms(wrapper, x, shrink, expand)
     torch.testing.assert_close(got, expected)
     assert not got[[0, 2], 6:].any()
 
@@ -313,12 +322,7 @@ def test_add_lora_linear_plan_follows_each_steps_mapping() -> None:
     )
     ids = (2, 0, 1)  # next step, same token count, other adapters
     wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2], 3, 1000)
-    got = torch.zeros(3, 8)
-    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
-    expected = torch.zeros(3, 8)
-    PunicaWrapperCPU.add_lora_linear.__wrapped__(
-        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
-    )
+    got, expected = _ours_and_vllms(wrapper, x, shrink, expand)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got[1], torch.zeros(8))
 
@@ -395,12 +399,7 @@ def test_slices_whose_slots_in_use_are_all_zero_are_skipped() -> None:
     wrapper, x, shrink, expand = _live_case()
     setattr(expand[1], LIVE, frozenset())  # the k-like slice: no adapter adapts it
     setattr(shrink[2], LIVE, frozenset({1}))  # the v-like slice: only slot 1 does
-    got = torch.zeros(5, 8)
-    PunicaWrapperCPU.add_lora_linear(wrapper, got, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2))
-    expected = torch.zeros(5, 8)
-    PunicaWrapperCPU.add_lora_linear.__wrapped__(
-        wrapper, expected, x, tuple(shrink), tuple(expand), 1.0, (4, 2, 2)
-    )
+    got, expected = _ours_and_vllms(wrapper, x, shrink, expand)
     torch.testing.assert_close(got[:, :4], expected[:, :4])
     assert not got[:, 4:6].any()  # skipped, though its weights (not really zero here) would add something
     torch.testing.assert_close(got[:, 6:], expected[:, 6:])  # slot 1 is live, so the slice runs
