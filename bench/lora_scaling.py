@@ -452,12 +452,16 @@ NOTES: tuple[str, ...] = (
     "base's), and "
     "adapters are swapped into slots and (host cache = slots by default) re-read from disk. With 4 slots "
     "(serve's default until 2026-11-30) the same limit hit at 16 adapters already: 0.43 of base, TTFT 10x "
-    "(2026-11-30); a host cache of 64 (`--max-cpu-loras 64`) changed nothing measurable for these small "
-    "adapters (2026-11-25).",
+    "(2026-11-30). With 32 slots (`--configs 32,32/r1 --mixes 0,16,64`, 2026-12-01) 64 adapters kept 0.54 "
+    "(rank 16) and 0.66 (rank 1) of base engine-only, 0.58 and 0.66 served, with TTFT 1.6-2x base's "
+    "instead of 5-8x; 16 adapters did as with 16 slots. A host cache of 64 (`--max-cpu-loras 64`) changed "
+    "nothing measurable for these small adapters (2026-11-25, and again 2026-12-01: 0.49 served, 0.42 "
+    "engine-only at 64 adapters).",
     "",
     "Defaults, from these figures: serve's `--max-loras` is 16 (was 4): a slot is worth having for every "
     "adapter busy at the same time, and it costs memory for every LoRA layer at `--max-lora-rank` (about "
-    "80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU). "
+    "80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU, raise it "
+    "to the number of adapters busy at once when that is more, as 32 slots did for 64 adapters above). "
     "`--max-cpu-loras` stays the engine's default (= max_loras). `--max-lora-rank` stays 16, the rank "
     "`finetune` trains by default: vLLM pads every adapter to it (slot buffers and every LoRA matmul run at "
     "that rank), so it should be the largest rank actually served, not a safe larger value. Figures on this "
