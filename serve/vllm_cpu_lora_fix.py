@@ -216,7 +216,7 @@ class LoraBatchPlan:
     `runs`: (slot, start, stop) per long run of tokens on one adapter (a prompt's prefill), each one matmul
     pair in place. The other tokens: `groups`, (slot, rows) per adapter slot they use, rows = None when every
     token of the step uses that one slot; `padded`: whether they run as batched matmuls over the adapters
-    (`PaddedLayout`, one per slot count; decode tokens over many adapters), else one GEMM per group. A step
+    (`PaddedLayout`; decode tokens over many adapters), else one GEMM per group. A step
     where new prompts join decoding requests (the steady state of a served load) is usually both.
     """
 
@@ -241,37 +241,37 @@ class LoraBatchPlan:
             and self.longest <= PADDED_MAX_GROUP
             and len(members) * self.longest <= PADDING_WASTE * self.tokens
         )
-        self._layouts: dict[int, PaddedLayout] = {}
+        self._layout: PaddedLayout | None = None
 
-    def layout(self, slots: int) -> PaddedLayout:
-        """The batched layout for weights stacked over `slots` adapter slots."""
-        layout = self._layouts.get(slots)
-        if layout is None:
-            layout = self._layouts[slots] = PaddedLayout(self, slots)
-        return layout
+    def layout(self) -> PaddedLayout:
+        """The batched layout of the step's tokens (built by the first layer that needs it)."""
+        if self._layout is None:
+            self._layout = PaddedLayout(self)
+        return self._layout
 
 
 class PaddedLayout:
     """Tokens laid out in a (batch, longest, features) tensor for batched matmuls, one entry per adapter.
 
-    When every slot is in use the stacked weights are used as they are (`weights_index` None); otherwise the
-    weights of the slots in use are gathered (`weights_index`): cheaper than matmuls over padding. Token t
+    Entry i is the i-th slot in use. When those slots are consecutive (vLLM fills slots in order, so usually)
+    the weights are a view of the stacks (`weights_index` None); otherwise the weights of the slots in use
+    are gathered (`weights_index`): cheaper than matmuls over padding. Token t
     sits at flat row `token_rows[t]`; tokens without an adapter point at a padding row, which stays zero, so
     the step's output is one gather (`token_rows`) of the batched result.
     """
 
-    def __init__(self, plan: LoraBatchPlan, slots: int) -> None:
-        used = torch.tensor([slot for slot, _ in plan.groups])
-        over_all = len(used) == slots
-        self.weights_index = None if over_all else used
-        self.batch = slots if over_all else len(used)
+    def __init__(self, plan: LoraBatchPlan) -> None:
+        used = [slot for slot, _ in plan.groups]
+        self.first, self.stop = used[0], used[-1] + 1
+        self.weights_index = None if self.stop - self.first == len(used) else torch.tensor(used)
+        self.batch = len(used)
         members = [rows for _, rows in plan.groups if rows is not None]
         self.adapter_rows = torch.cat(members)  # the tokens with an adapter, grouped by slot
         self.all_tokens = len(self.adapter_rows) == plan.tokens
         spare_needed = not self.all_tokens and self.batch * plan.longest == len(self.adapter_rows)
         self.longest = plan.longest + int(spare_needed)  # room for one zero row
         counts = torch.tensor([len(rows) for rows in members])
-        entries = used if over_all else torch.arange(len(used))
+        entries = torch.arange(len(used))
         starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         positions = torch.arange(len(self.adapter_rows)) - starts
         self.scatter_rows = torch.repeat_interleave(entries, counts) * self.longest + positions
@@ -304,7 +304,7 @@ class PaddedLayout:
         """The (batch, out, in) weights for this layout from a (slots, out, in) stack: vLLM's, or the
         transpose of a contiguous one (`fused_weights`' B), whose memory layout the selection keeps."""
         if self.weights_index is None:
-            return stacked
+            return stacked[self.first : self.stop]
         if stacked.is_contiguous():
             return stacked.index_select(0, self.weights_index)
         return stacked.transpose(1, 2).index_select(0, self.weights_index).transpose(1, 2)
@@ -509,7 +509,7 @@ def _apply(
     if not plan.groups:
         return
     if plan.padded:
-        layout = plan.layout(products[0][0].shape[0])
+        layout = plan.layout()
         padded = layout.scatter(x2)
         for a, b, columns in products:
             shrunk = torch.bmm(padded, _as(layout.weights(a), torch.float32).transpose(1, 2))

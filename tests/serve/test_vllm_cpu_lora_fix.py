@@ -206,6 +206,7 @@ def _ours_and_vllms(
         ([0, -1, 0, 2, -1, 2, 2], 4),  # base and adapter tokens mixed
         ([0, 1, 2, 3, 4, 5, 6, 7] * 3, 8),  # decode step over every slot: batched over the slots
         ([5, 1, -1, 1, 5, 3, 3, -1], 8),  # some slots: their weights gathered, base tokens read a padding row
+        ([3, 2, 4, 2, 3, 4, -1], 8),  # consecutive slots, not from 0: a view of the stacks
         ([0, 1, -1, 1, 0, -1], 2),  # no padding in the batched layout: one zero row added for base tokens
         ([0] * 20 + [1, 2, 3], 8),  # one long prefill and a few decodes: one GEMM per adapter
         ([0] * 40 + [-1] * 8 + [1] * 40 + [0] * 40, 4),  # long prefill runs: matmuls in place per run
@@ -361,7 +362,7 @@ def test_long_runs_of_one_adapter_run_in_place() -> None:
     mixed = LoraBatchPlan(torch.tensor([3] * 64 + [token % 16 for token in range(31)]))
     assert mixed.runs == [(3, 0, 64)]
     assert mixed.padded and len(mixed.groups) == 16  # the decode tokens: batched over their adapters
-    assert mixed.layout(16).gather(mixed.layout(16).scatter(torch.ones(95, 1)))[:64].eq(0).all()  # not twice
+    assert mixed.layout().gather(mixed.layout().scatter(torch.ones(95, 1)))[:64].eq(0).all()  # not twice
     decode = LoraBatchPlan(torch.tensor([token % 2 for token in range(128)]))
     assert not decode.runs and not decode.padded  # runs of one token: one GEMM per adapter
     assert not LoraBatchPlan(torch.tensor([1] * 64)).runs  # one adapter: one matmul for the batch
@@ -370,7 +371,7 @@ def test_long_runs_of_one_adapter_run_in_place() -> None:
 def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
     plan = LoraBatchPlan(torch.tensor([5, 1, -1, 1, 5, 3]))
     assert plan.padded
-    layout = plan.layout(8)
+    layout = plan.layout()
     assert layout.weights_index is not None and layout.weights_index.tolist() == [1, 3, 5]  # slots in use
     x = torch.arange(6.0).unsqueeze(1) + 1
     padded = layout.scatter(x)  # (adapters in use, longest, features)
@@ -378,11 +379,15 @@ def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
     gathered = layout.gather(padded).squeeze(1)
     assert gathered.tolist() == [1.0, 2.0, 0.0, 4.0, 5.0, 6.0]  # back in token order; no adapter: zero
     assert layout.permutation is None  # base tokens and padding: scattered into zeros
-    full = LoraBatchPlan(torch.tensor([0, 1, 1, 0])).layout(2)
-    assert full.weights_index is None  # every slot: no gather
+    stacked = torch.arange(8.0).view(8, 1, 1)  # slot i holds i
+    assert layout.weights(stacked).flatten().tolist() == [1.0, 3.0, 5.0]
+    full = LoraBatchPlan(torch.tensor([3, 2, 2, 3])).layout()
+    assert full.weights_index is None  # consecutive slots: a view of the stacks, no gather
+    assert full.weights(stacked).flatten().tolist() == [2.0, 3.0]
+    assert full.weights(stacked).data_ptr() == stacked[2].data_ptr()
     assert full.permutation is not None  # every row a token: the layout is a reordering
     x = torch.arange(4.0).unsqueeze(1)
-    assert full.scatter(x).squeeze(2).tolist() == [[0.0, 3.0], [1.0, 2.0]]
+    assert full.scatter(x).squeeze(2).tolist() == [[1.0, 2.0], [0.0, 3.0]]  # slot 2's tokens, then slot 3's
     assert full.gather(full.scatter(x)).squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
