@@ -49,7 +49,7 @@ from bench.serve_vs_vllm import (
     tiny_base,
     warm_up,
 )
-from client.server_process import ServerProcess, free_port, running
+from client.server_process import ServerProcess, free_port, running, tail_lines
 
 log = logging.getLogger("bench.lora_scaling")
 
@@ -230,8 +230,7 @@ def measure_engine_only(spec: EngineSpec, work: Path, timeout: float = 1800) -> 
             command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout
         )
     if done.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"bench.lora_engine exited with {done.returncode}:\n{tail}")
+        raise RuntimeError(f"bench.lora_engine exited with {done.returncode}:\n{tail_lines(log_path)}")
     result: dict[str, Any] = json.loads(out_path.read_text())
     rows = {int(mix): row for mix, row in result["rows"].items()}
     result["relative"] = {str(mix): values for mix, values in relative(rows).items()}

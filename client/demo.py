@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from client.report import machine_info
-from client.server_process import ServerProcess, free_port
+from client.server_process import ServerProcess, free_port, tail_lines
 from client.tasks import FAMILIES, families_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,9 @@ class Demo:
             with log.open("wb") as handle:
                 code = subprocess.call(argv, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT)
         if code != 0:
-            tail = f"; last lines of {log}:\n{_tail(log)}" if log is not None else " (its output is above)"
+            tail = (
+                f"; last lines of {log}:\n{tail_lines(log)}" if log is not None else " (its output is above)"
+            )
             raise DemoError(f"{stage}: `{shown}` exited with status {code}{tail}")
 
 
@@ -141,13 +143,6 @@ def _stage(demo: Demo, name: str) -> Iterator[None]:
         yield
     finally:
         demo.timings[name] = time.monotonic() - started
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _show(argv: Sequence[str]) -> str:
@@ -351,7 +346,7 @@ def _bench(demo: Demo, server: ServerProcess) -> None:
         )
         print(f"skipping IFEval: {demo.skipped['ifeval']}", file=sys.stderr)
     else:
-        print(_tail(log, 4))
+        print(tail_lines(log, 4))
 
 
 def _load(demo: Demo, server: ServerProcess) -> None:

@@ -87,6 +87,14 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
 
+def tail_lines(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a child process's log, or "(no log)" when it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of one process from /proc/PID/stat (Linux); NaN where unreadable."""
     try:
