@@ -416,20 +416,27 @@ def grouped_add_lora_linear(original: Callable[..., Any]) -> Callable[..., Any]:
         if plan is None or plan.tokens != indices.shape[0]:
             plan = self._tuneserve_plan = LoraBatchPlan(indices)
         y2 = y.view(-1, y.shape[-1])
-        # per output slice: A (slots, rank, in), B (slots, out_i, rank), y's columns of the slice
-        products = []
+        live = []  # (A, B, first column, width) of each output slice that a slot in this step adapts
         start = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             if b.shape[-2] != size:  # padded differently from the slices: not what this was written for
                 break
             if needs_lora(plan.slots, a, b):
-                products.append((a.squeeze(1), b.squeeze(1), y2[:, start : start + size]))
+                live.append((a, b, start, size))
             start += size
         else:
-            if 1 < len(products) == len(output_slices):  # every slice of a q/k/v or gate/up layer is adapted
-                fused = fused_weights(lora_a_stacked, lora_b_stacked, y.dtype)
-                if fused is not None:
-                    products = [(*fused, y2[:, :start])]
+            # every slice of a q/k/v or gate/up layer adapted: one product for the layer where worth it
+            fused = (
+                fused_weights(lora_a_stacked, lora_b_stacked, y.dtype)
+                if 1 < len(live) == len(output_slices)
+                else None
+            )
+            # per product: A (slots, rank, in), B (slots, out, rank), y's columns it adds to
+            products = (
+                [(*fused, y2[:, :start])]
+                if fused is not None
+                else [(a.squeeze(1), b.squeeze(1), y2[:, first : first + size]) for a, b, first, size in live]
+            )
             return _apply(plan, x2, products, scale, y.dtype)
         return original(
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
