@@ -411,7 +411,10 @@ NOTES: tuple[str, ...] = (
     "Where the loss goes, step by step:",
     "",
     "- base only -> 1 adapter: the cost of running LoRA at all (one slot, nothing swapped). When no request "
-    "in a step uses an adapter, vLLM skips the LoRA path (`no_lora`); otherwise every LoRA layer runs. "
+    "in a step uses an adapter, vLLM's GPU kernels skip the LoRA work (`no_lora`); on the CPU vLLM still "
+    "calls every LoRA layer's op, and our plugin (serve/vllm_cpu_lora_fix.py, below) returns at once when "
+    "no token has an adapter (about 7 us per layer call in a micro-benchmark, 16 calls per step of the "
+    "tiny base). Otherwise every LoRA layer runs. "
     "vLLM's own CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) copy every token's adapter matrices out of "
     "the slot stack (`weights[indices]`) and run one matrix-vector product per token: with them this bench "
     "measured 0.33-0.37 of base throughput at 1 adapter and 0.43 at 16 adapters (2026-11-25). "
@@ -441,9 +444,18 @@ NOTES: tuple[str, ...] = (
     "rank-16 adapters at about 0.8 of base engine-only throughput on this CPU (4 / 4.9 ms). Rank 1 on the "
     "tiny base is the share a rank-16 adapter has of Qwen2.5-7B (0.6%): there the weight traffic is "
     "small, and the rest, about 1 ms per step of per-layer work on this tiny base, is against a 7B "
-    "model's own step, orders of magnitude longer.",
-    "- Served vs engine only: on these 2 cores vLLM binds the engine core to one core and leaves the other "
-    "to the API process and the load generator, and at concurrency 32 that side, not the engine, sets the "
+    "model's own step, orders of magnitude longer. That per-layer work is mostly per-op cost, so it weighs "
+    "more on slower hosts: on the 2-core Intel host of 2026-12-01 15:00 (engine steps about 1.8x longer) "
+    "a base-only step took 7.3 ms and `add_lora_linear` 1.8 ms per step at 16 rank-1 adapters (about 47 us "
+    "per layer call: two bmm of 6 us, two index_select of 5 us, the add and Python), and vLLM's own LoRA "
+    "bookkeeping outside it about 0.7 ms; rank 1 kept 0.73-0.74 of base engine-only there. A variant "
+    "without the batched layout (one masked matmul pair over all slots in use) was only 0.89x the time at "
+    "rank 1 and slower from rank 2 on, so it was not kept.",
+    "- Served vs engine only: on these 2 cores vLLM runs the model in a worker process bound to one core, "
+    "and its engine-core process (the scheduler) waits for that worker by spinning on a shared-memory queue "
+    "(`sched_yield`): in a 14 s run at concurrency 1 the worker used 13.6 s of CPU, the engine core 12.0 s "
+    "and the API process 1.1 s (2026-12-01, /proc schedstat). So the engine core, the API process and the "
+    "load generator share the other core, and at concurrency 32 that side, not the model, sets the "
     "pace (served base-only throughput is about half the engine-only one). An engine step made slower by "
     "many adapters is then partly absorbed, so the served ratios sit above the engine-only ones: the "
     "engine-only table is the LoRA path's own cost, the served one what a client of this machine sees. "

@@ -586,6 +586,18 @@ NOTES: tuple[str, ...] = (
     "and about 20 on the slower 2-core hosts of the same morning (vLLM's time per engine step differed "
     "3-4x between them), most of it the C=1 levels (200 sequential requests each); `--rounds`, "
     "`--num-prompts` and `--concurrency` shorten it.",
+    "",
+    "A third load generator gives the opposite verdict (2026-12-01, the 2-core Intel host of the run "
+    "above): vLLM's `benchmarks.serve` alone at C=1, 6 ABBA rounds of 100 prompts, had ours behind in 5 "
+    "(per-round throughput ratios 0.85-1.07, mean 0.94); a small httpx streaming client on the same "
+    "servers had ours ahead in 5 of 6 rounds at C=1 (40 requests per round, TPOT 5.57 ms against 6.19) and "
+    "in all 4 rounds at C=32 (192 requests per round, ratios 1.05-1.33, mean 1.19). API CPU per request "
+    "was equal within a few percent in each. Both servers run the same three busy processes on these 2 "
+    "cores: vLLM's model worker, bound to one core; its engine-core process, which waits for the worker "
+    "by spinning on a shared-memory queue (12.0 s of CPU in a 14 s C=1 run, the worker 13.6 s); and the API "
+    "process (1.1 s), with the load generator beside them. Which of them the kernel runs when sets the "
+    "pace far more than the HTTP layer does, so the ratio follows the load generator and the host, and "
+    "only a machine where the API process has cores of its own can show a few-percent difference.",
 )
 
 
