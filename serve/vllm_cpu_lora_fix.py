@@ -271,10 +271,9 @@ class PaddedLayout:
         spare_needed = not self.all_tokens and self.batch * plan.longest == len(self.adapter_rows)
         self.longest = plan.longest + int(spare_needed)  # room for one zero row
         counts = torch.tensor([len(rows) for rows in members])
-        entries = torch.arange(len(used))
         starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         positions = torch.arange(len(self.adapter_rows)) - starts
-        self.scatter_rows = torch.repeat_interleave(entries, counts) * self.longest + positions
+        self.scatter_rows = torch.repeat_interleave(counts) * self.longest + positions  # entry of each token
         token_rows = torch.empty(plan.tokens, dtype=torch.long)
         if not self.all_tokens:
             free = torch.ones(self.batch * self.longest, dtype=torch.bool)
@@ -509,11 +508,7 @@ def _apply(
     if not products:
         return  # no token has an adapter, or its adapter leaves this layer alone
     if plan.runs:  # long runs of tokens on one adapter: in place, no delta
-        x32 = _as(x2, torch.float32)
-        for a, b, columns in products:
-            for slot, start, stop in plan.runs:
-                shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
-                columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
+        _add_runs(_as(x2, torch.float32), products, plan.runs, scale, dtype)
     if not plan.groups:
         return
     if plan.padded:
@@ -525,11 +520,8 @@ def _apply(
             columns += layout.gather(torch.bmm(_expand_input(shrunk, scale, dtype), weights))
         return
     x32 = _as(x2, torch.float32)
-    if plan.groups[0][1] is None:  # every token on one adapter
-        slot = plan.groups[0][0]
-        for a, b, columns in products:
-            shrunk = F.linear(x32, _as(a[slot], torch.float32))
-            columns.addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
+    if plan.groups[0][1] is None:  # every token on one adapter: the whole step is one run
+        _add_runs(x32, products, [(plan.groups[0][0], 0, plan.tokens)], scale, dtype)
         return
     # Scatter each group's rows into a dense delta per product, then one add: index_add_ into y's strided
     # column slices is several times slower.
@@ -540,6 +532,20 @@ def _apply(
             shrunk = F.linear(inputs, _as(a[slot], torch.float32))
             delta.index_copy_(0, rows, F.linear(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype)))
         columns += delta
+
+
+def _add_runs(
+    x32: torch.Tensor,
+    products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    runs: Sequence[tuple[int, int, int]],
+    scale: float,
+    dtype: torch.dtype,
+) -> None:
+    """Per (slot, start, stop) run of tokens on one adapter: one matmul pair per product, added in place."""
+    for a, b, columns in products:
+        for slot, start, stop in runs:
+            shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
+            columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
 
 
 def new_plan_each_step(original: Callable[..., Any]) -> Callable[..., Any]:
