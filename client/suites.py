@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,25 +35,17 @@ class SuiteDataError(ValueError):
     """The data given for a suite is missing or malformed; the message says which file and what to do."""
 
 
-def shared_data_dir() -> Path:
-    """Data shared by all checkouts (IFEval, MT-Bench): $TUNESERVE_SHARED_DATA, else <repo>/../shared/data."""
-    configured = os.environ.get("TUNESERVE_SHARED_DATA")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data"
+def packaged_data_dir() -> Path:
+    """The benchmark data shipped inside the `client` package (IFEval, MT-Bench; see its NOTICE.md)."""
+    return Path(str(files("client") / "data"))
 
 
 def default_data(suite: str) -> str:
     """Where `--data` points when it is not given; raises SuiteDataError for suites that need it."""
     if suite == "ifeval":
-        local = shared_data_dir() / "ifeval" / "input_data.jsonl"
-        return str(local) if local.exists() else IFEVAL_HUB_ID
+        return str(packaged_data_dir() / "ifeval" / "input_data.jsonl")
     if suite == "mtbench":
-        folder = shared_data_dir() / "mtbench"
-        if not (folder / "question.jsonl").exists():
-            raise SuiteDataError(
-                f"no MT-Bench data at {folder} (set TUNESERVE_SHARED_DATA); pass --data with a folder "
-                "holding question.jsonl, judge_prompts.jsonl and reference_answer_gpt-4.jsonl from FastChat"
-            )
-        return str(folder)
+        return str(packaged_data_dir() / "mtbench")
     raise SuiteDataError(f"--suite {suite} needs --data (a file or, for reference, a hub dataset id)")
 
 

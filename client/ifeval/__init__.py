@@ -13,6 +13,8 @@ from client.ifeval.evaluation import (
     format_scores,
     load_items,
     load_responses,
+    select_subset,
+    write_items,
 )
 from client.ifeval.instructions import INSTRUCTION_TYPES
 
@@ -26,4 +28,6 @@ __all__ = [
     "format_scores",
     "load_items",
     "load_responses",
+    "select_subset",
+    "write_items",
 ]

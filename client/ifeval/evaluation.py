@@ -6,10 +6,11 @@ A port of google-research `instruction_following_eval/evaluation_lib.py`: items 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,48 @@ def load_items(source: str | os.PathLike[str], limit: int | None = None) -> list
     if not items:
         raise ValueError(f"{source}: no IFEval items")
     return items
+
+
+def select_subset(
+    items: Sequence[IFEvalItem], focus: Sequence[str], per_focus: int, per_other: int, seed: int = 0
+) -> list[IFEvalItem]:
+    """A fixed, stratified subset: `per_focus` prompts carrying each `focus` instruction type, then
+    `per_other` prompts for every other type among those left (prompts with no focus type), drawn with
+    `seed`; returned in the items' order. The same arguments give the same subset on every machine."""
+    import random
+
+    rng = random.Random(f"ifeval-subset:{seed}")
+    chosen: set[int] = set()
+
+    def draw(kind: str, count: int, allowed: Callable[[IFEvalItem], bool]) -> None:
+        candidates = [
+            item
+            for item in items
+            if kind in item.instruction_id_list and item.key not in chosen and allowed(item)
+        ]
+        chosen.update(item.key for item in rng.sample(candidates, min(count, len(candidates))))
+
+    for kind in focus:
+        draw(kind, per_focus, lambda item: True)
+    kinds = sorted({kind for item in items for kind in item.instruction_id_list} - set(focus))
+    for kind in kinds:
+        draw(kind, per_other, lambda item: not set(focus) & set(item.instruction_id_list))
+    return [item for item in items if item.key in chosen]
+
+
+def write_items(items: Sequence[IFEvalItem], path: Path) -> Path:
+    """Items as IFEval's input JSONL, which `load_items` reads back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            record = {
+                "key": item.key,
+                "prompt": item.prompt,
+                "instruction_id_list": list(item.instruction_id_list),
+                "kwargs": list(item.kwargs),
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 def load_responses(path: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -33,15 +32,10 @@ from client.ifeval import (
 from client.ifeval import text as ifeval_text
 from client.ifeval.evaluation import loose_variants, score_item
 from client.ifeval.instructions import InstructionArgumentError, build_instruction
+from client.suites import packaged_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("TUNESERVE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-IFEVAL_JSONL = SHARED_DATA / "ifeval" / "input_data.jsonl"
-needs_shared_prompts = pytest.mark.skipif(
-    not IFEVAL_JSONL.is_file(),
-    reason=f"IFEval's 541 prompts are not at {IFEVAL_JSONL} (set TUNESERVE_SHARED_DATA to the folder "
-    "holding ifeval/input_data.jsonl)",
-)
+IFEVAL_JSONL = packaged_data_dir() / "ifeval" / "input_data.jsonl"
 
 GERMAN = "Dies ist ein deutscher Satz über das Wetter heute und morgen."
 HINDI = "यह हिंदी में लिखा गया एक वाक्य है।"
@@ -671,10 +665,9 @@ def test_score_command_reports_a_missing_response(tmp_path: Path, capsys: pytest
     assert "missing keys: [2]" in capsys.readouterr().err
 
 
-# --- the shared prompts and the reference implementation ----------------------------------------
+# --- the packaged prompts and the reference implementation --------------------------------------
 
 
-@needs_shared_prompts
 def test_the_541_prompts_load_and_cover_every_type() -> None:
     items = load_items(str(IFEVAL_JSONL))
     assert len(items) == 541
@@ -768,7 +761,6 @@ def test_table_matches_reference(
 
 
 @pytest.mark.slow
-@needs_shared_prompts
 def test_agreement_with_reference_on_the_541_prompts(reference: ModuleType) -> None:
     compared = excluded = 0
     disagreements = []
@@ -794,3 +786,25 @@ def test_agreement_with_reference_on_the_541_prompts(reference: ModuleType) -> N
     assert compared == 541 * 8
     assert excluded == 2  # the letter_frequency instructions of the '#' and '!' rows
     assert disagreements == []
+
+
+def test_subset_is_fixed_stratified_and_reads_back(tmp_path: Path) -> None:
+    from client.ifeval import select_subset, write_items
+
+    items = load_items(IFEVAL_JSONL)
+    focus = ["change_case:english_capital", "startend:quotation"]
+    subset = select_subset(items, focus, per_focus=5, per_other=1, seed=0)
+    assert subset == select_subset(items, focus, per_focus=5, per_other=1, seed=0)
+    assert subset != select_subset(items, focus, per_focus=5, per_other=1, seed=1)
+    keys = [item.key for item in subset]
+    assert keys == sorted(keys, key=[item.key for item in items].index)  # the dataset's order
+    for kind in focus:
+        assert sum(kind in item.instruction_id_list for item in subset) >= 5
+    others = [item for item in subset if not set(focus) & set(item.instruction_id_list)]
+    every_type = {kind for item in items for kind in item.instruction_id_list} - set(focus)
+    # One prompt drawn per other type, each of which may carry more types.
+    assert len(others) <= len(every_type) and every_type <= {
+        k for item in others for k in item.instruction_id_list
+    }
+    assert load_items(write_items(subset, tmp_path / "subset.jsonl")) == subset
+    assert select_subset(items, focus, per_focus=0, per_other=0) == []
