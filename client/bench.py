@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from client.cache import ResponseCache, request_key
+from client.cache import Reply, ResponseCache, request_key
 from client.suite import BenchPrompt, Suite, SuiteResult
 from client.suites import SUITE_NAMES, Judge, build_suite
 
@@ -58,6 +58,7 @@ class BenchConfig:
     out: Path = Path("bench-out")
     cache_dir: Path | None = None  # None: <out>/cache
     use_cache: bool = True
+    cache_scope: str | None = None  # names the endpoint in cache keys instead of its URL
     timeout: float = 120.0
     max_attempts: int = 5
     backoff_s: float = 1.0
@@ -144,10 +145,13 @@ class ChatRunner:
         max_attempts: int = 5,
         backoff_s: float = 1.0,
         cache: ResponseCache | None = None,
+        cache_scope: str | None = None,
     ) -> None:
         import openai
 
         self.base_url = base_url.rstrip("/")
+        # Cache keys name the endpoint by its URL, or by a scope that stands for the same models anywhere.
+        self.cache_scope = cache_scope if cache_scope is not None else self.base_url
         # The SDK's own retries are off: this class retries, so tests can count every attempt.
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0
@@ -213,8 +217,12 @@ class ChatRunner:
 
     async def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> str:
         """The assistant's reply to `messages` (from the cache if this exact request was answered before)."""
+        return (await self.complete(model, messages, params)).text
+
+    async def complete(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> Reply:
+        """`chat`, with the reason generation stopped (None for answers cached before it was recorded)."""
         sampling = asdict(params)
-        key = request_key(self.base_url, model, messages, sampling)
+        key = request_key(self.cache_scope, model, messages, sampling)
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
             self.cache_hits += 1
             return cached
@@ -239,10 +247,11 @@ class ChatRunner:
                 f"request to {model} at {self.base_url} failed: {err}; the answers received so far are "
                 "cached, so running the same command again resumes from here"
             ) from err
-        reply = completion.choices[0].message.content or ""
+        choice = completion.choices[0]
+        reply = Reply(str(choice.message.content or ""), choice.finish_reason)
         if self.cache is not None:
             self.cache.put(key, reply, {"model": model, "messages": messages, "params": sampling})
-        return str(reply)
+        return reply
 
     async def converse(self, model: str, prompt: BenchPrompt, params: SamplingParams) -> list[str]:
         """One reply per user turn; each later turn is sent after the model's own earlier replies."""
@@ -256,12 +265,20 @@ class ChatRunner:
         return replies
 
     async def run_prompts(
-        self, model: str, prompts: Sequence[BenchPrompt], params: SamplingParams, progress: bool = True
+        self,
+        model: str,
+        prompts: Sequence[BenchPrompt],
+        params: SamplingParams,
+        progress: bool = True,
+        position: int = 0,
     ) -> dict[str, list[str]]:
-        """Replies of `model` to every prompt (prompt id -> one reply per turn), with a progress bar."""
+        """Replies of `model` to every prompt (prompt id -> one reply per turn), with a progress bar (at
+        line `position`, for several models at once)."""
         from tqdm import tqdm
 
-        with tqdm(total=len(prompts), desc=model, unit="prompt", disable=not progress) as bar:
+        with tqdm(
+            total=len(prompts), desc=model, unit="prompt", disable=not progress, position=position
+        ) as bar:
 
             async def one(prompt: BenchPrompt) -> tuple[str, list[str]]:
                 replies = await self.converse(model, prompt, params)
@@ -341,7 +358,7 @@ async def run_bench(config: BenchConfig) -> BenchReport:
         cache = ResponseCache(config.cache_dir if config.cache_dir is not None else config.out / "cache")
     runners: list[ChatRunner] = []
 
-    def runner(base_url: str, api_key: str) -> ChatRunner:
+    def runner(base_url: str, api_key: str, cache_scope: str | None = None) -> ChatRunner:
         runners.append(
             ChatRunner(
                 base_url,
@@ -351,6 +368,7 @@ async def run_bench(config: BenchConfig) -> BenchReport:
                 max_attempts=config.max_attempts,
                 backoff_s=config.backoff_s,
                 cache=cache,
+                cache_scope=cache_scope,
             )
         )
         return runners[-1]
@@ -388,15 +406,19 @@ async def run_bench(config: BenchConfig) -> BenchReport:
             sampling = previous_meta.get("sampling", {})
         else:
             assert config.base_url is not None
-            model_runner = runner(config.base_url, config.api_key)
+            model_runner = runner(config.base_url, config.api_key, config.cache_scope)
             models_listing = await model_runner.check_models(config.models)
             base_url = model_runner.base_url
             sampling = asdict(config.sampling)
-            responses = {}
-            for model in config.models:
-                responses[model] = await model_runner.run_prompts(
-                    model, prompts, config.sampling, config.progress
-                )
+            # Every model's prompts share the concurrency limit, so the server stays busy while one model's
+            # slowest replies finish (they would otherwise hold back the next model's start).
+            answered = await _gather_or_cancel(
+                [
+                    model_runner.run_prompts(model, prompts, config.sampling, config.progress, position)
+                    for position, model in enumerate(config.models)
+                ]
+            )
+            responses = dict(zip(config.models, answered, strict=True))
 
         results: dict[str, SuiteResult] = {}
         for model, model_responses in responses.items():
@@ -452,9 +474,10 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     parser.add_argument("--suite", required=True, choices=SUITE_NAMES)
     parser.add_argument(
         "--data",
-        help="tasks: a test.jsonl from `python -m client tasks`; ifeval: JSONL or hub id (default: "
-        "shared input_data.jsonl, else google/IFEval); reference: .json/.jsonl or hub ID[:SPLIT] (the whole "
-        "of it is the held-out set); mtbench: FastChat's data folder (default: the shared one)",
+        help="tasks: a test.jsonl from `python -m client tasks`; ifeval: JSONL or hub id such as "
+        "google/IFEval (default: the 541 prompts shipped in the package); reference: .json/.jsonl or hub "
+        "ID[:SPLIT] (the whole of it is the held-out set); mtbench: FastChat's data folder (default: the "
+        "copy shipped in the package)",
     )
     parser.add_argument("--limit", type=int, help="only the first N items")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
@@ -468,6 +491,11 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     parser.add_argument("--cache-dir", type=Path, help="response cache directory (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
+    parser.add_argument(
+        "--cache-scope",
+        help="name the endpoint by this in cache keys instead of its URL, so answers of the same models "
+        "served elsewhere (another port, a restarted server) are reused; give it only to unchanged models",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: 120)")
     parser.add_argument(
         "--max-attempts", type=int, default=5, help="tries per request on transient errors (default: 5)"
@@ -500,6 +528,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         out=args.out,
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
+        cache_scope=args.cache_scope,
         timeout=args.timeout,
         max_attempts=args.max_attempts,
         judge_base_url=args.judge_base_url,

@@ -1,7 +1,8 @@
 """On-disk cache of chat completions, so an interrupted benchmark re-asks only what is missing.
 
-One JSONL file; each line is one answered request, keyed by the sha256 of (base URL, model, messages,
-sampling parameters). Lines are appended and flushed as answers arrive.
+One JSONL file; each line is one answered request, keyed by the sha256 of (endpoint, model, messages,
+sampling parameters), where the endpoint is its base URL or a scope name that stands for it. Lines are
+appended and flushed as answers arrive.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,9 +20,21 @@ CACHE_FILE = "responses.jsonl"
 
 
 def request_key(base_url: str, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-    """The cache key of one chat request: equal requests to the same endpoint share it."""
+    """The cache key of one chat request: equal requests to the same endpoint share it.
+
+    `base_url` may instead be a scope name (`bench --cache-scope`): servers of the same models on other
+    addresses then share answers.
+    """
     request = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages, "params": params}
     return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An assistant reply and why generation stopped ("stop", "length", ...; None when not recorded)."""
+
+    text: str
+    finish_reason: str | None = None
 
 
 class ResponseCache:
@@ -31,7 +45,7 @@ class ResponseCache:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / CACHE_FILE
-        self._answers: dict[str, str] = {}
+        self._answers: dict[str, Reply] = {}
         self._file: IO[str] | None = None
         if self.path.exists():
             self._load()
@@ -42,7 +56,7 @@ class ResponseCache:
             for line in f:
                 try:
                     record = json.loads(line)
-                    self._answers[record["key"]] = record["response"]
+                    self._answers[record["key"]] = Reply(record["response"], record.get("finish_reason"))
                 except (ValueError, KeyError, TypeError):
                     skipped += 1
         if skipped:
@@ -53,12 +67,12 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._answers)
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Reply | None:
         return self._answers.get(key)
 
-    def put(self, key: str, response: str, request: dict[str, Any]) -> None:
+    def put(self, key: str, reply: Reply, request: dict[str, Any]) -> None:
         """Store one answer; `request` (model, messages, params) is written beside it, for readers."""
-        self._answers[key] = response
+        self._answers[key] = reply
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             ends_mid_line = (
@@ -67,7 +81,8 @@ class ResponseCache:
             self._file = self.path.open("a", encoding="utf-8")
             if ends_mid_line:  # an interrupted write: start a fresh line rather than extend the broken one
                 self._file.write("\n")
-        self._file.write(json.dumps({"key": key, **request, "response": response}, ensure_ascii=False) + "\n")
+        record = {"key": key, **request, "response": reply.text, "finish_reason": reply.finish_reason}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def _ends_with_newline(self) -> bool:

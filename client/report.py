@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from client.stats import PairedTest, format_p, holm, paired_tests
 from client.suite import SuiteResult
 
 # What a suite's breakdown groups are, for table headings.
@@ -83,8 +84,61 @@ def _ordered_keys(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(key for each in dicts for key in each))
 
 
+def paired_comparison(results: Mapping[str, SuiteResult]) -> dict[str, dict[str, PairedTest]]:
+    """Model -> metric -> exact McNemar test against the first model (the baseline), on shared items.
+
+    Models or suites without per-item pass/fail (or no items in common) are left out.
+    """
+    models = list(results)
+    baseline = results[models[0]]
+    comparison: dict[str, dict[str, PairedTest]] = {}
+    for model in models[1:]:
+        tests = paired_tests(baseline.items, results[model].items, baseline.suite)
+        if tests:
+            comparison[model] = tests
+    return comparison
+
+
+def paired_section(results: Mapping[str, SuiteResult]) -> list[str]:
+    """report.md's "Paired comparison with the baseline" section; [] when there is nothing to pair."""
+    comparison = paired_comparison(results)
+    rows = [(model, metric, test) for model, tests in comparison.items() for metric, test in tests.items()]
+    if not rows:
+        return []
+    adjusted = holm([test.p_value for _, _, test in rows])
+    body = [
+        [
+            f"`{model}`",
+            metric,
+            str(test.n),
+            _number(test.baseline_rate),
+            f"{_number(test.model_rate)} ({test.difference:+.3f})",
+            str(test.gained),
+            str(test.lost),
+            format_p(test.p_value),
+            format_p(p_holm),
+        ]
+        for (model, metric, test), p_holm in zip(rows, adjusted, strict=True)
+    ]
+    header = ["model", "metric", "n", "baseline rate", "model rate", "gained", "lost", "p", "p (Holm)"]
+    return [
+        "## Paired comparison with the baseline",
+        "",
+        f"Each model against `{next(iter(results))}`: exact McNemar test on the same prompts; p adjusted "
+        "for the number of comparisons with Holm's method (last column). n: items both models answered "
+        "(instructions for instruction_strict); gained: the baseline failed and the model passed; lost: "
+        "the baseline passed and the model failed.",
+        "",
+        *markdown_table(header, body, right_aligned_from=2),
+        "",
+    ]
+
+
 def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult]) -> str:
-    """report.md: run details, headline metrics side by side, then one table per breakdown metric."""
+    """report.md: run details, headline metrics side by side, then one table per breakdown metric.
+
+    Between them, for suites with per-item pass/fail, the paired comparison with the baseline.
+    """
     models = list(results)
     suite = str(meta.get("suite", next(iter(results.values())).suite))
     sampling = ", ".join(f"{key} {value}" for key, value in (meta.get("sampling") or {}).items())
@@ -123,6 +177,7 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
     metric_names = _ordered_keys([result.metrics for result in results.values()])
     headline = {name: {model: results[model].metrics.get(name) for model in models} for name in metric_names}
     lines += [*side_by_side("metric", headline, models), ""]
+    lines += paired_section(results)
 
     groups = _ordered_keys([result.breakdown for result in results.values()])
     if groups:
@@ -174,7 +229,15 @@ def write_report(out: Path, meta: Mapping[str, Any], results: Mapping[str, Suite
     """Write results.json, report.md and report.png into `out`; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "report": out / "report.md", "chart": out / "report.png"}
-    document = {"meta": dict(meta), "models": {model: asdict(result) for model, result in results.items()}}
+    paired = {
+        model: {metric: asdict(test) | {"difference": test.difference} for metric, test in tests.items()}
+        for model, tests in paired_comparison(results).items()
+    }
+    document = {
+        "meta": dict(meta),
+        "models": {model: asdict(result) for model, result in results.items()},
+        "paired": paired,
+    }
     paths["results"].write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["report"].write_text(render_markdown(meta, results) + "\n", encoding="utf-8")
     plot_headline(results, paths["chart"])

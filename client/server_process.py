@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
     cwd: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
 
     def start(self, timeout: float = 600) -> None:
         """Start the server and wait until GET /health answers 200 (raises with the log's tail if not)."""
@@ -45,7 +46,7 @@ class ServerProcess:
         started = time.monotonic()
         with self.log_path.open("wb") as handle:
             self.process = subprocess.Popen(
-                self.command, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()
+                self.command, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT, env=os.environ | self.env
             )
         deadline = started + timeout
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +24,7 @@ import openai
 import pytest
 
 from client.bench import BenchConfig, BenchError, ChatRunner, SamplingParams, add_bench_command, run_bench
-from client.cache import ResponseCache, request_key
+from client.cache import Reply, ResponseCache, request_key
 from client.report import render_markdown, write_report
 from client.suite import BenchPrompt, SuiteResult
 from client.suites import (
@@ -31,14 +32,14 @@ from client.suites import (
     ReferenceSuite,
     corpus_bleu,
     exact_match,
+    packaged_data_dir,
     parse_rating,
     rouge_l_f1,
-    shared_data_dir,
 )
 from client.tasks import load_items, write_task_data
 from tests.e2e import ADAPTERS, API_KEY, Server
 
-Reply = Callable[[str, list[dict[str, str]]], str]
+Answerer = Callable[[str, list[dict[str, str]]], str]
 
 
 def upper_or_plain(model: str, messages: list[dict[str, str]]) -> str:
@@ -55,7 +56,7 @@ class FakeOpenAI:
     """
 
     models: list[str]
-    reply: Reply = upper_or_plain
+    reply: Answerer = upper_or_plain
     failures: list[int] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
@@ -108,16 +109,24 @@ class FakeOpenAI:
         return Handler
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    endpoint = FakeOpenAI(models=["base", "upper", "judge"])
+@contextmanager
+def running(endpoint: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """`endpoint` served on a free loopback port for the duration of the block."""
     http = ThreadingHTTPServer(("127.0.0.1", 0), endpoint.handler())
     endpoint.url = f"http://127.0.0.1:{http.server_address[1]}/v1"
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
-    yield endpoint
-    http.shutdown()
-    http.server_close()
+    try:
+        yield endpoint
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with running(FakeOpenAI(models=["base", "upper", "judge"])) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -280,6 +289,25 @@ def test_interrupted_run_asks_only_what_is_missing(fake: FakeOpenAI, tmp_path: P
     assert uncached.requests == 2 * 4
 
 
+def test_cache_scope_shares_answers_between_servers_of_the_same_models(
+    fake: FakeOpenAI, tmp_path: Path, task_file: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    with running(FakeOpenAI(models=["base", "upper"])) as other:
+        scoped = {"data": str(task_file), "cache_dir": cache_dir, "cache_scope": "same-models"}
+        first = asyncio.run(run_bench(config(fake, tmp_path / "a", **scoped)))
+        moved = asyncio.run(run_bench(config(other, tmp_path / "b", **scoped)))
+        assert (moved.requests, moved.cache_hits) == (0, first.requests) and other.attempts == []
+        assert moved.results["upper"].metrics == first.results["upper"].metrics
+        # Without the scope a key names the URL: the other server is asked.
+        unscoped = asyncio.run(
+            run_bench(config(other, tmp_path / "c", data=str(task_file), cache_dir=cache_dir))
+        )
+        assert unscoped.requests == first.requests == len(other.attempts)
+    records = [json.loads(line) for line in (cache_dir / "responses.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * first.requests and {record["finish_reason"] for record in records} == {"stop"}
+
+
 def test_cache_skips_a_line_cut_short_and_keys_on_every_parameter(tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "hi"}]
     params = {"temperature": 0.0, "max_tokens": 8, "seed": 0}
@@ -293,15 +321,15 @@ def test_cache_skips_a_line_cut_short_and_keys_on_every_parameter(tmp_path: Path
     ):
         assert other != key
     cache = ResponseCache(tmp_path)
-    cache.put(key, "hello", {"model": "m"})
+    cache.put(key, Reply("hello", "stop"), {"model": "m"})
     cache.close()
     with cache.path.open("a") as f:
         f.write('{"key": "cut-sh')  # a run killed mid-write
     reopened = ResponseCache(tmp_path)
-    assert (len(reopened), reopened.get(key)) == (1, "hello")
-    reopened.put("other", "world", {"model": "m"})
+    assert (len(reopened), reopened.get(key)) == (1, Reply("hello", "stop"))
+    reopened.put("other", Reply("world"), {"model": "m"})
     reopened.close()
-    assert ResponseCache(tmp_path).get("other") == "world"
+    assert ResponseCache(tmp_path).get("other") == Reply("world")
 
 
 def test_rescore_reads_responses_from_results_and_asks_nobody(
@@ -391,9 +419,7 @@ def test_reference_suite_reads_three_record_shapes_and_scores(tmp_path: Path) ->
 def test_ifeval_suite_scores_through_client_ifeval(fake: FakeOpenAI, tmp_path: Path) -> None:
     from client.ifeval import evaluate, load_items
 
-    data = shared_data_dir() / "ifeval" / "input_data.jsonl"
-    if not data.exists():
-        pytest.skip(f"no IFEval data at {data}")
+    data = packaged_data_dir() / "ifeval" / "input_data.jsonl"
     report = asyncio.run(run_bench(config(fake, tmp_path / "out", suite="ifeval", data=str(data), limit=5)))
     items = load_items(data, 5)
     expected = evaluate(items, {item.prompt: "it is a thing." for item in items})
@@ -460,15 +486,13 @@ def test_parse_rating(judgment: str, rating: float | None) -> None:
 
 @pytest.fixture
 def mtbench_data(tmp_path: Path) -> Path:
-    """Two MT-Bench questions from the shared data: 81 (writing) and 111 (math, judged with a reference)."""
-    shared = shared_data_dir() / "mtbench"
-    if not (shared / "question.jsonl").exists():
-        pytest.skip(f"no MT-Bench data at {shared}")
+    """Two MT-Bench questions from the packaged data: 81 (writing) and 111 (math, judged with a reference)."""
+    packaged = packaged_data_dir() / "mtbench"
     folder = tmp_path / "mtbench"
     folder.mkdir()
     for name in ("judge_prompts.jsonl", "reference_answer_gpt-4.jsonl"):
-        shutil.copy(shared / name, folder / name)
-    lines = (shared / "question.jsonl").read_text().splitlines()
+        shutil.copy(packaged / name, folder / name)
+    lines = (packaged / "question.jsonl").read_text().splitlines()
     chosen = [line for line in lines if json.loads(line)["question_id"] in (81, 111)]
     (folder / "question.jsonl").write_text("\n".join(chosen) + "\n")
     return folder

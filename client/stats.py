@@ -1,0 +1,136 @@
+"""Paired statistics for comparing two models on the same items: exact McNemar test and Holm's correction.
+
+Used by the `bench` report (report.md, results.json) and the demo report; `paired_tests` pairs items by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Two models' pass/fail on the same `n` items, and the exact McNemar test of the difference.
+
+    gained: items the baseline failed and the model passed; lost: items the baseline passed and the
+    model failed; rates are pass rates in [0, 1]; p_value is two-sided (1.0 when nothing changed).
+    """
+
+    n: int
+    gained: int
+    lost: int
+    baseline_rate: float
+    model_rate: float
+    p_value: float
+
+    @property
+    def difference(self) -> float:
+        return self.model_rate - self.baseline_rate
+
+
+def mcnemar(baseline: Sequence[bool], model: Sequence[bool]) -> PairedTest:
+    """Exact (binomial) two-sided McNemar test of `model` against `baseline`, item by item."""
+    if len(baseline) != len(model):
+        raise ValueError(
+            f"mcnemar needs one outcome per item from each model: baseline has {len(baseline)}, "
+            f"model has {len(model)}"
+        )
+    if not baseline:
+        raise ValueError("mcnemar needs at least one item")
+    from scipy.stats import binomtest
+
+    pairs = [(bool(b), bool(m)) for b, m in zip(baseline, model, strict=True)]
+    gained = sum(1 for b, m in pairs if m and not b)
+    lost = sum(1 for b, m in pairs if b and not m)
+    discordant = gained + lost
+    # scipy's two-sided binomtest at p=0.5 is the doubled exact tail, capped at 1.
+    p_value = 1.0 if discordant == 0 else float(binomtest(gained, discordant, 0.5).pvalue)
+    return PairedTest(
+        n=len(pairs),
+        gained=gained,
+        lost=lost,
+        baseline_rate=sum(b for b, _ in pairs) / len(pairs),
+        model_rate=sum(m for _, m in pairs) / len(pairs),
+        p_value=min(1.0, p_value),
+    )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order (step-down, monotone, capped at 1)."""
+    for p in p_values:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p-values must be in [0, 1], got {p}")
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def format_p(p: float) -> str:
+    """ "p<0.001" below 0.001, else three significant digits: "p=0.0215", "p=1"."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3g}"
+
+
+def _paired_items(
+    baseline_items: Sequence[Mapping[str, Any]], model_items: Sequence[Mapping[str, Any]], key: str
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(baseline item, model item) for ids both have and both score with `key`, in the baseline's order."""
+    by_id = {str(item["id"]): item for item in model_items if key in item}
+    return [
+        (item, by_id[str(item["id"])]) for item in baseline_items if key in item and str(item["id"]) in by_id
+    ]
+
+
+def paired_tests(
+    baseline_items: Sequence[Mapping[str, Any]], model_items: Sequence[Mapping[str, Any]], suite: str
+) -> dict[str, PairedTest]:
+    """Exact McNemar tests per metric, on the items (SuiteResult.items, or results.json's) both models have.
+
+    ifeval: "prompt_strict" (item["prompt_strict"]) and "instruction_strict" (item["follow_strict"],
+    flattened in order); tasks: "accuracy" (item["passed"]). Other suites, or no shared items: {}.
+    """
+    tests: dict[str, PairedTest] = {}
+    if suite == "ifeval":
+        pairs = _paired_items(baseline_items, model_items, "prompt_strict")
+        if pairs:
+            tests["prompt_strict"] = mcnemar(
+                [b["prompt_strict"] for b, _ in pairs], [m["prompt_strict"] for _, m in pairs]
+            )
+        baseline_follow: list[bool] = []
+        model_follow: list[bool] = []
+        for b, m in _paired_items(baseline_items, model_items, "follow_strict"):
+            if len(b["follow_strict"]) != len(m["follow_strict"]):
+                raise ValueError(
+                    f"item {b['id']}: baseline has {len(b['follow_strict'])} instruction outcomes, "
+                    f"model has {len(m['follow_strict'])}"
+                )
+            baseline_follow += b["follow_strict"]
+            model_follow += m["follow_strict"]
+        if baseline_follow:
+            tests["instruction_strict"] = mcnemar(baseline_follow, model_follow)
+    elif suite == "tasks":
+        pairs = _paired_items(baseline_items, model_items, "passed")
+        if pairs:
+            tests["accuracy"] = mcnemar([b["passed"] for b, _ in pairs], [m["passed"] for _, m in pairs])
+    return tests
+
+
+def per_type_tests(
+    baseline_items: Sequence[Mapping[str, Any]], model_items: Sequence[Mapping[str, Any]]
+) -> dict[str, PairedTest]:
+    """IFEval: an exact McNemar test per instruction type, on every instruction of that type both models
+    were scored on (item["instruction_id_list"] beside item["follow_strict"]), types in sorted order."""
+    baseline_by_type: dict[str, list[bool]] = {}
+    model_by_type: dict[str, list[bool]] = {}
+    for b, m in _paired_items(baseline_items, model_items, "follow_strict"):
+        for kind, followed, model_followed in zip(
+            b["instruction_id_list"], b["follow_strict"], m["follow_strict"], strict=True
+        ):
+            baseline_by_type.setdefault(kind, []).append(followed)
+            model_by_type.setdefault(kind, []).append(model_followed)
+    return {kind: mcnemar(baseline_by_type[kind], model_by_type[kind]) for kind in sorted(baseline_by_type)}
