@@ -3,7 +3,8 @@
 `bench` runs an instruction-following suite (ifeval, tasks, reference, mtbench) against models at any
 OpenAI-compatible endpoint and reports them side by side; `score` scores existing IFEval responses
 offline; `load` is the serving load benchmark (vLLM's metric definitions); `tasks` writes the generated
-instruction-following suite (training data and held-out test items).
+instruction-following suite (training data and held-out test items); `distill` makes constraint-following
+training data from a model's own answers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from client.bench import add_bench_command
 from client.demo import add_demo_command
+from client.distill import add_distill_command
 from client.ifeval.cli import add_score_command
 from client.load import add_load_command
 from client.tasks import FAMILIES, GROUPS, write_task_data
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_command(commands)
     add_load_command(commands)
     _add_tasks_command(commands)
+    add_distill_command(commands)
     add_demo_command(commands)
     return parser
 
