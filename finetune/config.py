@@ -95,7 +95,9 @@ class TrainingConfig(_Strict):
         True, description="Padding-free packing of samples into rows (falls back if unsupported)."
     )
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
-        "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 is refused."
+        "auto",
+        description="`auto` = bf16 on a GPU that supports it or a CPU with bf16 instructions "
+        "(AVX512-BF16, AMX), else fp32. fp16 is refused.",
     )
     attn_implementation: Literal[
         "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"

@@ -75,11 +75,19 @@ def partial_dir(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + ".partial")
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes in bf16 natively: a CUDA GPU that supports it, else a CPU with
+    AVX512-BF16 or AMX (there bf16 autocast trained SmolLM2-135M 1.3x faster than fp32; without them
+    bf16 is emulated and slower)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_precision(config: FinetuneConfig) -> torch.dtype:
     requested = config.training.precision
     if requested == "auto":
-        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
     return torch.bfloat16 if requested == "bf16" else torch.float32
 
 

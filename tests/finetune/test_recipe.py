@@ -268,3 +268,22 @@ def test_eval_pass_covers_every_eval_sample(tiny_base: Path, task_data: Path, tm
     assert len(recipe.eval_plan) > 1
     assert sorted(i for batch in recipe.eval_plan for i in batch) == list(range(len(recipe.eval_samples)))
     assert sorted({i for batch in recipe.plan for i in batch}) == list(range(len(recipe.train_samples)))
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
+)
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_instructions(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str
+) -> None:
+    import torch
+
+    from finetune.recipe import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    config = load_config(None, ["base_model=b", "data.path=d.jsonl", "output_dir=o"])
+    assert resolve_precision(config) == {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
+    fp32 = load_config(None, ["base_model=b", "data.path=d.jsonl", "output_dir=o", "training.precision=fp32"])
+    assert resolve_precision(fp32) == torch.float32
