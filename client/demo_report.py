@@ -1,17 +1,21 @@
-"""The demo's report: OUT/report.md, OUT/demo.json and OUT/tasks.png, from what each stage wrote.
+"""The demo's report: OUT/report.md, OUT/demo.json and charts, from what each stage wrote.
 
 Everything is read back from the stages' own outputs (each adapter's metrics.json, each bench's
-results.json, load.json), so the report shows exactly what the commands measured.
+results.json, the training data's stats.json, load.json), so the report shows exactly what the commands
+measured. Every comparison with the base is paired: the same prompts, an exact McNemar test.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.distill import CONSTRAINTS
 from client.report import markdown_table, plot_headline, side_by_side
+from client.stats import PairedTest, format_p, holm, paired_tests, per_type_tests
 from client.suite import SuiteResult
 from client.tasks import families_of
 
@@ -19,6 +23,7 @@ if TYPE_CHECKING:
     from client.demo import Demo
 
 IFEVAL_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+CONSTRAINTS_BY_TASK = {name: constraint.instruction_id for name, constraint in CONSTRAINTS.items()}
 
 
 def _read_json(path: Path) -> Any:
@@ -46,7 +51,7 @@ def _tasks(demo: Demo) -> tuple[dict[str, dict[str, float]], dict[str, dict[str,
     return accuracy, per_family
 
 
-def _ifeval(demo: Demo) -> dict[str, dict[str, float]] | None:
+def _tiny_ifeval(demo: Demo) -> dict[str, dict[str, float]] | None:
     path = demo.out / "bench" / "ifeval" / "results.json"
     if "ifeval" in demo.skipped or not path.exists():
         return None
@@ -74,9 +79,9 @@ def _load(demo: Demo) -> list[dict[str, Any]]:
     return [{key: level[key] for key in keys} for level in levels]
 
 
-def _headline(demo: Demo, tasks: dict[str, dict[str, float]]) -> str:
+def _tiny_headline(demo: Demo, tasks: dict[str, dict[str, float]]) -> str:
     lines = []
-    for task in demo.config.tasks:
+    for task in demo.config.task_names:
         base, tuned = tasks[task][demo.served_base], tasks[task][task]
         lines.append(
             f"adapter `{task}`: {tuned:.1%} of held-out {task} prompts followed, base {base:.1%} "
@@ -90,31 +95,41 @@ def _rel(demo: Demo, path: Path) -> str:
 
 
 def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) -> dict[str, Any]:
+    """Write OUT/demo.json, OUT/report.md and the charts; returns the summary (demo.json's content)."""
     from client.demo import config_dict
 
-    out, models = demo.out, demo.models
-    training = {name: _training(path) for name, path in demo.adapters.items()}
-    tasks, per_family = _tasks(demo)
-    ifeval = _ifeval(demo)
-    load = _load(demo)
     summary: dict[str, Any] = {
+        "flow": "tiny" if demo.config.tiny else "real",
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
         "machine": machine,
         "config": config_dict(demo.config),
         "base_model": demo.base_model,
-        "models": models,
-        "training": training,
-        "tasks": tasks,
-        "tasks_per_family": per_family,
-        "ifeval": ifeval,
-        "load": load,
+        "served_base": demo.served_base,
+        "models": demo.models,
+        "training": {name: _training(path) for name, path in demo.adapters.items()},
+    }
+    if demo.config.tiny:
+        summary |= _tiny_results(demo)
+    else:
+        summary |= _real_results(demo)
+    summary |= {
+        "load": _load(demo),
         "skipped": demo.skipped,
         "timings_s": dict(demo.timings),
         "commands": demo.commands,
-        "headline": _headline(demo, tasks),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (demo.out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    sections = _tiny_sections(demo, summary) if demo.config.tiny else _real_sections(demo, summary)
+    (demo.out / "report.md").write_text(_markdown(demo, summary, sections), encoding="utf-8")
+    return summary
+
+
+# --- the tiny base -------------------------------------------------------------------------------
+
+
+def _tiny_results(demo: Demo) -> dict[str, Any]:
+    tasks, per_family = _tasks(demo)
     if tasks:
         chart = {
             model: SuiteResult(
@@ -123,14 +138,354 @@ def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) ->
                 breakdown={},
                 items=[],
             )
-            for model in models
+            for model in demo.models
         }
-        plot_headline(chart, out / "tasks.png", title="Held-out tasks: prompt-level accuracy")
-    (out / "report.md").write_text(_markdown(demo, summary), encoding="utf-8")
+        plot_headline(chart, demo.out / "tasks.png", title="Held-out tasks: prompt-level accuracy")
+    return {
+        "tasks": tasks,
+        "tasks_per_family": per_family,
+        "ifeval": _tiny_ifeval(demo),
+        "headline": _tiny_headline(demo, tasks),
+    }
+
+
+def _tiny_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
+    models = summary["models"]
+    lines: list[str] = []
+    if summary["tasks"]:
+        lines += [
+            "## Held-out tasks: prompt-level accuracy",
+            "",
+            "Rows are held-out splits: each adapter's own task, and `suite`, every family of `client tasks` "
+            f"({demo.config.suite_per_family} prompts each). Test prompts use topic words that never occur "
+            f"in training prompts. `{demo.served_base}` is the baseline; brackets: difference from it.",
+            "",
+            *side_by_side("held-out split", summary["tasks"], models),
+            "",
+            "![held-out accuracy](tasks.png)",
+            "",
+        ]
+        for split, families in summary["tasks_per_family"].items():
+            if len(families) > 1:
+                lines += [f"Per family, `{split}` split:", "", *side_by_side("family", families, models), ""]
+        lines += [
+            "Full reports: "
+            + ", ".join(f"[{split}](bench/tasks-{split}/report.md)" for split in summary["tasks"]),
+            "",
+        ]
+    lines += ["## IFEval", ""]
+    if summary["ifeval"] is None:
+        lines += [f"Skipped: {demo.skipped.get('ifeval', 'no results')}.", ""]
+    else:
+        lines += [
+            f"The first {demo.config.ifeval_limit} IFEval prompts, scored as the reference implementation "
+            "scores them (the tiny base is far too small for IFEval: this shows the benchmark end to end).",
+            "",
+            *side_by_side("metric", summary["ifeval"], models),
+            "",
+            "Full report: [bench/ifeval/report.md](bench/ifeval/report.md)",
+            "",
+        ]
+    return lines
+
+
+# --- a real base ---------------------------------------------------------------------------------
+
+ALPHA = 0.05
+
+
+def _test_dict(test: PairedTest) -> dict[str, Any]:
+    return asdict(test) | {"difference": test.difference}
+
+
+def _paired_block(base: dict[str, Any], models: dict[str, Any], per_type: bool) -> dict[str, Any]:
+    """model -> {metric or instruction type -> paired test} against the base, on one results.json."""
+    suite = "ifeval"
+    return {
+        model: {
+            name: _test_dict(test)
+            for name, test in (
+                per_type_tests(base["items"], result["items"])
+                if per_type
+                else paired_tests(base["items"], result["items"], suite)
+            ).items()
+        }
+        for model, result in models.items()
+    }
+
+
+def _real_results(demo: Demo) -> dict[str, Any]:
+    config, base = demo.config, demo.served_base
+    adapters = list(demo.adapters)
+    focus = [CONSTRAINTS_BY_TASK[task] for task in config.task_names]
+    ifeval = _read_json(demo.out / "bench" / "ifeval" / "results.json")["models"]
+    heldout = _read_json(demo.out / "bench" / "heldout" / "results.json")["models"]
+    others = {model: ifeval[model] for model in adapters}
+    per_type_paired = _paired_block(ifeval[base], others, per_type=True)
+    types = sorted(ifeval[base]["breakdown"])
+    summary = {
+        "focus_types": focus,
+        "data": _read_json(demo.out / "data" / "distill" / "stats.json"),
+        "ifeval": {
+            "prompts": len(ifeval[base]["items"]),
+            "metrics": {
+                metric: {model: ifeval[model]["metrics"][metric] for model in demo.models}
+                for metric in IFEVAL_METRICS
+            },
+            "per_type": {
+                kind: {
+                    "count": int(ifeval[base]["breakdown"][kind]["count"]),
+                    **{model: ifeval[model]["breakdown"][kind]["strict"] for model in demo.models},
+                }
+                for kind in types
+            },
+            "paired": _paired_block(ifeval[base], others, per_type=False),
+            "per_type_paired": per_type_paired,
+        },
+        "heldout": {
+            "per_family": {
+                task: {model: heldout[model]["breakdown"][kind]["strict"] for model in demo.models}
+                for task, kind in zip(config.task_names, focus, strict=True)
+            },
+            "paired": _paired_block(heldout[base], {m: heldout[m] for m in adapters}, per_type=True),
+        },
+        "significant_losses": [
+            {"model": model, "type": kind, **test}
+            for model, tests in per_type_paired.items()
+            for kind, test in tests.items()
+            if test["lost"] > test["gained"] and test["p_value"] < ALPHA
+        ],
+    }
+    _plot_types(demo, summary)
+    summary["headline"] = _real_headline(demo, summary)
     return summary
 
 
-def _markdown(demo: Demo, summary: dict[str, Any]) -> str:
+def _share(test: dict[str, Any]) -> str:
+    """ "9/12": how many the model followed, of those compared."""
+    return f"{round(test['model_rate'] * test['n'])}/{test['n']}"
+
+
+def _real_headline(demo: Demo, summary: dict[str, Any]) -> str:
+    base = demo.served_base
+    ifeval = summary["ifeval"]
+    lines = []
+    for name in demo.adapters:
+        tasks = demo.config.task_names if name not in demo.config.task_names else (name,)
+        parts = []
+        for task in tasks:
+            kind = CONSTRAINTS_BY_TASK[task]
+            test = ifeval["per_type_paired"][name].get(kind)
+            if test is not None:
+                base_share = f"{round(test['baseline_rate'] * test['n'])}/{test['n']}"
+                parts.append(
+                    f"IFEval `{kind}` {base_share} -> {_share(test)} "
+                    f"(+{test['gained']} -{test['lost']}, {format_p(test['p_value'])})"
+                )
+        overall = ifeval["paired"][name]["prompt_strict"]
+        parts.append(
+            f"IFEval subset prompt-level strict {overall['baseline_rate']:.1%} -> "
+            f"{overall['model_rate']:.1%} ({format_p(overall['p_value'])})"
+        )
+        lines.append(f"adapter `{name}` vs `{base}`: " + "; ".join(parts))
+    losses = summary["significant_losses"]
+    if losses:
+        lines += [
+            f"significant loss: `{loss['model']}` on `{loss['type']}` (+{loss['gained']} -{loss['lost']}, "
+            f"{format_p(loss['p_value'])})"
+            for loss in losses
+        ]
+    else:
+        lines.append(f"no adapter lost significantly (p < {ALPHA}) on any IFEval instruction type")
+    return "\n".join(lines)
+
+
+def _plot_types(demo: Demo, summary: dict[str, Any]) -> None:
+    """Instruction-level strict accuracy per targeted type (and all other types together), per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_type = summary["ifeval"]["per_type"]
+    focus = [kind for kind in summary["focus_types"] if kind in per_type]
+    rest = [kind for kind in per_type if kind not in focus]
+    groups = [*focus, "other types"]
+
+    def value(model: str, group: str) -> float:
+        if group != "other types":
+            return float(per_type[group][model])
+        count = sum(per_type[kind]["count"] for kind in rest)
+        return sum(per_type[kind][model] * per_type[kind]["count"] for kind in rest) / max(count, 1)
+
+    models = demo.models
+    width = 0.8 / len(models)
+    figure, axis = plt.subplots(figsize=(max(7, 2.2 * len(groups)), 4), dpi=120)
+    for i, model in enumerate(models):
+        axis.bar(
+            [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))],
+            [value(model, group) for group in groups],
+            width,
+            label=model,
+        )
+    axis.set_xticks(range(len(groups)), [group.split(":")[-1] for group in groups])
+    axis.set_ylabel("instructions followed (strict)")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"IFEval subset ({summary['ifeval']['prompts']} prompts), per instruction type")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(demo.out / "ifeval-types.png")
+    plt.close(figure)
+
+
+def _paired_table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    """model, what, base, model, gained, lost, p, p (Holm) — Holm over the rows of this table."""
+    adjusted = holm([test["p_value"] for _, _, test in rows]) if rows else []
+    return markdown_table(
+        ["model", "compared on", "base", "model", "gained", "lost", "p", "p (Holm)"],
+        [
+            [
+                f"`{model}`",
+                what,
+                f"{round(test['baseline_rate'] * test['n'])}/{test['n']}",
+                _share(test),
+                str(test["gained"]),
+                str(test["lost"]),
+                format_p(test["p_value"]),
+                format_p(p),
+            ]
+            for (model, what, test), p in zip(rows, adjusted, strict=True)
+        ],
+        right_aligned_from=2,
+    )
+
+
+def _real_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
+    config, base, models = demo.config, demo.served_base, summary["models"]
+    ifeval, data, focus = summary["ifeval"], summary["data"], summary["focus_types"]
+    overlap = data["ifeval_overlap"]["train"]
+    base_column = {kind: row[base] for kind, row in ifeval["per_type"].items()}
+    failing = [kind for kind in focus if base_column.get(kind) == 0.0]
+    focus_rows = [
+        (model, f"`{kind}` instructions", tests[kind])
+        for model, tests in ifeval["per_type_paired"].items()
+        for kind in focus
+        if kind in tests
+    ]
+    overall_rows = [
+        (model, f"{metric} ({tests[metric]['n']})", tests[metric])
+        for model, tests in ifeval["paired"].items()
+        for metric in ("prompt_strict", "instruction_strict")
+    ]
+    heldout_rows = [
+        (model, f"`{task}` prompts", tests[CONSTRAINTS_BY_TASK[task]])
+        for model, tests in summary["heldout"]["paired"].items()
+        for task in config.task_names
+        if CONSTRAINTS_BY_TASK[task] in tests
+    ]
+    lines = [
+        "## The base, measured first",
+        "",
+        f"`{base}` on the demo's IFEval subset: {ifeval['prompts']} of IFEval's 541 prompts, fixed for every "
+        f"run: {config.ifeval_per_type} carrying each targeted instruction type and {config.ifeval_others} "
+        f"of every other type (seed {config.seed}; the list is `data/ifeval-subset.jsonl`). Greedy, "
+        f"max_tokens {config.max_tokens}. Its answers are cached in `cache/` and reused by later runs.",
+        "",
+        f"Prompt-level strict {ifeval['metrics']['prompt_strict'][base]:.1%}, instruction-level strict "
+        f"{ifeval['metrics']['instruction_strict'][base]:.1%}. Targeted types it never follows here: "
+        + (", ".join(f"`{kind}`" for kind in failing) or "none")
+        + ".",
+        "",
+        "## Training data: the base's own answers, rewritten to follow each constraint",
+        "",
+        f"`client distill` asked the base {data['questions_asked']} plain questions; "
+        f"{data['complete_answers']} answers ended by themselves within {config.distill_max_tokens} tokens "
+        "and were kept. Each family rewrites them to follow its constraint (upper-cased, lower-cased, "
+        "wrapped in quotes, ...), adds the constraint to the question in one of several phrasings, and "
+        "keeps the pair only if IFEval's own checker passes it. Held-out prompts use other topics and "
+        "other phrasings.",
+        "",
+        *markdown_table(
+            ["family", "IFEval type", "train items", "held-out prompts", "dropped (checker)"],
+            [
+                [
+                    f"`{task}`",
+                    f"`{CONSTRAINTS_BY_TASK[task]}`",
+                    str(counts["train"]),
+                    str(counts["test"]),
+                    str(counts["failed_check"] + counts["not_applicable"]),
+                ]
+                for task, counts in data["families"].items()
+            ],
+            right_aligned_from=2,
+        ),
+        "",
+        f"No IFEval prompt in the training data: {overlap['sharing']} of {overlap['prompts']} training "
+        f"prompts share a word {overlap['n']}-gram with any of IFEval's 541 prompts; the longest word n-gram "
+        f'shared with IFEval has {overlap["longest"]} words ("{overlap["longest_example"]}").',
+        "",
+        "## IFEval subset: base vs adapters",
+        "",
+        *side_by_side("metric", ifeval["metrics"], models),
+        "",
+        "![IFEval per type](ifeval-types.png)",
+        "",
+        "Paired on the same prompts (exact McNemar test; gained: the base failed and the adapter followed; "
+        "lost: the reverse; p adjusted with Holm's method over each table's rows):",
+        "",
+        *_paired_table(focus_rows),
+        "",
+        *_paired_table(overall_rows),
+        "",
+        "Per instruction type (instruction-level strict):",
+        "",
+        *side_by_side(
+            "instruction type",
+            {
+                f"{kind} (n={row['count']})": {model: row[model] for model in models}
+                for kind, row in ifeval["per_type"].items()
+            },
+            models,
+        ),
+        "",
+    ]
+    losses = summary["significant_losses"]
+    lines += (
+        [
+            f"Significant losses (p < {ALPHA}, unadjusted): "
+            + "; ".join(
+                f"`{loss['model']}` on `{loss['type']}` (+{loss['gained']} -{loss['lost']}, "
+                f"{format_p(loss['p_value'])})"
+                for loss in losses
+            ),
+            "",
+        ]
+        if losses
+        else [f"No adapter lost significantly (p < {ALPHA}, unadjusted) on any instruction type.", ""]
+    )
+    lines += [
+        "Full report: [bench/ifeval/report.md](bench/ifeval/report.md)",
+        "",
+        "## Held-out prompts of each family",
+        "",
+        f"{config.n_test} prompts per family on topics and in phrasings absent from the training data, "
+        "scored by IFEval's checkers:",
+        "",
+        *side_by_side("family", summary["heldout"]["per_family"], models),
+        "",
+        *_paired_table(heldout_rows),
+        "",
+        "Full report: [bench/heldout/report.md](bench/heldout/report.md)",
+        "",
+    ]
+    return lines
+
+
+# --- shared sections -----------------------------------------------------------------------------
+
+
+def _markdown(demo: Demo, summary: dict[str, Any], sections: list[str]) -> str:
     models, machine = summary["models"], summary["machine"]
     lines = [
         "# Demo: fine-tune, serve, benchmark",
@@ -144,6 +499,7 @@ def _markdown(demo: Demo, summary: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in summary["headline"].splitlines()],
         "",
+        *sections,
         "## Fine-tuning",
         "",
         *markdown_table(
@@ -174,48 +530,6 @@ def _markdown(demo: Demo, summary: dict[str, Any]) -> str:
         "Loss curves: "
         + ", ".join(f"[{name}]({_rel(demo, path / 'loss.png')})" for name, path in demo.adapters.items()),
         "",
-    ]
-    if summary["tasks"]:
-        lines += [
-            "## Held-out tasks: prompt-level accuracy",
-            "",
-            "Rows are held-out splits: each adapter's own task, and `suite`, every family of `client tasks` "
-            f"({demo.config.suite_per_family} prompts each). Test prompts use topic words that never occur "
-            f"in training prompts. `{demo.served_base}` is the baseline; brackets: difference from it.",
-            "",
-            *side_by_side("held-out split", summary["tasks"], models),
-            "",
-            "![held-out accuracy](tasks.png)",
-            "",
-        ]
-        for split, families in summary["tasks_per_family"].items():
-            if len(families) > 1:
-                lines += [f"Per family, `{split}` split:", "", *side_by_side("family", families, models), ""]
-        lines += [
-            "Full reports: "
-            + ", ".join(f"[{split}](bench/tasks-{split}/report.md)" for split in summary["tasks"]),
-            "",
-        ]
-    lines += ["## IFEval", ""]
-    if summary["ifeval"] is None:
-        lines += [f"Skipped: {demo.skipped.get('ifeval', 'no results')}.", ""]
-    else:
-        limit = demo.config.ifeval_limit
-        tiny = demo.config.base_model is None
-        lines += [
-            f"The first {limit} IFEval prompts, scored as the reference implementation scores them"
-            + (
-                " (the tiny base is far too small for IFEval: this shows the benchmark end to end)."
-                if tiny
-                else "."
-            ),
-            "",
-            *side_by_side("metric", summary["ifeval"], models),
-            "",
-            "Full report: [bench/ifeval/report.md](bench/ifeval/report.md)",
-            "",
-        ]
-    lines += [
         "## Load",
         "",
         f"`client load` over {', '.join(f'`{m}`' for m in models)} (round-robin), "
