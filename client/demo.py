@@ -55,6 +55,7 @@ TINY_TASKS = ("uppercase", "lowercase", "wrap_in_quotes")
 # IFEval prompts each, so a paired test can see a change.
 DISTILL_TASKS = ("uppercase", "lowercase", "quotation")
 MIX_ADAPTER = "mix"
+BENCH_TIMEOUT_S = 900
 # The embedded base runs on any CPU: no compilation (faster start), a small context and KV cache.
 TINY_SERVE_ARGS = ("--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(1 << 30))
 # A base built from the package index is small: the same, with room for IFEval's longer prompts.
@@ -360,6 +361,8 @@ def _bench_command(
         *("--base-url", f"{server.url}/v1", "--models", ",".join(models), "--suite", suite),
         *("--data", str(data), "--concurrency", str(config.bench_concurrency)),
         *("--max-tokens", str(config.max_tokens), "--seed", str(config.seed), "--out", str(out)),
+        # A long reply among 32 on a busy 2-core machine can take minutes; a retry would only add load.
+        *("--timeout", str(BENCH_TIMEOUT_S)),
     )
     if demo.cache_scope:
         argv += ["--cache-scope", demo.cache_scope]

@@ -238,7 +238,9 @@ def test_smollm2_adapter_through_the_server_equals_transformers_and_peft(
         "Name three colours of the rainbow.",
     ]
     eos = "<end of turn>"
-    server = start_server(smollm2, out / "adapters", tmp_path / "serve.log")  # float32, as the tests' engine
+    # float32, as the tests' engine
+    served_as = ("--served-model-name", "smollm2-135m-instruct")
+    server = start_server(smollm2, out / "adapters", tmp_path / "serve.log", *served_as)
     try:
         wait_healthy(server, timeout=600)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
