@@ -590,7 +590,8 @@ def _run_real(demo: Demo) -> None:
 
 def run_full_ifeval(config: DemoConfig) -> dict[str, Any]:
     """All 541 IFEval prompts for the base and the `mix` adapter a finished demo trained (or every adapter
-    in OUT/adapters when there is no mix), side by side with paired tests: OUT/ifeval-full/."""
+    in OUT/adapters when there is no mix), side by side in OUT/bench/ifeval-full; returns its paired tests
+    (model -> metric -> test, as results.json holds them)."""
     adapters_dir = config.out / "adapters"
     trained = (
         sorted(path.name for path in adapters_dir.iterdir() if path.is_dir()) if adapters_dir.is_dir() else []
@@ -617,7 +618,8 @@ def run_full_ifeval(config: DemoConfig) -> dict[str, Any]:
         with _stage(demo, "IFEval: base and adapters"):
             _bench_side_by_side(demo, server, "ifeval-full", data)
     results = json.loads((demo.out / "bench" / "ifeval-full" / "results.json").read_text(encoding="utf-8"))
-    return {"paired": results["paired"], "metrics": {m: r["metrics"] for m, r in results["models"].items()}}
+    paired: dict[str, Any] = results["paired"]
+    return paired
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -782,10 +784,10 @@ def _run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_full_ifeval(result: dict[str, Any], out: Path) -> int:
+def _print_full_ifeval(paired: dict[str, Any], out: Path) -> int:
     from client.stats import format_p
 
-    for model, tests in result["paired"].items():
+    for model, tests in paired.items():
         for metric, test in tests.items():
             print(
                 f"{model} vs base, {metric}: {test['baseline_rate']:.1%} -> {test['model_rate']:.1%} "

@@ -8,14 +8,13 @@ measured. Every comparison with the base is paired: the same prompts, an exact M
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.distill import CONSTRAINTS
 from client.report import markdown_table, plot_headline, side_by_side
-from client.stats import PairedTest, format_p, holm, paired_tests, per_type_tests
+from client.stats import format_p, holm, per_type_tests
 from client.suite import SuiteResult
 from client.tasks import families_of
 
@@ -194,23 +193,14 @@ def _tiny_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
 ALPHA = 0.05
 
 
-def _test_dict(test: PairedTest) -> dict[str, Any]:
-    return asdict(test) | {"difference": test.difference}
-
-
-def _paired_block(base: dict[str, Any], models: dict[str, Any], per_type: bool) -> dict[str, Any]:
-    """model -> {metric or instruction type -> paired test} against the base, on one results.json."""
-    suite = "ifeval"
+def _per_type_paired(results: dict[str, Any], base: str, models: list[str]) -> dict[str, Any]:
+    """model -> instruction type -> paired test against the base, on one bench's results.json models."""
     return {
         model: {
-            name: _test_dict(test)
-            for name, test in (
-                per_type_tests(base["items"], result["items"])
-                if per_type
-                else paired_tests(base["items"], result["items"], suite)
-            ).items()
+            kind: test.as_dict()
+            for kind, test in per_type_tests(results[base]["items"], results[model]["items"]).items()
         }
-        for model, result in models.items()
+        for model in models
     }
 
 
@@ -218,10 +208,10 @@ def _real_results(demo: Demo) -> dict[str, Any]:
     config, base = demo.config, demo.served_base
     adapters = list(demo.adapters)
     focus = [CONSTRAINTS_BY_TASK[task] for task in config.task_names]
-    ifeval = _read_json(demo.out / "bench" / "ifeval" / "results.json")["models"]
+    ifeval_document = _read_json(demo.out / "bench" / "ifeval" / "results.json")
+    ifeval = ifeval_document["models"]
     heldout = _read_json(demo.out / "bench" / "heldout" / "results.json")["models"]
-    others = {model: ifeval[model] for model in adapters}
-    per_type_paired = _paired_block(ifeval[base], others, per_type=True)
+    per_type_paired = _per_type_paired(ifeval, base, adapters)
     types = sorted(ifeval[base]["breakdown"])
     summary = {
         "focus_types": focus,
@@ -239,7 +229,7 @@ def _real_results(demo: Demo) -> dict[str, Any]:
                 }
                 for kind in types
             },
-            "paired": _paired_block(ifeval[base], others, per_type=False),
+            "paired": ifeval_document["paired"],  # written by bench (client.report)
             "per_type_paired": per_type_paired,
         },
         "heldout": {
@@ -247,7 +237,7 @@ def _real_results(demo: Demo) -> dict[str, Any]:
                 task: {model: heldout[model]["breakdown"][kind]["strict"] for model in demo.models}
                 for task, kind in zip(config.task_names, focus, strict=True)
             },
-            "paired": _paired_block(heldout[base], {m: heldout[m] for m in adapters}, per_type=True),
+            "paired": _per_type_paired(heldout, base, adapters),
         },
         "significant_losses": [
             {"model": model, "type": kind, **test}

@@ -230,7 +230,7 @@ def write_report(out: Path, meta: Mapping[str, Any], results: Mapping[str, Suite
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "report": out / "report.md", "chart": out / "report.png"}
     paired = {
-        model: {metric: asdict(test) | {"difference": test.difference} for metric, test in tests.items()}
+        model: {metric: test.as_dict() for metric, test in tests.items()}
         for model, tests in paired_comparison(results).items()
     }
     document = {

@@ -6,7 +6,7 @@ Used by the `bench` report (report.md, results.json) and the demo report; `paire
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -28,6 +28,10 @@ class PairedTest:
     @property
     def difference(self) -> float:
         return self.model_rate - self.baseline_rate
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields and the difference, as results.json and demo.json hold them."""
+        return asdict(self) | {"difference": self.difference}
 
 
 def mcnemar(baseline: Sequence[bool], model: Sequence[bool]) -> PairedTest:
