@@ -33,6 +33,7 @@ from finetune.batching import Batch, collate_packed, collate_padded, plan_packed
 from finetune.config import ConfigError, FinetuneConfig, dump_config
 from finetune.data import DataReport, Record, load_data
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
+from finetune.servable import ADAPTER_WEIGHTS, check_lora_weights
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +465,9 @@ class LoraRecipe:
             self.optimizer.zero_grad(set_to_none=True)
 
             loss = float(accelerator.reduce(loss_sum, reduction="sum")) / global_targets
+            if not math.isfinite(loss):
+                progress.close()
+                raise self._diverged(f"at step {self.state.step + 1} the training loss is {loss}")
             self.state.step += 1
             self.state.tokens += sum(batch.n_tokens for batch in collated)
             self.state.label_tokens += global_targets
@@ -489,6 +493,15 @@ class LoraRecipe:
             if self.state.step % training.save_every == 0 and not at_end and not self.state.stopped_early:
                 self._save_checkpoint()
         progress.close()
+
+    def _diverged(self, what: str) -> TrainingError:
+        # An adapter with NaN or infinite weights, once served, corrupts the answers of every request batched
+        # with it; such a run must never publish one.
+        return TrainingError(
+            f"the run diverged: {what}; nothing was written to {self.output_dir}. Lower "
+            f"training.learning_rate (now {self.config.training.learning_rate:g}), keep gradient clipping on "
+            f"(training.max_grad_norm, now {self.config.training.max_grad_norm}), or train in fp32"
+        )
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -599,6 +612,10 @@ class LoraRecipe:
         staging = self.work_dir / "export.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
+        try:
+            check_lora_weights(staging / ADAPTER_WEIGHTS[0])
+        except ValueError as exc:
+            raise self._diverged(f"the adapter's weights are not finite ({exc})") from exc
         artifacts.set_adapter_base(staging, self.config.base_model)
         self.config_path(staging).write_text(dump_config(self.config), encoding="utf-8")
         metrics = self._metrics(exported="best" if export_best else "final")

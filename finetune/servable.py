@@ -7,6 +7,8 @@ it imports nothing heavy so the server can use it at start-up.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,98 @@ def inspect_adapter(path: Path, *, max_lora_rank: int | None = None) -> AdapterI
     return AdapterInfo(
         path=path, base_model=raw.get("base_model_name_or_path"), rank=rank, target_modules=tuple(targets)
     )
+
+
+# A PEFT LoRA matrix: `base_model.model.<module>.lora_A.weight` (an adapter name may sit before `.weight`).
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<matrix>A|B)(?:\.[^.]+)?\.weight$")
+
+
+def _load_tensors(weights: Path) -> Mapping[str, Any]:
+    """name -> torch tensor of a safetensors or PyTorch weights file (ValueError if it does not open)."""
+    import torch
+
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights.name} is not a readable safetensors file: {exc}") from exc
+    try:
+        loaded = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises pickle, zip and runtime errors alike
+        raise ValueError(f"{weights.name} is not a readable PyTorch weights file: {exc}") from exc
+    if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+        raise ValueError(f"{weights.name} does not hold a dict of tensors")
+    return loaded
+
+
+def check_lora_weights(weights: Path, base_linears: Mapping[str, tuple[int, int]] | None = None) -> int:
+    """The largest rank of a LoRA weights file; ValueError saying why it must not be served otherwise.
+
+    Refused: no lora_A/lora_B pairs, a matrix without its partner, NaN or infinite values (a diverged run:
+    served, they corrupt other requests' answers in the same batch), and, given the base's linear layers
+    (module name -> (in_features, out_features), see base_linear_shapes), a module the base lacks or a
+    matrix whose shape does not fit it (an adapter made for another model).
+    """
+    import torch
+
+    tensors = _load_tensors(weights)
+    matrices: dict[str, dict[str, tuple[int, ...]]] = {}
+    non_finite = []
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            non_finite.append(key)
+        match = _LORA_KEY.match(key)
+        if match:
+            matrices.setdefault(match["module"], {})[match["matrix"]] = tuple(tensor.shape)
+    if non_finite:
+        raise ValueError(
+            f"{weights.name}: {len(non_finite)} of its {len(tensors)} tensors hold NaN or infinite values "
+            f"(first: {non_finite[0]}); the training run that made it diverged: retrain it (a lower "
+            "learning rate, gradient clipping)"
+        )
+    if not matrices:
+        raise ValueError(f"{weights.name} holds no lora_A/lora_B weights; not a LoRA adapter")
+    ranks = []
+    for module, pair in sorted(matrices.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights.name}: {module} has lora_{''.join(pair)} but not its partner")
+        a, b = pair["A"], pair["B"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise ValueError(
+                f"{weights.name}: {module} has lora_A of shape {list(a)} and lora_B of shape {list(b)}; "
+                "they must be (r, in) and (out, r)"
+            )
+        ranks.append(a[0])
+        if base_linears is None:
+            continue
+        if module not in base_linears:
+            example = next(iter(base_linears), "none")
+            raise ValueError(
+                f"{weights.name}: it adapts {module!r}, which the base model has no linear layer named so "
+                f"(one it has: {example!r}); the adapter was made for another model"
+            )
+        in_features, out_features = base_linears[module]
+        if (a[1], b[0]) != (in_features, out_features):
+            raise ValueError(
+                f"{weights.name}: {module} maps {a[1]} -> {b[0]} features, but the base model's layer maps "
+                f"{in_features} -> {out_features}; the adapter was made for another model"
+            )
+    return max(ranks)
+
+
+def base_linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """Module name -> (in_features, out_features) of every linear layer of the model a transformers config
+    describes, from a skeleton on the meta device (no weights are read or allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }

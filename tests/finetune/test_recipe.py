@@ -163,6 +163,42 @@ def test_resume_without_checkpoint_is_refused(tiny_base: Path, task_data: Path, 
         run(load_config(None, overrides(tiny_base, task_data, tmp_path / "fresh")), resume=True)
 
 
+def diverging_config(tiny_base: Path, task_data: Path, out: Path, steps: int):  # type: ignore[no-untyped-def]
+    return load_config(
+        None,
+        overrides(
+            tiny_base,
+            task_data,
+            out,
+            f"training.max_steps={steps}",
+            "training.learning_rate=1e36",  # Adam moves every weight by about this much per step
+            "training.warmup_ratio=0",
+            "training.max_grad_norm=null",
+        ),
+    )
+
+
+def test_diverged_run_stops_and_publishes_nothing(tiny_base: Path, task_data: Path, tmp_path: Path) -> None:
+    # Served, an adapter with non-finite weights corrupts the answers of every request batched with it.
+    out = tmp_path / "adapter"
+    with pytest.raises(TrainingError, match=r"run diverged: at step [23] the training loss is nan") as err:
+        run(diverging_config(tiny_base, task_data, out, steps=4))
+    assert "training.learning_rate (now 1e+36)" in str(err.value)
+    assert not out.exists()
+
+
+def test_non_finite_weights_are_never_published(tiny_base: Path, task_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    recipe = LoraRecipe(diverging_config(tiny_base, task_data, out, steps=1))
+    recipe.setup()
+    lora_b = next(p for name, p in recipe.model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora_b[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match="the run diverged: the adapter's weights are not finite"):
+        recipe.save()
+    assert not out.exists()
+
+
 def test_overlong_samples_are_truncated_or_dropped_and_counted(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     from finetune.data import Record
     from finetune.prompting import end_of_turn_ids
