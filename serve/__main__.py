@@ -34,8 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: --lora: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    server: uvicorn.Server | None = None
+
+    def request_stop() -> None:  # uvicorn re-raises a caught SIGTERM on exit, which would hide our exit code
+        assert server is not None
+        server.should_exit = True
+
+    app = build_app(settings, request_stop=request_stop)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # On SIGINT/SIGTERM, requests still open after this long are cut, so the server always stops.
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # 1 when the engine died (serve.app.watch_engine), so a supervisor restarts the server.
+    return int(getattr(app.state, "exit_code", 0))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ vLLM loads the weights afterwards; everything here is decided from files alone, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.artifacts import MANIFEST, folder_sha256
-from finetune.servable import ADAPTER_WEIGHTS, inspect_adapter
+from finetune.servable import ADAPTER_WEIGHTS, base_linear_shapes, check_lora_weights, inspect_adapter
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -84,16 +85,29 @@ def _is_hub_id(value: str) -> bool:
 class AdapterRegistry:
     """The adapters being served, by name; ids for vLLM are handed out once and never reused."""
 
-    def __init__(self, *, base_model: str, adapters_dir: Path | None, max_lora_rank: int) -> None:
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        adapters_dir: Path | None,
+        max_lora_rank: int,
+        served_name: str | None = None,
+        base_config: Any = None,
+    ) -> None:
         if adapters_dir is not None and not adapters_dir.is_dir():
             raise ValueError(
                 f"--adapters-dir {adapters_dir} is not a folder; create it or leave the option out"
             )
         self.base_model = base_model
+        self.served_name = served_name or base_model
+        # The base's transformers config (the engine's); None: read from base_model when first needed.
+        self.base_config = base_config
+        self._linears: dict[str, tuple[int, int]] | None = None
         self.adapters_dir = adapters_dir
         self.max_lora_rank = max_lora_rank
         self._adapters: dict[str, Adapter] = {}
-        self._last_id = 0
+        self._removing: dict[str, Adapter] = {}  # unloads waiting for their adapter's requests to finish
+        self._ids = itertools.count(1)  # next() on it is atomic, so validate() may run in threads
         # Every id ever registered: vLLM caches weights by id, so a removed adapter's id must never come back.
         self._used_ids: set[int] = set()
         self._base_sha256: str | None = None
@@ -103,25 +117,20 @@ class AdapterRegistry:
     def validate(self, name: str, path: Path) -> Adapter:
         """Every check that needs no engine; raises AdapterError. Hands out a fresh id, registers nothing."""
         self._check_name(name)
-        if name in self._adapters:
-            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
+        self._check_free(name)
         try:
             info = inspect_adapter(path, max_lora_rank=self.max_lora_rank)
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
         self._check_weights(path)
         self._check_base(name, path, info.base_model)
-        self._last_id += 1
         return Adapter(
-            name=name, path=path, lora_int_id=self._last_id, rank=info.rank, base_model=info.base_model
+            name=name, path=path, lora_int_id=next(self._ids), rank=info.rank, base_model=info.base_model
         )
 
     def register(self, adapter: Adapter) -> None:
         """Add a validated adapter; 409 if its name is taken."""
-        if adapter.name in self._adapters:
-            raise AdapterError(
-                f"an adapter named {adapter.name!r} is already loaded; unload it first", status=409
-            )
+        self._check_free(adapter.name)
         if adapter.lora_int_id in self._used_ids:
             raise ValueError(
                 f"lora_int_id {adapter.lora_int_id} was used before; get a fresh Adapter from validate()"
@@ -138,13 +147,30 @@ class AdapterRegistry:
 
     def remove(self, name: str) -> Adapter:
         """Stop serving `name`; 404 if it is not served. Its id stays retired."""
+        adapter = self.begin_removal(name)
+        self.finish_removal(adapter)
+        return adapter
+
+    def begin_removal(self, name: str) -> Adapter:
+        """Stop routing requests to `name` while its running requests finish; its name stays taken until
+        finish_removal (or cancel_removal puts it back). 404 if not served, 409 if already being removed."""
+        if name in self._removing:
+            raise AdapterError(f"adapter {name!r} is already being unloaded", status=409)
         adapter = self._adapters.pop(name, None)
         if adapter is None:
             raise AdapterError(
                 f"no adapter named {name!r} is loaded; loaded: {self.names() or 'none'}", status=404
             )
-        log.info("stopped serving adapter %s (id %d)", name, adapter.lora_int_id)
+        self._removing[name] = adapter
         return adapter
+
+    def cancel_removal(self, adapter: Adapter) -> None:
+        del self._removing[adapter.name]
+        self._adapters[adapter.name] = adapter
+
+    def finish_removal(self, adapter: Adapter) -> None:
+        del self._removing[adapter.name]
+        log.info("stopped serving adapter %s (id %d)", adapter.name, adapter.lora_int_id)
 
     def get(self, name: str) -> Adapter | None:
         return self._adapters.get(name)
@@ -167,7 +193,8 @@ class AdapterRegistry:
         found = []
         for path in sorted(self.adapters_dir.iterdir()):
             name = path.name
-            if name.startswith(".") or name.endswith(UNFINISHED_SUFFIXES) or name in self._adapters:
+            served = name in self._adapters or name in self._removing
+            if name.startswith(".") or name.endswith(UNFINISHED_SUFFIXES) or served:
                 continue
             if path.is_dir() and (path / "adapter_config.json").is_file():
                 found.append((name, path))
@@ -207,14 +234,24 @@ class AdapterRegistry:
             check_name_syntax(name)
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
-        if name == self.base_model:
+        if name in (self.base_model, self.served_name):
             raise AdapterError(
                 f"adapter name {name!r} is the served base model's name; "
-                "pick another so requests can tell them apart"
+                "pick another so requests can tell them apart",
+                status=409,
+            )
+
+    def _check_free(self, name: str) -> None:
+        if name in self._adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
+        if name in self._removing:
+            raise AdapterError(
+                f"adapter {name!r} is being unloaded (its running requests are finishing); retry when done",
+                status=409,
             )
 
     def _check_weights(self, path: Path) -> None:
-        """The weights file opens, and a safetensors one holds LoRA pairs of a rank the server takes."""
+        """The weights open and hold finite LoRA pairs that fit the base's layers, of a rank we serve."""
         weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
         if weights is None:
             raise AdapterError(f"adapter {path}: its weights file disappeared while it was being checked")
@@ -224,29 +261,33 @@ class AdapterRegistry:
                     raise AdapterError(f"adapter {path}: {weights.name} is empty")
         except OSError as exc:
             raise AdapterError(f"adapter {path}: cannot read {weights.name}: {exc}") from exc
-        if weights.suffix != ".safetensors":
-            return
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(weights), framework="numpy") as tensors:
-                keys = list(tensors.keys())
-                ranks = {tensors.get_slice(key).get_shape()[0] for key in keys if ".lora_A." in key}
-                has_b = any(".lora_B." in key for key in keys)
-        except (SafetensorError, OSError) as exc:
-            raise AdapterError(
-                f"adapter {path}: {weights.name} is not a readable safetensors file: {exc}"
-            ) from exc
-        if not ranks or not has_b:
-            raise AdapterError(
-                f"adapter {path}: {weights.name} holds no lora_A/lora_B weights; not a LoRA adapter"
-            )
+            rank = check_lora_weights(weights, self._base_linears())
+        except ValueError as exc:
+            raise AdapterError(f"adapter {path}: {exc}") from exc
         # Per-module ranks (PEFT's rank_pattern) can exceed the `r` in adapter_config.json.
-        if max(ranks) > self.max_lora_rank:
+        if rank > self.max_lora_rank:
             raise AdapterError(
-                f"adapter {path}: its weights have rank {max(ranks)}, above the server's --max-lora-rank "
+                f"adapter {path}: its weights have rank {rank}, above the server's --max-lora-rank "
                 f"{self.max_lora_rank}; restart with a larger --max-lora-rank"
             )
+
+    def _base_linears(self) -> dict[str, tuple[int, int]] | None:
+        """The base's linear layers by module name (built once), or None when they cannot be known."""
+        if self._linears is None:
+            from transformers import AutoConfig
+
+            try:
+                config = self.base_config or AutoConfig.from_pretrained(self.base_model)
+                self._linears = base_linear_shapes(config)
+            except Exception as exc:  # remote code, an architecture transformers lacks, no hub access
+                log.warning(
+                    "cannot list the linear layers of %s (%s); adapter weights are checked without them",
+                    self.base_model,
+                    exc,
+                )
+                self._linears = {}
+        return self._linears or None
 
     def _check_base(self, name: str, path: Path, declared: str | None) -> None:
         """Refuse an adapter trained on another base: by manifest content hash, else by declared name."""

@@ -21,10 +21,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +46,10 @@ MAX_STOP_SEQUENCES = 4
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# A response_format schema is compiled into a grammar in the engine: a 100k-item enum took 108 s there.
+MAX_SCHEMA_BYTES = 64 << 10
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # JSON has no -inf; OpenAI-compatible servers clamp to this floor.
 MIN_LOGPROB = -9999.0
 
@@ -252,6 +258,35 @@ def _check_chat_supported(request: ChatCompletionRequest) -> None:
     _refuse(request, "modalities", lambda value: value == ["text"])
 
 
+def check_text(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """400 naming the field if a string holds a lone surrogate: JSON's \\u escapes can write one, UTF-8
+    cannot encode it, and the tokenizer failed on it with a 500."""
+    found = _surrogate_at(request.model_dump(by_alias=True, exclude_none=True), "")
+    if found is not None:
+        param, character = found
+        raise OpenAIError(
+            f"'{param}' is not valid Unicode text: it holds a lone surrogate (U+{ord(character):04X}); "
+            "send UTF-8 text",
+            param=param,
+        )
+
+
+def _surrogate_at(value: Any, path: str) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        return (path, match.group()) if match else None
+    items: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    for item_path, item in items:
+        found = _surrogate_at(item, item_path)
+        if found is not None:
+            return found
+    return None
+
+
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     """The conversation as plain {"role", "content"} dicts for the shared prompt renderer.
 
@@ -348,6 +383,13 @@ def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOut
             "response_format of type 'json_schema' needs json_schema.schema (a JSON Schema object)",
             param="response_format",
         )
+    size = len(json.dumps(spec.schema_))
+    if size > MAX_SCHEMA_BYTES:
+        raise OpenAIError(
+            f"response_format.json_schema.schema is {size} bytes of JSON; this server takes at most "
+            f"{MAX_SCHEMA_BYTES} (large schemas take minutes to compile into a grammar)",
+            param="response_format",
+        )
     try:
         check_json_nesting(spec.schema_)
     except VLLMValidationError as exc:
@@ -426,6 +468,11 @@ def sampling_params(
     _check_range("n", request.n, 1, MAX_N)
     _check_range("presence_penalty", presence_penalty, -2, 2)
     _check_range("frequency_penalty", frequency_penalty, -2, 2)
+    if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise OpenAIError(
+            f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}; got {request.seed}",
+            param="seed",
+        )
     stop = _stop(request.stop)
 
     top_k = 0

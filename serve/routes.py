@@ -81,6 +81,22 @@ async def require_admin_key(
         )
 
 
+async def require_metrics_access(
+    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+) -> None:
+    if settings.metrics_port is not None:
+        raise OpenAIError(f"metrics are served on port {settings.metrics_port}", status=404, code="not_found")
+    if not settings.public_metrics:
+        await require_api_key(request, settings)
+
+
+async def require_docs_access(
+    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+) -> None:
+    if not settings.public_docs:
+        await require_api_key(request, settings)
+
+
 ServingDep = Annotated[Serving, Depends(get_serving)]
 API_KEY = [Depends(require_api_key)]
 ADMIN_KEY = [Depends(require_admin_key)]
@@ -96,7 +112,19 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/openapi.json", dependencies=[Depends(require_docs_access)], include_in_schema=False)
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", dependencies=[Depends(require_docs_access)], include_in_schema=False)
+async def docs(request: Request) -> Response:
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} API")
+
+
+@router.get("/metrics", dependencies=[Depends(require_metrics_access)])
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -10,12 +10,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.exceptions import VLLMClientError
 
 from finetune.prompting import PromptError, encode_prompt
 from serve import protocol
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineClient(Protocol):
@@ -73,8 +76,37 @@ class Serving:
     metrics: ServerMetrics
     model_id: str
     max_model_len: int
+    unload_timeout_s: float = 60.0
     created: int = field(default_factory=lambda: int(time.time()))
     refused: list[RefusedAdapter] = field(default_factory=list)
+    # lora_int_id -> engine requests running on it; an unload waits for its adapter's count to reach 0.
+    _running: dict[int, int] = field(default_factory=dict)
+    _idle: dict[int, asyncio.Event] = field(default_factory=dict)
+    _longest_token: int | None = None  # characters of the vocabulary's longest token
+    _served_names: set[str] = field(default_factory=set)  # every adapter name ever served (metric labels)
+    _tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    )
+
+    async def _tokenizing(self, work: Callable[..., T], *args: Any) -> T:
+        """Run tokenizer work on the one tokenizer thread: a long prompt takes seconds to render and
+        tokenize, which on the event loop stalled every other request (and /health); one thread, because
+        a fast tokenizer used from two threads at once fails ("Already borrowed")."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work, *args)
+
+    def _refuse_surely_too_long(self, characters: int, param: str) -> None:
+        """Refuse text that cannot fit the context whatever it tokenizes to, without tokenizing it: no
+        token is longer than the vocabulary's longest entry (a 10 MB prompt took 14 s to tokenize)."""
+        if self._longest_token is None:
+            self._longest_token = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        if characters > self.max_model_len * self._longest_token:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens; your {param} hold "
+                f"{characters} characters, more than that many tokens can (at most {self._longest_token} "
+                f"characters each). Shorten the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     # ------------------------------------------------------------------------------------- models
     def resolve(self, model: str) -> LoRARequest | None:
@@ -83,14 +115,18 @@ class Serving:
             return None
         adapter = self.registry.get(model)
         if adapter is None:
-            available = ", ".join([self.model_id, *self.registry.names()])
+            # Not the list of models: GET /v1/models gives it to those allowed to see it.
             raise OpenAIError(
-                f"The model `{model}` does not exist. Available models: {available}",
+                f"The model `{model}` does not exist; GET /v1/models lists the models served",
                 status=404,
                 param="model",
                 code="model_not_found",
             )
         return adapter.lora_request()
+
+    def has_served(self, model: str) -> bool:
+        """The base or an adapter name this server serves or once served (bounded by admin loads)."""
+        return model == self.model_id or model in self._served_names
 
     def list_models(self) -> protocol.ModelList:
         cards = [
@@ -108,7 +144,7 @@ class Serving:
                 id=adapter.name,
                 created=self.created,
                 owned_by="tuneserve",
-                root=str(adapter.path),
+                root=adapter.name,  # not its path: every API key sees this list; admins get paths elsewhere
                 parent=self.model_id,
                 max_model_len=self.max_model_len,
             )
@@ -119,26 +155,85 @@ class Serving:
     # ----------------------------------------------------------------------------------- adapters
     async def add_adapter(self, name: str, path: Any) -> Adapter:
         """Check an adapter statically, then have vLLM load it; only then is it served."""
-        adapter = self.registry.validate(name, path)
+        # Reading and checking every weight of a large adapter takes a while: not on the event loop.
+        adapter = await asyncio.to_thread(self.registry.validate, name, path)
         try:
             await self.engine.add_lora(adapter.lora_request())
         except Exception as exc:  # vLLM raises plain exceptions for unloadable weights
             raise AdapterError(f"vLLM could not load adapter {name!r} from {adapter.path}: {exc}") from exc
         self.registry.register(adapter)
+        self._served_names.add(name)
         log.info("serving adapter %s (rank %d) from %s", name, adapter.rank, adapter.path)
         return adapter
 
     async def remove_adapter(self, name: str) -> Adapter:
-        adapter = self.registry.remove(name)
-        await self.engine.remove_lora(adapter.lora_int_id)
+        """Stop routing requests to `name`, let the requests running on it finish, then drop it from vLLM.
+
+        vLLM removes an adapter that running requests still use (its worker then fails on their next step,
+        KeyError in convert_mapping, and the engine is dead for good), so the engine is asked only once no
+        request of ours runs on it. If they do not finish within unload_timeout_s, the adapter stays served
+        and the unload fails with 409.
+        """
+        adapter = self.registry.begin_removal(name)
+        running = self._running.get(adapter.lora_int_id, 0)
+        if running:
+            log.info("unloading adapter %s: waiting for its %d running requests", name, running)
+            idle = self._idle.setdefault(adapter.lora_int_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(idle.wait(), self.unload_timeout_s)
+            except TimeoutError:
+                self.registry.cancel_removal(adapter)
+                left = self._running.get(adapter.lora_int_id, 0)
+                raise AdapterError(
+                    f"adapter {name!r} still has {left} requests running "
+                    f"after {self.unload_timeout_s:.0f} s; it stays loaded: retry the unload later "
+                    "(or start the server with a longer --unload-timeout)",
+                    status=409,
+                ) from None
+        try:
+            await self.engine.remove_lora(adapter.lora_int_id)
+        finally:
+            self.registry.finish_removal(adapter)
+            self._idle.pop(adapter.lora_int_id, None)
         log.info("unloaded adapter %s", name)
         return adapter
 
-    async def add_adapters(self, candidates: Sequence[tuple[str, Any]]) -> list[Adapter]:
-        """Add each candidate; a bad one is refused (logged, kept in `refused`) and the rest still load."""
+    def request_started(self, lora: LoRARequest | None, model: str) -> None:
+        if lora is None:
+            return
+        adapter = self.registry.get(model)
+        if adapter is None or adapter.lora_int_id != lora.lora_int_id:
+            # Resolved before an unload, started after it (a stream's body runs after the response starts).
+            raise OpenAIError(
+                f"The model `{model}` was unloaded", status=404, param="model", code="model_not_found"
+            )
+        self._running[lora.lora_int_id] = self._running.get(lora.lora_int_id, 0) + 1
+
+    def request_finished(self, lora: LoRARequest | None) -> None:
+        if lora is None:
+            return
+        left = self._running[lora.lora_int_id] - 1
+        if left:
+            self._running[lora.lora_int_id] = left
+            return
+        del self._running[lora.lora_int_id]
+        idle = self._idle.get(lora.lora_int_id)
+        if idle is not None:
+            idle.set()
+
+    async def add_adapters(
+        self, candidates: Sequence[tuple[str, Any]], *, confined: bool = False
+    ) -> list[Adapter]:
+        """Add each candidate; a bad one is refused (logged, kept in `refused`) and the rest still load.
+
+        confined: the paths come from the adapters dir and must stay in it once symlinks are followed (the
+        rule a runtime load request's lora_path follows).
+        """
         added = []
         for name, path in candidates:
             try:
+                if confined:
+                    path = self.registry.resolve_runtime_path(path.name, name)
                 added.append(await self.add_adapter(name, path))
             except AdapterError as exc:
                 log.error("refused adapter %s (%s): %s", name, path, exc)
@@ -148,15 +243,18 @@ class Serving:
 
     async def refresh(self) -> list[Adapter]:
         """Serve adapter folders that appeared in the adapters dir since start-up."""
-        return await self.add_adapters(self.registry.discover())
+        return await self.add_adapters(self.registry.discover(), confined=True)
 
     # --------------------------------------------------------------------------------- generation
     async def chat(
         self, request: protocol.ChatCompletionRequest, raw: Request
     ) -> JSONResponse | StreamingResponse:
         lora = self.resolve(request.model)
+        protocol.check_text(request)
         try:
-            prompt_ids = encode_prompt(self.tokenizer, protocol.chat_messages(request))
+            messages = protocol.chat_messages(request)
+            self._refuse_surely_too_long(sum(len(m["content"]) for m in messages), "messages")
+            prompt_ids = await self._tokenizing(encode_prompt, self.tokenizer, messages)
         except PromptError as exc:
             raise OpenAIError(str(exc), param="messages") from exc
         params = protocol.sampling_params(
@@ -173,7 +271,8 @@ class Serving:
         self, request: protocol.CompletionRequest, raw: Request
     ) -> JSONResponse | StreamingResponse:
         lora = self.resolve(request.model)
-        prompts = self._completion_prompts(request.prompt)
+        protocol.check_text(request)
+        prompts = await self._tokenizing(self._completion_prompts, request.prompt)
         longest = max(len(p) for p in prompts)
         params = protocol.sampling_params(request, prompt_tokens=longest, max_model_len=self.max_model_len)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -197,6 +296,8 @@ class Serving:
             raise OpenAIError("prompt must not be empty", param="prompt")
         prompts = []
         for item in items:
+            if isinstance(item, str):
+                self._refuse_surely_too_long(len(item), "prompt")
             ids = list(self.tokenizer(item)["input_ids"]) if isinstance(item, str) else list(item)
             if not ids:
                 raise OpenAIError("prompt must not be empty", param="prompt")
@@ -454,33 +555,45 @@ class TrackedStream:
         engine = self.serving.engine
         if engine.errored:
             raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
-        with self.serving.metrics.track(self.model) as tracker:
-            generated: dict[int, int] = {}
-            delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
-            finished = False
-            outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
-            try:
-                async for output in outputs:
-                    for completion in output.outputs:
-                        count = len(completion.token_ids)  # FINAL_ONLY outputs: the whole sequence
-                        generated[completion.index] = (
-                            generated.get(completion.index, 0) + count if delta else count
-                        )
-                    if any(generated.values()):
-                        tracker.first_token()
-                    finished = output.finished
-                    yield output
-            except ValueError as exc:  # vLLM's input validation: the request never ran
-                finished = True
-                raise OpenAIError(str(exc)) from exc
-            finally:
-                if not finished:
-                    # The consumer went away (closed stream, cancelled task): closing vLLM's generator
-                    # aborts the request in the engine, so nothing keeps generating for nobody.
-                    await outputs.aclose()
-                    tracker.aborted()
-                self.completion_tokens = sum(generated.values())
-                tracker.tokens(self.prompt_tokens, self.completion_tokens)
+        self.serving.request_started(self.lora, self.model)
+        try:
+            with self.serving.metrics.track(self.model) as tracker:
+                generated: dict[int, int] = {}
+                delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
+                finished = False
+                outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
+                try:
+                    async for output in outputs:
+                        for completion in output.outputs:
+                            count = len(completion.token_ids)  # FINAL_ONLY outputs: the whole sequence
+                            generated[completion.index] = (
+                                generated.get(completion.index, 0) + count if delta else count
+                            )
+                        if any(generated.values()):
+                            tracker.first_token()
+                        finished = output.finished
+                        yield output
+                except (ValueError, VLLMClientError) as exc:  # vLLM's input validation: the request never ran
+                    finished = True
+                    raise OpenAIError(str(exc), param=self._refused_param(exc)) from exc
+                finally:
+                    if not finished:
+                        # The consumer went away (closed stream, cancelled task): closing vLLM's generator
+                        # aborts the request in the engine, so nothing keeps generating for nobody.
+                        await outputs.aclose()
+                        tracker.aborted()
+                    self.completion_tokens = sum(generated.values())
+                    tracker.tokens(self.prompt_tokens, self.completion_tokens)
+        finally:
+            # After the engine request ended or was aborted: an unload waiting on this adapter may go on.
+            self.serving.request_finished(self.lora)
+
+    def _refused_param(self, exc: Exception) -> str | None:
+        param = getattr(exc, "parameter", None)
+        if param is None and self.params.structured_outputs is not None:
+            # The schema is what vLLM validates for such a request (a bad regex, not a JSON Schema, ...).
+            return "response_format"
+        return str(param) if param is not None else None
 
     def usage(self) -> dict[str, int]:
         return {

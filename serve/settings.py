@@ -37,6 +37,18 @@ class ServeSettings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for loading/unloading adapters at runtime (none: disabled)."
     )
+    public_docs: bool = Field(
+        False, description="With --api-key: serve /docs and /openapi.json without a key (else the key)."
+    )
+    public_metrics: bool = Field(
+        False, description="With --api-key: serve /metrics without a key (else the key)."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port instead (no key: for a scraper on a private network).",
+    )
     max_loras: int = Field(
         16,
         ge=1,
@@ -45,6 +57,18 @@ class ServeSettings(BaseSettings):
     )
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters kept in host memory (default: engine's)."
+    )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413."
+    )
+    unload_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an unload waits for the requests running on its adapter; then it fails (409) "
+        "and the adapter stays loaded.",
+    )
+    shutdown_timeout: int = Field(
+        5, ge=1, description="Seconds a stopping server (SIGINT/SIGTERM) lets open requests finish."
     )
     max_lora_rank: int = Field(16, description=f"Largest adapter rank served; one of {VLLM_LORA_RANKS}.")
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")

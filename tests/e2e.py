@@ -62,7 +62,7 @@ def train_adapter(tiny_base: Path, families: list[str], data_dir: Path, out: Pat
 
 @pytest.fixture(scope="session")
 def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """adapters/{fmt,caps,words}: real adapters; adapters/{too_big_rank,other_base}: must be refused."""
+    """adapters/{fmt,caps,words}: real adapters; adapters/{too_big_rank,other_base,nan_weights}: refused."""
     root = tmp_path_factory.mktemp("serve")
     adapters = root / "adapters"
     for name, families in ADAPTERS.items():
@@ -77,6 +77,14 @@ def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     (other_base / "adapter_config.json").write_text(
         json.dumps({**config, "base_model_name_or_path": "org/other-7b"})
     )
+    # A diverged run's adapter: served, it corrupted the answers of other requests batched with it.
+    nan_weights = adapters / "nan_weights"
+    shutil.copytree(adapters / "fmt", nan_weights)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(nan_weights / "adapter_model.safetensors"))
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(nan_weights / "adapter_model.safetensors"))
     # A spare adapter outside the served dir, copied in at runtime by the load/unload tests.
     shutil.copytree(adapters / "caps", root / "spare")
     return adapters

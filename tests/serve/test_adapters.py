@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -212,6 +213,98 @@ def test_weights_without_lora_pairs_are_refused(registry: AdapterRegistry, make_
     assert "no lora_A/lora_B" in refusal(lambda: registry.validate("tuned", path))
 
 
+def edit_weights(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Load the adapter's safetensors weights, let `edit` change the dict, save them back."""
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter, value: float
+) -> None:
+    # A diverged run's adapter: served, one request to it corrupted other models' answers in the same batch.
+    path = make_adapter("tuned")
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    edit_weights(path, lambda tensors: tensors[key].__setitem__((0, 0), value))
+    message = refusal(lambda: registry.validate("tuned", path))
+    assert "NaN or infinite values" in message and key in message and "diverged" in message
+
+
+def test_non_finite_pytorch_weights_are_refused(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    path = make_adapter("tuned")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+    assert registry.validate("tuned", path).rank == 8  # the same weights as a .bin are checked and served
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    torch.save(tensors, path / "adapter_model.bin")
+    assert "NaN or infinite" in refusal(lambda: registry.validate("tuned", path))
+
+
+def test_adapter_of_another_architecture_is_refused_even_claiming_our_base(
+    registry: AdapterRegistry, adapters_dir: Path
+) -> None:
+    # A real PEFT adapter of a wider, deeper Llama, declaring the served base: its shapes give it away.
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        head_dim=32,
+    )
+    path = adapters_dir / "foreign"
+    lora = LoraConfig(r=8, target_modules="all-linear")
+    model = get_peft_model(transformers.LlamaForCausalLM(config), lora)
+    model.save_pretrained(str(path))
+    edit_config(path, base_model_name_or_path=registry.base_model)
+    message = refusal(lambda: registry.validate("foreign", path))
+    assert "features, but the base model's layer maps" in message and "made for another model" in message
+
+
+def test_weights_for_a_layer_the_base_lacks_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter
+) -> None:
+    # vLLM would drop them silently and serve a different adapter from the one trained.
+    path = make_adapter("tuned")
+    prefix = "base_model.model.model.layers."
+
+    def add_layer_5(tensors: dict[str, Any]) -> None:
+        for key in [k for k in tensors if k.startswith(prefix + "0.self_attn.q_proj")]:
+            tensors[key.replace(prefix + "0.", prefix + "5.")] = tensors[key].clone()
+
+    edit_weights(path, add_layer_5)
+    message = refusal(lambda: registry.validate("tuned", path))
+    assert "'model.layers.5.self_attn.q_proj', which the base model has no linear layer" in message
+
+
+def test_unpaired_or_mismatched_lora_matrices_are_refused(
+    registry: AdapterRegistry, make_adapter: MakeAdapter
+) -> None:
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    path = make_adapter("unpaired")
+    edit_weights(path, lambda tensors: tensors.pop(key))
+    assert "has lora_A but not its partner" in refusal(lambda: registry.validate("unpaired", path))
+
+    import torch
+
+    path = make_adapter("mismatched")
+    edit_weights(path, lambda tensors: tensors.__setitem__(key, torch.zeros(tensors[key].shape[0], 4)))
+    assert "they must be (r, in) and (out, r)" in refusal(lambda: registry.validate("mismatched", path))
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -354,9 +447,12 @@ def test_good_names_are_accepted(registry: AdapterRegistry, make_adapter: MakeAd
 
 
 def test_name_of_the_served_base_is_refused(adapters_dir: Path, make_adapter: MakeAdapter) -> None:
-    registry = AdapterRegistry(base_model="tiny-base", adapters_dir=adapters_dir, max_lora_rank=16)
+    registry = AdapterRegistry(
+        base_model="tiny-base", adapters_dir=adapters_dir, max_lora_rank=16, served_name="tiny"
+    )
     path = make_adapter("tuned", declared="tiny-base")
-    assert "base model" in refusal(lambda: registry.validate("tiny-base", path))
+    for name in ("tiny", "tiny-base"):  # the API id (--served-model-name) and the base's own name
+        assert "served base model's name" in refusal(lambda n=name: registry.validate(n, path), status=409)
 
 
 def test_duplicate_name_is_a_conflict(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
@@ -488,3 +584,75 @@ def test_parse_lora_option(value: str, expected: tuple[str, Path]) -> None:
 def test_parse_lora_option_refuses_malformed_values(value: str, expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
         parse_lora_option(value)
+
+
+# -- unloading while requests run ------------------------------------------------------------------------
+
+
+class RecordingEngine:
+    """Only what an unload touches: the ids vLLM was asked to remove."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.removed: list[int] = []
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        self.removed.append(lora_id)
+        return True
+
+
+def test_unload_waits_for_running_requests_and_routes_no_new_ones(
+    registry: AdapterRegistry, make_adapter: MakeAdapter
+) -> None:
+    # vLLM removes an adapter its running requests still use, and its worker then dies on their next step
+    # (KeyError in convert_mapping: the engine is gone for good), so the engine may only hear of the unload
+    # once those requests have ended.
+    from serve.metrics import ServerMetrics
+    from serve.protocol import OpenAIError
+    from serve.serving import Serving
+
+    engine = RecordingEngine()
+    serving = Serving(
+        engine=engine,  # type: ignore[arg-type]
+        tokenizer=None,
+        registry=registry,
+        metrics=ServerMetrics(),
+        model_id="base",
+        max_model_len=64,
+        unload_timeout_s=0.5,
+    )
+    a, b = (registry.validate(name, make_adapter(name)) for name in ("a", "b"))
+    registry.register(a)
+    registry.register(b)
+
+    async def scenario() -> None:
+        serving.request_started(a.lora_request(), "a")
+        serving.request_started(a.lora_request(), "a")
+        unload = asyncio.create_task(serving.remove_adapter("a"))
+        await asyncio.sleep(0.05)
+        assert not unload.done() and engine.removed == []
+        assert registry.get("a") is None  # new requests get 404 ...
+        with pytest.raises(OpenAIError, match="was unloaded"):  # ... as does one resolved just before
+            serving.request_started(a.lora_request(), "a")
+        assert "being unloaded" in refusal(lambda: registry.validate("a", a.path), status=409)
+        assert "already being unloaded" in refusal(lambda: registry.begin_removal("a"), status=409)
+        serving.request_finished(a.lora_request())
+        await asyncio.sleep(0.05)
+        assert not unload.done()
+        serving.request_finished(a.lora_request())
+        assert await unload == a
+        assert engine.removed == [a.lora_int_id]
+
+        # Requests that outlast the timeout: the unload fails and the adapter stays served.
+        serving.request_started(b.lora_request(), "b")
+        with pytest.raises(AdapterError, match="still has 1 requests running after 0 s; it stays") as late:
+            await serving.remove_adapter("b")
+        assert late.value.status == 409
+        assert registry.get("b") == b and engine.removed == [a.lora_int_id]
+        serving.request_finished(b.lora_request())
+        assert await serving.remove_adapter("b") == b  # nothing running: at once
+        assert engine.removed == [a.lora_int_id, b.lora_int_id]
+
+    asyncio.run(scenario())
+    assert registry.names() == [] and registry.validate("a", a.path).lora_int_id > b.lora_int_id

@@ -464,3 +464,52 @@ def test_model_not_found() -> None:
 
 def test_explicit_type_wins() -> None:
     assert OpenAIError("down", status=503, type="server_error").body()["error"]["type"] == "server_error"
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize("make", [chat, completion])
+def test_seed_outside_what_the_engine_takes_is_refused(make: Any) -> None:
+    # Above 2**64 - 1 it reached the engine and came back as a 500.
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        error = refused(make(seed=seed))
+        assert error.param == "seed" and "from -9223372036854775808 to 18446744073709551615" in error.message
+    assert params_of(make(seed=2**64 - 1)).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (chat(messages=[{"role": "user", "content": "\ud800 hi"}]), "messages[0].content"),
+        (
+            chat(
+                messages=[
+                    {"role": "system", "content": "ok"},
+                    {"role": "user", "content": [{"type": "text", "text": "a\udfff"}]},
+                ]
+            ),
+            "messages[1].content[0].text",
+        ),
+        (chat(stop=["ok", "\udc80"]), "stop[1]"),
+        (completion(prompt=["fine", "bad \ud83d"]), "prompt[1]"),
+        (completion(suffix="\ud800"), "suffix"),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_the_field(
+    request_: ChatCompletionRequest | CompletionRequest, param: str
+) -> None:
+    # JSON's \u escapes can write them, UTF-8 cannot encode them: the tokenizer failed with a 500.
+    with pytest.raises(OpenAIError) as caught:
+        protocol.check_text(request_)
+    assert caught.value.status == 400 and caught.value.param == param
+    assert "lone surrogate" in caught.value.message
+    protocol.check_text(chat(messages=[{"role": "user", "content": "caf\u00e9 \U0001f600 \u4e2d"}]))
+
+
+def test_oversized_response_format_schema_is_refused() -> None:
+    # A 100k-item enum took 108 s to compile in the engine and kept 560 MB there.
+    schema = {"type": "string", "enum": [f"item-{i}" for i in range(100_000)]}
+    request = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    error = refused(request)
+    assert error.param == "response_format" and "this server takes at most 65536" in error.message
