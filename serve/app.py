@@ -199,6 +199,33 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
+    """FastAPI's OpenAPI schema, made to tell the truth: no 422 (validation errors are 400s in OpenAI's
+    shape, declared per route) and bearer security only where this server asks for a key."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        unused = {"apiKey"} if settings.api_key is None else set()
+        if settings.admin_api_key is None:
+            unused.add("adminKey")
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                security = [item for item in operation.get("security", []) if not set(item) & unused]
+                if security:
+                    operation["security"] = security
+                else:
+                    operation.pop("security", None)
+        components = schema.get("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        for name in unused:
+            components.get("securitySchemes", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def build_app(
     settings: ServeSettings,
     *,
@@ -243,6 +270,7 @@ def build_app(
         title="tuneserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.include_router(router)
+    app.openapi = lambda: published_schema(app, settings)  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
 

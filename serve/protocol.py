@@ -107,6 +107,19 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server answers with, whatever its status (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
 def error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body())
 
@@ -145,6 +158,12 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
 
 
 # ------------------------------------------------------------------------------------------------ requests
+
+
+def _range(low: int, high: int) -> dict[str, Any]:
+    """JSON Schema bounds for the published schema; sampling_params enforces them with messages that name
+    the field and the range (pydantic's own would not)."""
+    return {"minimum": low, "maximum": high}
 
 
 class _Request(BaseModel):
@@ -188,17 +207,17 @@ class ResponseFormat(_Request):
 class ChatCompletionRequest(_Request):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    max_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
+    max_completion_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
+    temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
+    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    n: int = Field(1, strict=True, json_schema_extra=_range(1, MAX_N))
+    stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})
+    seed: int | None = Field(None, strict=True, json_schema_extra=_range(*SEED_RANGE))
+    presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
+    frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -214,15 +233,17 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logprobs: int | None = None
+    max_tokens: int | None = Field(
+        DEFAULT_COMPLETION_MAX_TOKENS, strict=True, json_schema_extra={"minimum": 0}
+    )
+    temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
+    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    n: int = Field(1, strict=True, json_schema_extra=_range(1, MAX_N))
+    stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})
+    seed: int | None = Field(None, strict=True, json_schema_extra=_range(*SEED_RANGE))
+    presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
+    frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
+    logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_COMPLETION_LOGPROBS))
     echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None

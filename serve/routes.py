@@ -5,11 +5,13 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve import protocol
+from serve.adapters import NAME_PATTERN
 from serve.protocol import OpenAIError
 from serve.serving import Serving
 from serve.settings import ServeSettings
@@ -98,11 +100,36 @@ async def require_docs_access(
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
-API_KEY = [Depends(require_api_key)]
-ADMIN_KEY = [Depends(require_admin_key)]
+API_KEY = [Depends(require_api_key), Security(HTTPBearer(scheme_name="apiKey", auto_error=False))]
+ADMIN_KEY = [Depends(require_admin_key), Security(HTTPBearer(scheme_name="adminKey", auto_error=False))]
+
+_ERROR_MEANING = {
+    400: "Invalid request; `error.param` names the field",
+    401: "Missing or wrong bearer key",
+    403: "Adapter management is disabled (no --admin-api-key)",
+    404: "Unknown model or adapter",
+    409: "Adapter name taken, or an unload still waiting for requests",
+    413: "Body over --max-request-bytes",
+    503: "Engine starting, failed or stopped",
+}
 
 
-@router.get("/health")
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all in OpenAI's error shape."""
+    model = protocol.ErrorResponse
+    return {status: {"model": model, "description": _ERROR_MEANING[status]} for status in statuses}
+
+
+def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A generation endpoint's responses: JSON, or with stream=true server-sent events."""
+    stream = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, then `data: [DONE]`"}}
+    return {
+        200: {"model": model, "content": {"text/event-stream": stream}, "description": "The completion"},
+        **errors(400, 401, 404, 413, 503),
+    }
+
+
+@router.get("/health", responses=errors(503))
 async def health(request: Request) -> Response:
     """200 only when the engine can serve."""
     try:
@@ -124,19 +151,32 @@ async def docs(request: Request) -> Response:
     return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} API")
 
 
-@router.get("/metrics", dependencies=[Depends(require_metrics_access)])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_metrics_access)],
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Prometheus text format"},
+        **errors(401, 404),
+    },
+)
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=API_KEY)
+@router.get("/v1/models", dependencies=API_KEY, response_model=protocol.ModelList, responses=errors(401, 503))
 async def list_models(serving: ServingDep) -> dict[str, Any]:
     return serving.list_models().model_dump()
 
 
-@router.get("/v1/models/{model:path}", dependencies=API_KEY)
+@router.get(
+    "/v1/models/{model:path}",
+    dependencies=API_KEY,
+    response_model=protocol.ModelCard,
+    responses=errors(401, 404, 503),
+)
 async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
     for card in serving.list_models().data:
         if card.id == model:
@@ -145,7 +185,12 @@ async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-@router.post("/v1/chat/completions", dependencies=API_KEY, response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    dependencies=API_KEY,
+    response_model=None,
+    responses=generation_responses(protocol.ChatCompletion),
+)
 async def chat_completions(
     body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> JSONResponse | StreamingResponse:
@@ -153,7 +198,12 @@ async def chat_completions(
     return await serving.chat(body, request)
 
 
-@router.post("/v1/completions", dependencies=API_KEY, response_model=None)
+@router.post(
+    "/v1/completions",
+    dependencies=API_KEY,
+    response_model=None,
+    responses=generation_responses(protocol.Completion),
+)
 async def completions(
     body: protocol.CompletionRequest, request: Request, serving: ServingDep
 ) -> JSONResponse | StreamingResponse:
@@ -161,20 +211,24 @@ async def completions(
     return await serving.completions(body, request)
 
 
+# The schema's copy of the rule serve.adapters enforces (with its own message).
+NAME_SCHEMA_PATTERN = f"^{NAME_PATTERN.pattern}$"
+
+
 class LoadAdapterRequest(BaseModel):
     """vLLM's body for /v1/load_lora_adapter; lora_path may be omitted (then: adapters dir / name)."""
 
     model_config = ConfigDict(extra="ignore")
-    lora_name: str
+    lora_name: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
     lora_path: str | None = None
 
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    lora_name: str
+    lora_name: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
 
 
-@router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY)
+@router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 409, 503))
 async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
     path = serving.registry.resolve_runtime_path(body.lora_path, body.lora_name)
     adapter = await serving.add_adapter(body.lora_name, path)
@@ -186,20 +240,22 @@ async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[st
     }
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=ADMIN_KEY)
+@router.post(
+    "/v1/unload_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503)
+)
 async def unload_adapter(body: UnloadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
     adapter = await serving.remove_adapter(body.lora_name)
     return {"status": "unloaded", "lora_name": adapter.name}
 
 
-@router.post("/v1/lora_adapters/refresh", dependencies=ADMIN_KEY)
+@router.post("/v1/lora_adapters/refresh", dependencies=ADMIN_KEY, responses=errors(401, 403, 503))
 async def refresh_adapters(serving: ServingDep) -> dict[str, Any]:
     """Serve adapter folders that appeared in --adapters-dir since start-up."""
     added = await serving.refresh()
     return {"added": [a.name for a in added], "refused": [vars(r) for r in serving.refused]}
 
 
-@router.get("/v1/lora_adapters", dependencies=ADMIN_KEY)
+@router.get("/v1/lora_adapters", dependencies=ADMIN_KEY, responses=errors(401, 403, 503))
 async def adapter_status(serving: ServingDep) -> dict[str, Any]:
     """Served adapters, refused ones with the reason, and which adapter ids the engine holds in memory."""
     resident = await serving.engine.list_loras()

@@ -115,13 +115,7 @@ class Serving:
             return None
         adapter = self.registry.get(model)
         if adapter is None:
-            # Not the list of models: GET /v1/models gives it to those allowed to see it.
-            raise OpenAIError(
-                f"The model `{model}` does not exist; GET /v1/models lists the models served",
-                status=404,
-                param="model",
-                code="model_not_found",
-            )
+            raise OpenAIError.model_not_found(model)  # not the list of models: any key could read it
         return adapter.lora_request()
 
     def has_served(self, model: str) -> bool:

@@ -25,7 +25,10 @@ def test_every_endpoint_and_dependency_runs_on_the_event_loop() -> None:
     for route in router.routes:
         assert isinstance(route, APIRoute)
         for call in [route.endpoint, *_dependency_calls(route.dependant)]:
-            assert inspect.iscoroutinefunction(call), f"{route.path}: {call.__qualname__} is not async"
+            # A callable object (fastapi.security's HTTPBearer) counts by its __call__, as FastAPI does.
+            is_async = inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(type(call).__call__)
+            name = getattr(call, "__qualname__", type(call).__qualname__)
+            assert is_async, f"{route.path}: {name} is not async"
             checked += 1
     assert checked > len(router.routes)  # the dependencies were walked, not only the endpoints
 
@@ -41,3 +44,58 @@ def test_freeze_startup_heap_puts_live_objects_out_of_the_collectors_reach() -> 
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def _schema(**settings: Any) -> dict[str, Any]:
+    from serve.app import build_app
+    from serve.settings import ServeSettings
+
+    return build_app(ServeSettings(base_model="base", **settings)).openapi()
+
+
+def test_published_schema_describes_what_the_server_answers() -> None:
+    schema = _schema(api_key="k", admin_api_key="a")
+    text = str(schema)
+    # Validation errors are 400s in OpenAI's shape: FastAPI's 422 never leaves this server.
+    assert "'422'" not in text and "HTTPValidationError" not in text
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "503"}
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert chat["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletion"
+    }
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    assert chat["security"] == [{"apiKey": []}]
+    assert schema["paths"]["/v1/load_lora_adapter"]["post"]["security"] == [{"adminKey": []}]
+    assert set(schema["components"]["securitySchemes"]) == {"apiKey", "adminKey"}
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    # The limits sampling_params enforces are published.
+    fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    # (beside anyOf for optional fields: JSON Schema applies minimum/maximum to numbers only, null passes)
+    assert (fields["temperature"]["minimum"], fields["temperature"]["maximum"]) == (0, 2)
+    assert (fields["n"]["minimum"], fields["n"]["maximum"]) == (1, 128)
+    load = schema["components"]["schemas"]["LoadAdapterRequest"]["properties"]["lora_name"]
+    assert load["pattern"] == "^[A-Za-z0-9._-]{1,64}$"
+
+
+def test_schema_has_no_security_where_no_key_is_asked() -> None:
+    schema = _schema()
+    assert "security" not in schema["paths"]["/v1/chat/completions"]["post"]
+    assert not schema.get("components", {}).get("securitySchemes")
+
+
+def test_integer_fields_refuse_floats() -> None:
+    # `n: 1.0` was accepted (and truncated); the schema says integer, so the server must too.
+    import pytest
+    from pydantic import ValidationError
+
+    from serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    for model in (ChatCompletionRequest, CompletionRequest):
+        base: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+        for field in ("n", "max_tokens", "seed"):
+            with pytest.raises(ValidationError):
+                model.model_validate({**base, field: 1.0})
+            model.model_validate({**base, field: 1})
