@@ -156,6 +156,8 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Use nothing but uppercase letters in your reply.",
                     "Every letter of your reply has to be a capital letter.",
                     "Type the full answer in CAPITALS.",
+                    "Make sure your whole reply uses only capital letters.",
+                    "The entire response must be written in English capital letters, no lowercase.",
                 ),
                 "test": (
                     "Give your reply entirely in upper case.",
@@ -176,6 +178,8 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Use nothing but lowercase letters.",
                     "Not a single letter of your reply may be capitalized.",
                     "Type the full answer without any uppercase letters.",
+                    "Make sure your whole reply is in English lowercase letters only.",
+                    "Write everything in lower case; capital letters are not permitted.",
                 ),
                 "test": (
                     "Give your reply entirely in lower case.",
@@ -194,6 +198,8 @@ CONSTRAINTS: dict[str, Constraint] = {
                     'Enclose the complete reply in double quotation marks (").',
                     "Begin and end your response with a double quote character.",
                     "Surround everything you write with double quotes.",
+                    "Wrap the whole reply in double quotation marks.",
+                    "Put a double quotation mark at the very start and the very end of your entire answer.",
                 ),
                 "test": (
                     "Place the entire reply between a pair of double quotation marks.",
@@ -211,6 +217,8 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Format the complete answer as a JSON object.",
                     "Return your answer as JSON and nothing else.",
                     "Your output should be a JSON object holding the answer.",
+                    "Wrap the whole reply in JSON format.",
+                    "Make sure the entire output is in JSON format, with nothing outside the JSON.",
                 ),
                 "test": (
                     "Give the whole response as parseable JSON.",
@@ -228,6 +236,8 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Write the reply without commas.",
                     "Avoid the comma character completely.",
                     "Commas are forbidden in your response.",
+                    "In your whole reply, do not use any commas.",
+                    "Refrain from using commas anywhere in the answer.",
                 ),
                 "test": (
                     "Your reply must contain zero commas.",
@@ -244,6 +254,9 @@ CONSTRAINTS: dict[str, Constraint] = {
                     'Close your reply with the words "{value}"',
                     'The last words of your answer must be "{value}"',
                     'Finish with this sentence: "{value}"',
+                    'Finish your reply with this exact phrase: "{value}". Nothing may follow it.',
+                    'The very last words of your response must be "{value}", with no other words after them.',
+                    "End your whole answer with the phrase {value}",
                 ),
                 "test": (
                     'End the response with exactly "{value}" and nothing after it.',
@@ -259,6 +272,18 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Good luck!",
                     "Enjoy learning more.",
                     "Have a great day.",
+                    "Let me know what you think.",
+                    "Any more questions for me?",
+                    "Can I help with something else?",
+                    "Stay curious!",
+                    "I hope that answers your question.",
+                    "Is that what you wanted to know?",
+                    "Cheers!",
+                    "Feel free to ask again.",
+                    "That is my answer.",
+                    "Would you like to hear more?",
+                    "Take care.",
+                    "What else would you like to learn?",
                 ),
                 "test": ("See you next time.", "Happy exploring!", "That covers it."),
             },
@@ -272,6 +297,10 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Start by copying my question exactly as written (not this sentence), then answer it.",
                     "Repeat the question above word for word first, and only then give your answer.",
                     "Before you answer, restate the question above verbatim, leaving out this sentence.",
+                    "First write out the request above exactly as it is, then respond. "
+                    "Say nothing before it.",
+                    "Repeat the request above without changing a word, "
+                    "then give your reply (not this sentence).",
                 ),
                 "test": (
                     "Echo the question above unchanged at the very beginning, then respond.",
@@ -289,6 +318,7 @@ CONSTRAINTS: dict[str, Constraint] = {
                     "Reply with {value} bullet points exactly, each starting with *.",
                     "Use exactly {value} markdown bullets (* ...) for your reply.",
                     "Give precisely {value} bullet points, written as * item lines.",
+                    "Your answer must hold exactly {value} bullet points in markdown, like:\n* point one",
                 ),
                 "test": (
                     "Structure the reply as {value} bullets, no more and no fewer, using the * symbol.",

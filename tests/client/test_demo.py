@@ -166,6 +166,7 @@ def smollm2_demo(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     config = DemoConfig(
         out=out,
         tasks=("uppercase",),
+        distill_questions=60,  # enough for 40 complete answers
         n_test=8,
         ifeval_per_type=4,
         ifeval_others=0,
