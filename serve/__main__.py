@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     server = uvicorn.Server(config)
-    server.run()
+    # uvicorn re-raises the SIGINT it stopped on: a requested stop, not a failure.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     # 1 when the engine died (serve.app.watch_engine), so a supervisor restarts the server.
     return int(getattr(app.state, "exit_code", 0))
 
