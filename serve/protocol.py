@@ -204,11 +204,10 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaSpec | None = None
 
 
-class ChatCompletionRequest(_Request):
+class _GenerationRequest(_Request):
+    """What chat and text completion requests share: sampling and streaming."""
+
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
-    max_completion_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
     temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
     top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
     n: int = Field(1, strict=True, json_schema_extra=_range(1, MAX_N))
@@ -216,9 +215,6 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(None, strict=True, json_schema_extra=_range(*SEED_RANGE))
     presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
-    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -230,30 +226,22 @@ class ChatCompletionRequest(_Request):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Request):
-    model: str
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
+    max_completion_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(
         DEFAULT_COMPLETION_MAX_TOKENS, strict=True, json_schema_extra={"minimum": 0}
     )
-    temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
-    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
-    n: int = Field(1, strict=True, json_schema_extra=_range(1, MAX_N))
-    stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})
-    seed: int | None = Field(None, strict=True, json_schema_extra=_range(*SEED_RANGE))
-    presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
-    frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_COMPLETION_LOGPROBS))
     echo: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # vLLM extension (its serving benchmark sends it): generate exactly max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        """Whether a stream ends with the usage-only chunk."""
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def echo_only(self) -> bool:
