@@ -20,6 +20,21 @@ from serve.adapters import Adapter, AdapterError, AdapterRegistry, parse_lora_op
 MakeAdapter = Callable[..., Path]
 
 
+def llama_config(*, hidden: int, layers: int):  # type: ignore[no-untyped-def]
+    """A small Llama config: heads of 32, one KV head per two query heads, a 128-token vocabulary."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64,
+        vocab_size=128,
+        head_dim=32,
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A one-layer Llama saved as the base, and a rank-8 all-linear LoRA of it (base not recorded)."""
@@ -27,16 +42,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("models")
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=128,
-        head_dim=32,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(llama_config(hidden=64, layers=1))
     base = root / "tiny-base"
     model.save_pretrained(base)
     template = root / "adapter-template"
@@ -256,18 +262,9 @@ def test_adapter_of_another_architecture_is_refused_even_claiming_our_base(
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        head_dim=32,
-    )
     path = adapters_dir / "foreign"
     lora = LoraConfig(r=8, target_modules="all-linear")
-    model = get_peft_model(transformers.LlamaForCausalLM(config), lora)
+    model = get_peft_model(transformers.LlamaForCausalLM(llama_config(hidden=128, layers=2)), lora)
     model.save_pretrained(str(path))
     edit_config(path, base_model_name_or_path=registry.base_model)
     message = refusal(lambda: registry.validate("foreign", path))
