@@ -352,7 +352,7 @@ def round_ratios(comparison: Comparison, key: str = "output_throughput") -> dict
 
 
 def plot(
-    comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int], path: Path, title: str
+    comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int], path: Path, model: str
 ) -> None:
     """Grouped bars: output throughput and TTFT p50 of both servers per (driver, concurrency)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -385,7 +385,7 @@ def plot(
         ax.set_ylabel(unit)
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
-    figure.suptitle(f"{title} + 3 LoRA adapters, 64 in / 64 out, streamed /v1/completions")
+    figure.suptitle(f"{model} + 3 LoRA adapters, 64 in / 64 out, streamed /v1/completions")
     figure.savefig(path, dpi=120)
 
 
