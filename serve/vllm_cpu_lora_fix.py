@@ -29,7 +29,9 @@ On CPU, this plugin:
   `LoRAModelManager.activate_adapter` records which slots of each stacked weight are non-zero, and
   `add_lora_linear`, `add_lora_logits` and `add_lora_embedding` skip what no slot in the batch adapts.
 
-Results equal vLLM's ops for every token with an adapter (up to float summation order).
+Results equal vLLM's ops for every token with an adapter (up to float summation order), and, like vLLM's,
+do not depend on what else is in the batch: every matmul has at least MIN_MATMUL_ROWS rows, and every path
+adds the LoRA product to the output the same way (rounded to the output's dtype, then added).
 
 Registered as a `vllm.general_plugins` entry point (pyproject.toml), so vLLM applies it in every process it
 starts, the engine-core workers included. It patches nothing on other platforms and is idempotent.
@@ -46,6 +48,24 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+# Fewest rows a LoRA matmul runs with. torch's CPU GEMM sums a row's products in another order when the matrix
+# has 1-3 rows than when it has more (seen in float32 on x86 with torch 2.13; bfloat16 agreed), so a token's
+# LoRA output changed in its last bits with how many tokens shared its matmul: a request decoding alone on an
+# adapter (1 row) and the same request beside others on it (more rows) drifted apart, and near-tie greedy
+# choices flipped (bench/batch_invariance.py). Smaller row counts are padded with zero rows to this many.
+MIN_MATMUL_ROWS = 8
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T`, each row summed in the same order whatever the number of rows (MIN_MATMUL_ROWS)."""
+    rows = x.shape[0]
+    if rows >= MIN_MATMUL_ROWS:
+        return F.linear(x, weight)
+    padded = x.new_zeros(MIN_MATMUL_ROWS, x.shape[1])
+    padded[:rows] = x
+    return F.linear(padded, weight)[:rows]
 
 
 def group_by_slot(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -78,11 +98,11 @@ def lora_matmul(
     inputs = inputs.to(dtype)
     groups = group_by_slot(indices)
     if groups and groups[0][1] is None:  # the whole batch on one adapter
-        return inputs @ weights[groups[0][0]].to(dtype).t()
+        return _linear(inputs, weights[groups[0][0]].to(dtype))
     out = inputs.new_zeros(inputs.shape[0], weights.shape[-2])  # rows without an adapter stay zero
     for slot, rows in groups:
         assert rows is not None
-        out.index_copy_(0, rows, inputs.index_select(0, rows) @ weights[slot].to(dtype).t())
+        out.index_copy_(0, rows, _linear(inputs.index_select(0, rows), weights[slot].to(dtype)))
     return out
 
 
@@ -269,7 +289,9 @@ class PaddedLayout:
         self.adapter_rows = torch.cat(members)  # the tokens with an adapter, grouped by slot
         self.all_tokens = len(self.adapter_rows) == plan.tokens
         spare_needed = not self.all_tokens and self.batch * plan.longest == len(self.adapter_rows)
-        self.longest = plan.longest + int(spare_needed)  # room for one zero row
+        # room for one zero row; at least MIN_MATMUL_ROWS rows per adapter, so a token's sums do not depend on
+        # how many tokens share its adapter in this step
+        self.longest = max(plan.longest + int(spare_needed), MIN_MATMUL_ROWS)
         counts = torch.tensor([len(rows) for rows in members])
         starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         positions = torch.arange(len(self.adapter_rows)) - starts
@@ -529,8 +551,8 @@ def _apply(
     for a, b, columns in products:
         delta = columns.new_zeros(columns.shape)
         for slot, rows, inputs in groups:
-            shrunk = F.linear(inputs, _as(a[slot], torch.float32))
-            delta.index_copy_(0, rows, F.linear(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype)))
+            shrunk = _linear(inputs, _as(a[slot], torch.float32))
+            delta.index_copy_(0, rows, _linear(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype)))
         columns += delta
 
 
@@ -541,11 +563,14 @@ def _add_runs(
     scale: float,
     dtype: torch.dtype,
 ) -> None:
-    """Per (slot, start, stop) run of tokens on one adapter: one matmul pair per product, added in place."""
+    """Per (slot, start, stop) run of tokens on one adapter: one matmul pair per product, added in place.
+
+    The product is rounded to the output's dtype before it is added, as on the other paths and in vLLM's
+    ops: a fused `addmm_` rounds once, so in bfloat16 a token's output would depend on its step's path."""
     for a, b, columns in products:
         for slot, start, stop in runs:
-            shrunk = F.linear(x32[start:stop], _as(a[slot], torch.float32))
-            columns[start:stop].addmm_(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype).t())
+            shrunk = _linear(x32[start:stop], _as(a[slot], torch.float32))
+            columns[start:stop] += _linear(_expand_input(shrunk, scale, dtype), _as(b[slot], dtype))
 
 
 def new_plan_each_step(original: Callable[..., Any]) -> Callable[..., Any]:

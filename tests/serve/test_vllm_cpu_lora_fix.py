@@ -368,7 +368,8 @@ def test_long_runs_of_one_adapter_run_in_place() -> None:
     assert not LoraBatchPlan(torch.tensor([1] * 64)).runs  # one adapter: one matmul for the batch
 
 
-def test_batched_layout_puts_each_token_in_its_adapters_row() -> None:
+def test_batched_layout_puts_each_token_in_its_adapters_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fix, "MIN_MATMUL_ROWS", 1)  # the layout as it is, without rows added for the GEMM
     plan = LoraBatchPlan(torch.tensor([5, 1, -1, 1, 5, 3]))
     assert plan.padded
     layout = plan.layout()
@@ -456,3 +457,59 @@ def test_activating_an_adapter_records_which_slots_hold_non_zero_weights() -> No
     written[10] = (True, False)
     tracked(manager, 10)
     assert getattr(packed[1], LIVE) == set()
+
+
+# The slots of the tokens batched after a token on slot 1 (-1: base-model tokens); that token's output must
+# not change in any bit whatever it is batched with.
+BATCH_MATES = [
+    [],  # alone: the reference
+    [1],  # beside one more token on its adapter
+    [1] * 6,
+    [1] * 47,  # a prefill run of 48 tokens
+    [0, 2, 3] + [0, 1, 2, 3] * 7,  # a decode step over 4 adapters: batched over adapters
+    [-1, 0, 2, -1],  # with base tokens
+    [1] * 39 + [0, 2, 3] * 3,  # a prefill run beside decodes on other adapters
+    [0] * 40 + [1, 2, 3],  # beside another adapter's prefill run: a small group of its own
+    [1] * 20 + [0] * 30,  # two groups, one GEMM per adapter
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["one-product-per-layer", "one-per-slice"])
+def test_a_tokens_lora_output_does_not_depend_on_its_batch(
+    dtype: torch.dtype, fuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch invariance, as vLLM's own ops have it: the plugin's paths (one run, batched over adapters, one
+    GEMM per adapter) and their matmul sizes must give a token the same bits. They did not (a token decoding
+    alone took a 1-row matmul and a fused add; beside others, more rows and a separate add), and near-tie
+    greedy answers changed under mixed load (issue 18, bench/batch_invariance.py)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    if not fuse:
+        monkeypatch.setattr(fix, "FUSED_MAX_EXTRA_BYTES", 0)
+    register()
+    generator = torch.Generator().manual_seed(3)
+    features, rank, sizes = 256, 16, (128, 64, 64)
+    shrink = [torch.randn(4, 1, rank, features, generator=generator).to(dtype) * 0.05 for _ in sizes]
+    expand = [torch.randn(4, 1, size, rank, generator=generator).to(dtype) * 0.05 for size in sizes]
+    x_all = torch.randn(64, features, generator=generator).to(dtype)
+    y_all = torch.randn(64, sum(sizes), generator=generator).to(dtype)
+    outputs = []
+    for mates in BATCH_MATES:
+        token_slots = [1, *mates]
+        wrapper = _wrapper(token_slots, 4)
+        y = y_all[: len(token_slots)].clone()
+        PunicaWrapperCPU.add_lora_linear(
+            wrapper, y, x_all[: len(token_slots)], tuple(shrink), tuple(expand), 0.5, sizes
+        )
+        outputs.append(y[0])
+    changed = [
+        mates for mates, out in zip(BATCH_MATES, outputs, strict=True) if not torch.equal(out, outputs[0])
+    ]
+    assert not changed, f"token 0's output changed in the batches {changed}"
+
+
+def test_every_lora_matmul_has_at_least_min_matmul_rows() -> None:
+    layout = LoraBatchPlan(torch.tensor([5, 1, -1, 1, 5, 3])).layout()
+    assert layout.longest == fix.MIN_MATMUL_ROWS  # 3 adapters x 8 rows, most of them zero
+    assert layout.scatter(torch.ones(6, 2)).shape == (3, fix.MIN_MATMUL_ROWS, 2)
