@@ -1,6 +1,13 @@
 """Our LoRA fine-tuning (`python -m finetune run`) against TRL's SFTTrainer + PEFT, same base, data, settings.
 
-`python -m bench.finetune_throughput [--steps N] [--quick] [--gpu [--smoke-cpu]]`
+`python -m bench.finetune_throughput [--base tiny|smollm2] [--steps N] [--quick] [--gpu [--smoke-cpu]]`
+
+`--base smollm2` runs the CPU comparison on SmolLM2-135M-Instruct with its demo config
+(configs/smollm2-135m-instruct-lora.yaml: one packed row of 384 tokens per step, bf16 autocast where the CPU
+has bf16 instructions) instead of the tiny base and configs/tiny-demo.yaml, into its own section and results
+folder. SmolLM2's chat template has no `{% generation %}` markers, so TRL gets a copy of it with them around
+each assistant reply (`with_generation_markers`: the same rendered text), through SFTConfig's
+`chat_template_path`.
 
 Sides, run one after the other, each in its own subprocess (so each has its own peak memory):
 
@@ -66,12 +73,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, header_markdown, results_dir, run_header, update_section, write_json
+from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document
 
 log = logging.getLogger("bench.finetune_throughput")
 
 NAME = "finetune_throughput"
-TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
-DEMO_CONFIG = REPO_ROOT / "configs" / "tiny-demo.yaml"
+TINY_BASE_DIR = BASES[DEFAULT_BASE].folder
+DEMO_CONFIG = BASES[DEFAULT_BASE].finetune_config
 SIDES = ("ours", "trl", "trl_packed", "ours_rows", "ours_flex")
 SIDE_LABELS = {
     "ours": "ours (`finetune run`, padding-free packing)",
@@ -151,9 +159,16 @@ class Settings:
     gradient_checkpointing: bool
     seed: int
     attn_implementation: str = "sdpa"  # ours only: TRL's sides use sdpa
+    config: str = str(DEMO_CONFIG)  # the demo config these settings come from (the recipe's starting point)
+
+    def recipe_config(self, output_dir: Path) -> Any:
+        """Our recipe's FinetuneConfig: the demo config with these settings on top."""
+        from finetune.config import load_config
+
+        return load_config(Path(self.config), self.overrides(output_dir))
 
     def overrides(self, output_dir: Path) -> list[str]:
-        """`finetune run` overrides that give our recipe these settings (on top of configs/tiny-demo.yaml)."""
+        """`finetune run` overrides that give our recipe these settings (on top of the demo config)."""
         return [
             f"base_model={self.base_model}",
             f"output_dir={output_dir}",
@@ -195,11 +210,14 @@ def settings_from_demo_config(
     micro_batch_size: int | None = None,
     precision: str | None = None,
     gradient_checkpointing: bool = False,
+    demo_config: Path = DEMO_CONFIG,
 ) -> Settings:
-    """configs/tiny-demo.yaml's settings (the CPU demo), with the benchmark's base, data and step count."""
+    """A demo config's settings (configs/tiny-demo.yaml by default, the CPU demo), with the benchmark's base,
+    data and step count. Precision `auto` becomes what the recipe would pick on this machine, so that TRL
+    gets the same."""
     from finetune.config import load_config
 
-    config = load_config(DEMO_CONFIG, [f"base_model={base_model}", f"data.path={data_path}"])
+    config = load_config(demo_config, [f"base_model={base_model}", f"data.path={data_path}"])
     training, lora = config.training, config.lora
     return Settings(
         base_model=str(base_model),
@@ -220,10 +238,44 @@ def settings_from_demo_config(
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         lora_target_modules=lora.target_modules,
-        precision=precision or training.precision,
+        precision=precision or resolved_precision(training.precision),
         gradient_checkpointing=gradient_checkpointing,
         seed=config.seed,
+        config=str(demo_config),
     )
+
+
+def resolved_precision(precision: str) -> str:
+    """fp32 or bf16: `auto` resolved as our recipe does (bf16 where the machine computes it natively)."""
+    if precision != "auto":
+        return precision
+    from finetune.recipe import native_bf16
+
+    return "bf16" if native_bf16() else "fp32"
+
+
+# SmolLM2's template writes every turn with this one expression (the newlines are literal in the template).
+CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+# The same text, with the assistant's reply and its <|im_end|> inside `{% generation %}` (what TRL's
+# assistant_only_loss masks by, and what our recipe labels).
+CHATML_TURN_MARKED = (
+    "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}{% generation %}"
+    "{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}{% else %}" + CHATML_TURN + "{% endif %}"
+)
+
+
+def with_generation_markers(template: str) -> str:
+    """`template` with `{% generation %}` markers around each assistant reply and its <|im_end|>, rendering
+    the same text; a template that has markers already is returned as it is. Knows ChatML templates that
+    write each turn with SmolLM2's one expression; refuses others rather than guess."""
+    if "generation %}" in template:
+        return template
+    if template.count(CHATML_TURN) != 1:
+        raise ValueError(
+            "the chat template has no {% generation %} markers and is not SmolLM2's ChatML template; "
+            "give TRL a template with markers around the assistant replies"
+        )
+    return template.replace(CHATML_TURN, CHATML_TURN_MARKED)
 
 
 def matched_batch_size(tokens_per_step: float, mean_sample_tokens: float) -> int:
@@ -432,20 +484,18 @@ def _sync() -> None:
 
 def _records(settings: Settings) -> list[Any]:
     """The training records exactly as our recipe reads them (same list, same order)."""
-    from finetune.config import load_config
     from finetune.data import load_data
 
-    config = load_config(DEMO_CONFIG, settings.overrides(Path("unused")))
+    config = settings.recipe_config(Path("unused"))
     train, _, _ = load_data(config.data, config.seed)
     return train
 
 
 def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
     from finetune.batching import collate_packed
-    from finetune.config import load_config
     from finetune.recipe import LoraRecipe, packed_row_len
 
-    config = load_config(DEMO_CONFIG, settings.overrides(work / "ours-adapter"))
+    config = settings.recipe_config(work / "ours-adapter")
     recipe = LoraRecipe(config)
     recipe.setup()
     if not recipe.packing:
@@ -492,7 +542,9 @@ def run_ours(settings: Settings, work: Path) -> dict[str, Any]:
     return result
 
 
-def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -> dict[str, Any]:
+def run_trl(
+    settings: Settings, work: Path, *, packing: bool, batch_size: int, chat_template_path: str | None = None
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -555,10 +607,12 @@ def run_trl(settings: Settings, work: Path, *, packing: bool, batch_size: int) -
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm if settings.max_grad_norm is not None else 0.0,
         bf16=settings.precision == "bf16",
+        use_cpu=not _cuda(),  # the Trainer refuses bf16 on a machine without a GPU unless told it is the CPU
         gradient_checkpointing=settings.gradient_checkpointing,
         max_length=settings.max_seq_len,
         packing=packing,
         assistant_only_loss=True,
+        chat_template_path=chat_template_path,
         pad_to_multiple_of=None,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -696,6 +750,12 @@ def _result(
         "gpu_before_train_bytes": gpu_before,
         "trainable_params": trainable,
         "total_params": total,
+        "trainable_dtypes": sorted(
+            {str(p.dtype).removeprefix("torch.") for p in parameters if p.requires_grad}
+        ),
+        "frozen_dtypes": sorted(
+            {str(p.dtype).removeprefix("torch.") for p in parameters if not p.requires_grad}
+        ),
         "torch_threads": torch.get_num_threads(),
         "device": "cuda" if cuda else "cpu",
     }
@@ -714,7 +774,13 @@ def worker_main(spec_path: Path) -> int:
         result = run_ours(settings, work)
         result["side"] = side
     else:
-        result = run_trl(settings, work, packing=side == "trl_packed", batch_size=spec["batch_size"])
+        result = run_trl(
+            settings,
+            work,
+            packing=side == "trl_packed",
+            batch_size=spec["batch_size"],
+            chat_template_path=spec.get("chat_template_path"),
+        )
     result["loadavg_1m_before"] = load_before
     result["loadavg_1m_after"] = _load_average()
     write_json(Path(spec["result_path"]), result)
@@ -734,6 +800,8 @@ class Plan:
     mean_sample_tokens: float
     n_samples: int
     model_config: dict[str, Any] = field(default_factory=dict)
+    # TRL's copy of the base's chat template with `{% generation %}` markers (None: the base's own has them)
+    trl_chat_template_path: str | None = None
 
 
 def prepare_data(work_dir: Path, n_train: int) -> Path:
@@ -804,15 +872,36 @@ def build_random_qwen2(out_dir: Path, architecture: dict[str, Any], *, dtype_nam
     return out_dir
 
 
+def several_rows(bench_base: BenchBase, micro_batch_size: int | None) -> bool:
+    """Whether our micro-batches hold more than one row (the base's demo config, or --micro-batch-size)."""
+    from finetune.config import load_config
+
+    rows = micro_batch_size or load_config(bench_base.finetune_config, []).training.micro_batch_size
+    return rows > 1
+
+
+def trl_chat_template(base: Path, work_dir: Path) -> str | None:
+    """A .jinja copy of the base's chat template with `{% generation %}` markers, for TRL's
+    assistant_only_loss; None when the base's own template has them (the tiny base's)."""
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(base).chat_template
+    marked = with_generation_markers(template)
+    if marked == template:
+        return None
+    path = work_dir / "trl-chat-template.jinja"
+    path.write_text(marked, encoding="utf-8")
+    return str(path)
+
+
 def make_plan(settings: Settings, model_config: dict[str, Any]) -> Plan:
     """Tokenize as our recipe does and size TRL's padded batch to our real tokens per step."""
     from transformers import AutoTokenizer
 
-    from finetune.config import load_config
     from finetune.prompting import end_of_turn_ids
     from finetune.recipe import encode_records, plan_micro_batches
 
-    config = load_config(DEMO_CONFIG, settings.overrides(Path("unused")))
+    config = settings.recipe_config(Path("unused"))
     tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
     records = _records(settings)
     samples, _ = encode_records(records, tokenizer, end_of_turn_ids(tokenizer), config)
@@ -853,6 +942,7 @@ def run_side(side: str, plan: Plan, work_dir: Path, log_dir: Path) -> dict[str, 
             "side": side,
             "settings": asdict(settings),
             "batch_size": batch,
+            "chat_template_path": plan.trl_chat_template_path,
             "work_dir": str(work_dir),
             "result_path": str(result_path),
         },
@@ -1041,25 +1131,35 @@ def interpretation(document: dict[str, Any]) -> list[str]:
         speed, memory = ratio["tokens_per_s"], ratio["peak_memory"]
         verdict = "meets" if speed >= TARGET_RATIO and memory <= 1.0 else "misses"
         batch = trl["batch"]["per_device_train_batch_size"]
+        rows = settings["micro_batch_size"]
+        layout = (
+            f"a micro-batch of up to {row} tokens is {rows} rows of at most {settings['max_seq_len']} tokens"
+            if rows > 1
+            else f"a micro-batch is one row of at most {row} tokens"
+        )
+        history = (
+            f"; one row of {row} tokens, our layout before 2026-11-25, ~32x, which cancelled the gain from "
+            "packing"
+            if rows > 1
+            else ""
+        )
         lines += [
             f"- Against TRL's default setup ours trains **{speed:.2f}x** the real tokens per second at "
             f"{memory:.2f}x its peak memory: this **{verdict}** the target (>= {TARGET_RATIO}x at equal "
             "or lower memory).",
             f"- What each side wastes. TRL default: {100 * trl['padding_fraction']:.0f}% of its computed "
             f"tokens are padding (batches of {batch} samples padded to the longest). Ours: no padding but "
-            f"a short filler at row ends; a micro-batch of up to {row} tokens is "
-            f"{settings['micro_batch_size']} rows of at most {settings['max_seq_len']} tokens, so with sdpa "
+            f"a short filler at row ends; {layout}, so with sdpa "
             "(no varlen kernel), whose block-diagonal mask is applied to a dense row x row score matrix, "
             "attention "
             f"computes {ours['attention_overcompute']:.1f}x the scores the samples need (TRL default: "
-            f"{trl['attention_overcompute']:.1f}x; one row of {row} tokens, our layout before 2026-11-25, "
-            "~32x, which cancelled the gain from packing). Ours also computes logits only at labelled "
+            f"{trl['attention_overcompute']:.1f}x{history}). Ours also computes logits only at labelled "
             "positions (`logits_to_keep`), TRL at all positions (chunked).",
         ]
     packed, packed_ratio = results.get("trl_packed", {}), summary["ratios"].get("trl_packed")
     if packed_ratio and "error" not in packed:
         lines.append(
-            f"- TRL with its own packing flattens its {settings['micro_batch_size']} bins into one "
+            f"- TRL with its own packing flattens its {settings['micro_batch_size']} bin(s) into one "
             f"padding-free row as well, and pays the same attention "
             f"({packed['attention_overcompute']:.0f}x): "
             f"ours is {packed_ratio['tokens_per_s']:.2f}x its speed at {packed_ratio['peak_memory']:.2f}x "
@@ -1104,13 +1204,53 @@ def interpretation(document: dict[str, Any]) -> list[str]:
     labels = summary.get("labels", {})
     if labels.get("checked"):
         same = "identical" if labels["identical"] else "NOT identical"
+        markers = (
+            "a copy of the base's chat template with `{% generation %}` markers added around each assistant "
+            "reply and its `<|im_end|>`, the same rendered text, given as SFTConfig's `chat_template_path`"
+            if document["plan"].get("trl_chat_template_path")
+            else "the template's `{% generation %}` markers"
+        )
         lines.append(
-            "- Labels: TRL's `assistant_only_loss` (the template's `{% generation %}` markers) and our "
+            f"- Labels: TRL's `assistant_only_loss` ({markers}) and our "
             f"recipe train on the same tokens: input ids and labels of all {labels['samples'][0]} samples "
             f"are {same} ({labels['label_tokens'][0]:,} vs {labels['label_tokens'][1]:,} labelled tokens, "
             f"{labels['samples_with_different_label_count']} samples with a different count)."
         )
     return lines
+
+
+def weights_text(results: dict[str, dict[str, Any]]) -> str:
+    """' Weights: frozen bfloat16, LoRA float32 on every side.' (empty for results saved without dtypes)."""
+    kinds = {
+        (", ".join(r["frozen_dtypes"]), ", ".join(r["trainable_dtypes"]))
+        for r in results.values()
+        if "error" not in r and "trainable_dtypes" in r
+    }
+    if len(kinds) == 1:
+        ((frozen, trainable),) = kinds
+        return f" Weights: frozen base {frozen}, LoRA {trainable} on every side."
+    return "".join(
+        f" {SHORT_LABELS[side]}: frozen base {', '.join(result['frozen_dtypes'])}, "
+        f"LoRA {', '.join(result['trainable_dtypes'])}."
+        for side, result in results.items()
+        if "error" not in result and "trainable_dtypes" in result
+    )
+
+
+def precision_text(settings: dict[str, Any]) -> str:
+    if settings["precision"] != "bf16":
+        return settings["precision"]
+    return (
+        "bf16 (ours: the base loaded in bf16 and accelerate's bf16 autocast; TRL: the base loaded in bf16 "
+        "and `bf16=True`, the Trainer's bf16 autocast)"
+    )
+
+
+def cpu_heading(document: dict[str, Any]) -> str:
+    bench_base = base_for_document(document)
+    if bench_base.name == DEFAULT_BASE:
+        return "embedded tiny base (4 layers, hidden 256)"
+    return f"{bench_base.title} (`{Path(document['plan']['settings']['config']).relative_to(REPO_ROOT)}`)"
 
 
 def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
@@ -1126,7 +1266,7 @@ def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
         *header_markdown(document["header"]),
         f"- 1-minute load average before->after each side: {loads}",
         "",
-        "### CPU: embedded tiny base (4 layers, hidden 256), `format` task data",
+        f"### CPU: {cpu_heading(document)}, `format` task data",
         "",
         *results_table(document),
         "",
@@ -1135,7 +1275,7 @@ def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
         f"{plan['mean_sample_tokens']:.1f} tokens per sample on average), LoRA r={settings['lora_r']} "
         f"alpha={settings['lora_alpha']} dropout={settings['lora_dropout']} on all linear layers, AdamW lr "
         f"{settings['learning_rate']:g} with {settings['warmup_steps']} warm-up steps then cosine to 0, "
-        f"grad clip {settings['max_grad_norm']}, {settings['precision']}, sdpa attention, no gradient "
+        f"grad clip {settings['max_grad_norm']}, {precision_text(settings)}, sdpa attention, no gradient "
         f"checkpointing, max_seq_len {settings['max_seq_len']}, loss on assistant tokens only. Tokens per "
         f"step matched: ours packs as many samples as fit {settings['micro_batch_size']} x "
         f"{settings['max_seq_len']} tokens into one row ({plan['ours_tokens_per_step']:,.0f} real tokens per "
@@ -1148,7 +1288,7 @@ def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
         f"first {warmup_steps_excluded(settings['steps'])} steps are left out of the real tok/s column "
         "(one-off costs: allocator growth, kernel selection, compilation); `all steps` keeps them. Peak "
         "memory is the max RSS of each side's own process (model, data, Python and libraries included). "
-        "Final loss: mean ± standard error of the last 20% of the steps.",
+        "Final loss: mean ± standard error of the last 20% of the steps." + weights_text(results),
         "",
     ]
     if chart:
@@ -1212,6 +1352,13 @@ def section_markdown(
     return "\n".join(lines + gpu_markdown(gpu_document))
 
 
+def base_section_markdown(document: dict[str, Any], chart: str | None) -> str:
+    """The section of a CPU run on a base other than the tiny one (no GPU part: --gpu has its own model)."""
+    title = base_for_document(document).title
+    lines = [f"## Fine-tuning throughput on {title}: `finetune run` vs TRL's SFTTrainer", ""]
+    return "\n".join(lines + cpu_markdown(document, chart))
+
+
 def plot(document: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1262,6 +1409,12 @@ def load_saved(path: Path) -> dict[str, Any] | None:
 def publish_saved(folder: Path) -> int:
     """The section of BENCHMARKS.md again from the documents saved in `folder` (after a text change)."""
     cpu_document = load_saved(folder / "results.json")
+    if cpu_document is not None and base_for_document(cpu_document).name != DEFAULT_BASE:
+        section = base_for_document(cpu_document).section(NAME)
+        markdown = base_section_markdown(cpu_document, f"bench/results/{section}/{NAME}.png")
+        print(markdown)
+        update_section(section, markdown)
+        return 0
     gpu_document = load_saved(folder / "results-gpu.json")
     if cpu_document is None and gpu_document is None:
         raise SystemExit(f"--from-json: neither results.json nor results-gpu.json in {folder}")
@@ -1276,8 +1429,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.finetune_throughput",
         description="Our LoRA fine-tuning (finetune run) against TRL's SFTTrainer with PEFT on the same "
         "base, data and settings: real tokens/s, peak memory, final loss, ratio ours/TRL. Writes "
-        "bench/results/finetune_throughput/ and the finetune_throughput section of BENCHMARKS.md.",
+        "bench/results/finetune_throughput/ and the finetune_throughput section of BENCHMARKS.md "
+        "(finetune_throughput-smollm2 with --base smollm2).",
     )
+    add_base_option(parser)
     parser.add_argument(
         "--steps",
         type=int,
@@ -1294,7 +1449,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: s.split(","),
         default=None,
         help=f"comma-separated sides to run, in this order (default: {','.join(SIDES)}; "
-        f"{', '.join(CUDA_ONLY_SIDES)} with --gpu only)",
+        f"{', '.join(CUDA_ONLY_SIDES)} with --gpu only; ours_rows only where a micro-batch has several rows)",
     )
     parser.add_argument(
         "--n-train", type=int, default=2000, help="training records generated (default: 2000)"
@@ -1354,9 +1509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publish_saved(args.from_json.parent)
     if args.smoke_cpu and not args.gpu:
         parser.error("--smoke-cpu goes with --gpu")
+    if args.gpu and args.base != DEFAULT_BASE:
+        parser.error("--gpu builds its own model (Qwen2.5-7B architecture); leave --base at its default")
+    bench_base: BenchBase = BASES[args.base]
     on_cuda = args.gpu and not args.smoke_cpu
     if args.sides is None:
         args.sides = [side for side in SIDES if on_cuda or side not in CUDA_ONLY_SIDES]
+        if not args.gpu and not several_rows(bench_base, args.micro_batch_size):
+            args.sides.remove("ours_rows")  # one row per micro-batch already: ours_rows would be ours again
     for side in args.sides:
         if side not in SIDES:
             parser.error(f"--sides: unknown side {side!r}; choose from {', '.join(SIDES)}")
@@ -1372,9 +1532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = mode == "gpu-smoke-cpu" or args.quick
     default_steps = 6 if args.quick or mode == "gpu-smoke-cpu" else 20 if mode == "gpu" else 60
     steps = args.steps or default_steps
-    work_dir = args.work_dir / NAME
+    section = bench_base.section(NAME)
+    work_dir = args.work_dir / section
     work_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = work_dir / "results" if scratch else results_dir(NAME)
+    out_dir = work_dir / "results" if scratch else results_dir(section)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = work_dir / f"logs-{mode}"
     log_dir.mkdir(exist_ok=True)
@@ -1384,10 +1545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     header = run_header(command.strip())
     data = prepare_data(work_dir, args.n_train)
+    trl_template = None
     if mode == "cpu":
-        from finetune.tiny_base import build_tiny_base
-
-        base = build_tiny_base(TINY_BASE_DIR)
+        base = bench_base.build()
         model_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
         settings = settings_from_demo_config(
             base,
@@ -1395,8 +1555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps,
             micro_batch_size=args.micro_batch_size,
             gradient_checkpointing=args.gradient_checkpointing,
+            demo_config=bench_base.finetune_config,
         )
         peak_tflops = None
+        trl_template = trl_chat_template(base, work_dir)
     else:
         architecture = QWEN25_7B if mode == "gpu" else QWEN2_SMOKE
         precision = "bf16" if mode == "gpu" else "fp32"
@@ -1413,6 +1575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         peak_tflops = args.peak_tflops
     plan = make_plan(settings, model_config)
+    plan.trl_chat_template_path = trl_template
     log.info(
         "plan: %d steps, ours %.0f real tokens/step, TRL default batch %d samples (mean sample %.1f tokens)",
         steps,
@@ -1427,6 +1590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["labels"].pop("per_sample_label_tokens")
     document = {
         "header": header,
+        "base": bench_base.name,
         "mode": mode,
         "n_train": args.n_train,
         "peak_tflops": peak_tflops,
@@ -1444,8 +1608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(document, out_dir / chart_name)
 
     cpu_path, gpu_path = results_dir(NAME) / "results.json", results_dir(NAME) / "results-gpu.json"
-    chart = f"bench/results/{NAME}/{chart_name}"
-    if mode == "gpu-smoke-cpu":  # a check of the code path: printed, never written to BENCHMARKS.md
+    chart = f"bench/results/{section}/{chart_name}"
+    if bench_base.name != DEFAULT_BASE:  # its own section, CPU only
+        markdown = base_section_markdown(document, None if scratch else chart)
+        print(markdown)
+        if not (scratch or args.no_markdown):
+            update_section(section, markdown)
+    elif mode == "gpu-smoke-cpu":  # a check of the code path: printed, never written to BENCHMARKS.md
         print("\n".join(gpu_markdown(document)))
     elif mode == "gpu":
         cpu_document = load_saved(cpu_path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import finetune_throughput as ft
+from bench.fixtures import BASES
 
 
 def test_segment_lengths_splits_a_padding_free_row_where_positions_restart() -> None:
@@ -178,3 +179,47 @@ def test_gpu_section_reports_every_side_with_mfu() -> None:
     assert text.count("| ours, `flex_attention`: one packed row per micro-batch") == 1
     assert "MFU (6N)" in text and "1.50x the speed of ours" in text
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + len(results)
+
+
+def test_smollm2_settings_come_from_its_demo_config() -> None:
+    smollm2 = BASES["smollm2"]
+    settings = ft.settings_from_demo_config(
+        Path("base"), Path("data.jsonl"), steps=40, demo_config=smollm2.finetune_config
+    )
+    assert (settings.micro_batch_size, settings.max_seq_len) == (1, 384)
+    assert settings.precision in ("bf16", "fp32")  # `auto` resolved, so TRL gets the same
+    config = settings.recipe_config(Path("out"))
+    assert config.training.precision == settings.precision and config.data.max_seq_len == 384
+    assert not ft.several_rows(smollm2, None) and ft.several_rows(BASES["tiny"], None)
+
+
+def test_trl_template_for_smollm2_marks_the_tokens_our_recipe_labels(smollm2: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from finetune.prompting import IGNORE_INDEX, encode_conversation, end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    marked = ft.with_generation_markers(tokenizer.chat_template)
+    assert ft.with_generation_markers(marked) == marked
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another, in capitals."},
+        {"role": "assistant", "content": "RED"},
+    ]
+    plain = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=marked) == plain
+    theirs = tokenizer.apply_chat_template(
+        messages, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ours = encode_conversation(tokenizer, messages, end_of_turn_ids(tokenizer))
+    assert theirs["input_ids"] == ours.input_ids
+    assert [bool(m) for m in theirs["assistant_masks"]] == [label != IGNORE_INDEX for label in ours.labels]
+    with pytest.raises(ValueError, match="generation"):
+        ft.with_generation_markers("{{ messages }}")
+
+
+def test_gpu_run_keeps_to_the_tiny_base(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ft.main(["--gpu", "--base", "smollm2"])
+    assert "--gpu builds its own model" in capsys.readouterr().err
