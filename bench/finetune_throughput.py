@@ -1109,6 +1109,10 @@ def results_table(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def bins(count: int) -> str:
+    return f"{count} bin" + ("s" if count != 1 else "")
+
+
 def _against_each(ratios: dict[str, dict[str, float]]) -> str:
     """'1.19x the speed of ours, 2.65x the speed of TRL default (memory 0.78x, 0.53x respectively)'."""
     speeds = ", ".join(
@@ -1159,7 +1163,7 @@ def interpretation(document: dict[str, Any]) -> list[str]:
     packed, packed_ratio = results.get("trl_packed", {}), summary["ratios"].get("trl_packed")
     if packed_ratio and "error" not in packed:
         lines.append(
-            f"- TRL with its own packing flattens its {settings['micro_batch_size']} bin(s) into one "
+            f"- TRL with its own packing flattens its {bins(settings['micro_batch_size'])} into one "
             f"padding-free row as well, and pays the same attention "
             f"({packed['attention_overcompute']:.0f}x): "
             f"ours is {packed_ratio['tokens_per_s']:.2f}x its speed at {packed_ratio['peak_memory']:.2f}x "
@@ -1280,7 +1284,7 @@ def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
         f"step matched: ours packs as many samples as fit {settings['micro_batch_size']} x "
         f"{settings['max_seq_len']} tokens into one row ({plan['ours_tokens_per_step']:,.0f} real tokens per "
         f"step); TRL default gets {plan['trl_batch_size']} samples per batch, the count that holds the same "
-        f"real tokens on average; TRL packed gets {settings['micro_batch_size']} BFD bins of "
+        f"real tokens on average; TRL packed gets {bins(settings['micro_batch_size'])} (BFD) of "
         f"{settings['max_seq_len']} tokens, the same budget as our row. Tokens/s counts real (non-padding) "
         "tokens over the wall time of the training loop's steps (tokenization, model loading and saving are "
         "outside); TRL's are counted from the batches its "
@@ -1394,7 +1398,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
     loss.set_title("training loss per step")
     loss.set_xlabel("optimizer step")
     loss.legend()
-    figure.suptitle(f"LoRA fine-tuning, {document['mode']}: ours vs TRL SFTTrainer")
+    bench_base = base_for_document(document)
+    on = "" if bench_base.name == DEFAULT_BASE else f", {bench_base.title}"
+    figure.suptitle(f"LoRA fine-tuning, {document['mode']}{on}: ours vs TRL SFTTrainer")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
