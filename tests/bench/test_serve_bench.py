@@ -229,12 +229,11 @@ def test_two_rounds_run_every_cell_abba_and_figures_are_their_mean() -> None:
     assert text.endswith("Throughput ratio in each round, per cell: vllm-bench C=32 0.90, 1.10.")
 
 
-def test_rank_2_on_smollm2_is_the_share_rank_16_has_on_a_7b_model() -> None:
-    from bench.finetune_throughput import QWEN25_7B
+def test_smollm2_configs_use_ranks_vllm_serves() -> None:
+    from bench.lora_scaling import SMOLLM2_CONFIGS, parse_configs
+    from finetune.servable import VLLM_LORA_RANKS
 
-    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
-    smollm2["num_key_value_heads"] = 3
-    assert lora_weight_share(smollm2, 2) == pytest.approx(lora_weight_share(QWEN25_7B, 16), rel=0.1)
+    assert all(config.rank in VLLM_LORA_RANKS for config in parse_configs(SMOLLM2_CONFIGS))
 
 
 def test_each_base_has_its_own_section_results_and_adapters() -> None:
