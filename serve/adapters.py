@@ -225,6 +225,8 @@ class AdapterRegistry:
                 f"lora_path {raw!r} must be inside the adapters dir {self.adapters_dir} "
                 "(symlinks are followed); copy or link the adapter folder there"
             )
+        if not resolved.exists():
+            raise AdapterError(f"no adapter {raw!r} in the adapters dir {self.adapters_dir}", status=404)
         return resolved
 
     # -- checks ---------------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.sampling_params import (
@@ -160,6 +160,18 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
 # ------------------------------------------------------------------------------------------------ requests
 
 
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema defines it, as the published schema promises: 2 and 2.0, never 2.5, "2" or true
+# (pydantic's lax int also takes "2"; its strict int refuses 2.0, which schemathesis flagged as a valid
+# request refused).
+JsonInt = Annotated[int, Field(strict=True), BeforeValidator(_integral)]
+
+
 def _range(low: int, high: int) -> dict[str, Any]:
     """JSON Schema bounds for the published schema; sampling_params enforces them with messages that name
     the field and the range (pydantic's own would not)."""
@@ -210,9 +222,9 @@ class _GenerationRequest(_Request):
     model: str
     temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
     top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
-    n: int = Field(1, strict=True, json_schema_extra=_range(1, MAX_N))
+    n: JsonInt = Field(1, json_schema_extra=_range(1, MAX_N))
     stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})
-    seed: int | None = Field(None, strict=True, json_schema_extra=_range(*SEED_RANGE))
+    seed: JsonInt | None = Field(None, json_schema_extra=_range(*SEED_RANGE))
     presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     stream: bool = False
@@ -228,19 +240,17 @@ class _GenerationRequest(_Request):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
-    max_completion_tokens: int | None = Field(None, strict=True, json_schema_extra={"minimum": 1})
+    max_tokens: JsonInt | None = Field(None, json_schema_extra={"minimum": 1})
+    max_completion_tokens: JsonInt | None = Field(None, json_schema_extra={"minimum": 1})
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
+    top_logprobs: JsonInt | None = Field(None, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
     response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(
-        DEFAULT_COMPLETION_MAX_TOKENS, strict=True, json_schema_extra={"minimum": 0}
-    )
-    logprobs: int | None = Field(None, strict=True, json_schema_extra=_range(0, MAX_COMPLETION_LOGPROBS))
+    max_tokens: JsonInt | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, json_schema_extra={"minimum": 0})
+    logprobs: JsonInt | None = Field(None, json_schema_extra=_range(0, MAX_COMPLETION_LOGPROBS))
     echo: bool = False
 
     @property

@@ -228,7 +228,7 @@ class UnloadAdapterRequest(BaseModel):
     lora_name: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
 
 
-@router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 409, 503))
+@router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503))
 async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
     path = serving.registry.resolve_runtime_path(body.lora_path, body.lora_name)
     adapter = await serving.add_adapter(body.lora_name, path)

@@ -490,15 +490,24 @@ def test_ids_increase_and_are_never_reused(registry: AdapterRegistry, make_adapt
 def test_runtime_path_defaults_to_the_name_inside_adapters_dir(
     registry: AdapterRegistry, adapters_dir: Path
 ) -> None:
+    (adapters_dir / "tuned").mkdir()
     assert registry.resolve_runtime_path(None, "tuned") == adapters_dir.resolve() / "tuned"
     assert registry.resolve_runtime_path("", "tuned") == adapters_dir.resolve() / "tuned"
     assert "is not allowed" in refusal(lambda: registry.resolve_runtime_path(None, ".."))
+
+
+def test_runtime_path_that_does_not_exist_is_a_404(registry: AdapterRegistry) -> None:
+    # Not there is not found, as for a model name; a folder that is there but broken stays a 400.
+    with pytest.raises(AdapterError) as refused:
+        registry.resolve_runtime_path("ghost", "ghost")
+    assert refused.value.status == 404 and "no adapter 'ghost'" in str(refused.value)
 
 
 def test_runtime_path_relative_and_absolute_inside_are_allowed(
     registry: AdapterRegistry, adapters_dir: Path
 ) -> None:
     inside = adapters_dir.resolve() / "team" / "sql"
+    inside.mkdir(parents=True)
     assert registry.resolve_runtime_path("team/sql", "sql") == inside
     assert registry.resolve_runtime_path(str(adapters_dir / "team" / "sql"), "sql") == inside
 
@@ -539,6 +548,7 @@ def test_runtime_path_through_a_symlinked_adapters_dir(
     link = tmp_path / "adapters-link"
     link.symlink_to(adapters_dir)
     registry = AdapterRegistry(base_model=str(base), adapters_dir=link, max_lora_rank=16)
+    (adapters_dir / "sql").mkdir()
     assert registry.resolve_runtime_path(str(adapters_dir / "sql"), "sql") == adapters_dir.resolve() / "sql"
     assert registry.resolve_runtime_path(str(link / "sql"), "sql") == adapters_dir.resolve() / "sql"
 

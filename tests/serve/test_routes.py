@@ -86,8 +86,8 @@ def test_schema_has_no_security_where_no_key_is_asked() -> None:
     assert not schema.get("components", {}).get("securitySchemes")
 
 
-def test_integer_fields_refuse_floats() -> None:
-    # `n: 1.0` was accepted (and truncated); the schema says integer, so the server must too.
+def test_integer_fields_take_json_integers_only() -> None:
+    # JSON Schema's integer, which the published schema says: 2.0 is one, 2.5, "2" and true are not.
     import pytest
     from pydantic import ValidationError
 
@@ -96,6 +96,9 @@ def test_integer_fields_refuse_floats() -> None:
     for model in (ChatCompletionRequest, CompletionRequest):
         base: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
         for field in ("n", "max_tokens", "seed"):
-            with pytest.raises(ValidationError):
-                model.model_validate({**base, field: 1.0})
-            model.model_validate({**base, field: 1})
+            for refused in (2.5, "2", True, float("inf"), float("nan")):
+                with pytest.raises(ValidationError):
+                    model.model_validate({**base, field: refused})
+            for accepted in (2, 2.0):
+                value = getattr(model.model_validate({**base, field: accepted}), field)
+                assert value == 2 and type(value) is int
