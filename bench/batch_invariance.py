@@ -670,8 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def merge(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One document from runs of the same plan: every run's servers (a later run's replace an earlier one's of
-    the same server and dtype), the last run's kernels, each run's header under `runs`."""
+    """One document from runs of the same plan: every run's servers and kernel checks (a later run's replace
+    an earlier one's of the same server or dtype), each run's header under `runs`."""
     if len(documents) == 1:
         return documents[0] | {"cross_server": cross_server(documents[0]["servers"])}
     plans = {json.dumps(document["plan"], sort_keys=True) for document in documents}
@@ -679,7 +679,13 @@ def merge(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("--from-json: the runs sent different probes or loads; they cannot be merged")
     servers = {label: result for document in documents for label, result in document["servers"].items()}
     runs = [{"header": document["header"], "servers": list(document["servers"])} for document in documents]
-    return documents[-1] | {"runs": runs, "servers": servers, "cross_server": cross_server(servers)}
+    kernels = {dtype: found for document in documents for dtype, found in document["kernels"].items()}
+    return documents[-1] | {
+        "runs": runs,
+        "servers": servers,
+        "kernels": kernels,
+        "cross_server": cross_server(servers),
+    }
 
 
 def publish(document: dict[str, Any], *, markdown: bool) -> int:
