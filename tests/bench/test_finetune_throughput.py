@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -209,7 +210,7 @@ def test_trl_template_for_smollm2_marks_the_tokens_our_recipe_labels(smollm2: Pa
     ]
     plain = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=marked) == plain
-    theirs = tokenizer.apply_chat_template(
+    theirs: Any = tokenizer.apply_chat_template(
         messages, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
     )
     ours = encode_conversation(tokenizer, messages, end_of_turn_ids(tokenizer))
