@@ -531,7 +531,7 @@ def section_markdown(
         f"{len(document['adapters'])} PEFT LoRA adapters (rank {engine['max_lora_rank']}, all linear layers, "
         "random weights), requests round-robin over the adapters",
         f"- engine arguments, identical on both servers: `--enable-lora {flags}`",
-        f"- load: streamed `/v1/completions`, {prompts_text(document)} random-token prompts, "
+        f"- load: streamed `/v1/completions`, random-token prompts ({prompts_text(document)}), "
         f"{load['input_len']} tokens in, {load['output_len']} out (`ignore_eos`), after a short warm-up; "
         + (
             "both servers up together, taking turns: for each (load generator, concurrency) cell one "
