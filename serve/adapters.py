@@ -213,7 +213,7 @@ class AdapterRegistry:
         requested = Path(raw)
         if ".." in requested.parts:
             raise AdapterError(
-                f"lora_path {raw!r} may not contain '..'; give a folder inside the adapters dir"
+                f"lora_path {raw!r} may not contain '..'; give a folder inside the adapters dir", status=403
             )
         root = Path(os.path.realpath(self.adapters_dir))
         try:
@@ -223,7 +223,8 @@ class AdapterRegistry:
         if resolved == root or not resolved.is_relative_to(root):
             raise AdapterError(
                 f"lora_path {raw!r} must be inside the adapters dir {self.adapters_dir} "
-                "(symlinks are followed); copy or link the adapter folder there"
+                "(symlinks are followed); copy or link the adapter folder there",
+                status=403,  # a valid path this server may not read from, not a malformed request
             )
         if not resolved.exists():
             raise AdapterError(f"no adapter {raw!r} in the adapters dir {self.adapters_dir}", status=404)

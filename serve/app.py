@@ -222,8 +222,22 @@ def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
             components.get("schemas", {}).pop(name, None)
         for name in unused:
             components.get("securitySchemes", {}).pop(name, None)
+        serving = getattr(app.state, "serving", None)
+        if serving is None:
+            return schema  # the token-id bound is known once the engine is up; cache from then on
+        _bound_token_ids(schema, len(serving.tokenizer))
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _bound_token_ids(schema: dict[str, Any], vocabulary: int) -> None:
+    """Token-id prompts must be ids of this base's vocabulary."""
+    prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    for option in prompt["anyOf"]:
+        items = option.get("items", {})
+        ids = items.get("items", items)  # [[int]] or [int]
+        if ids.get("type") == "integer":
+            ids.update(minimum=0, maximum=vocabulary - 1)
 
 
 def build_app(

@@ -172,6 +172,12 @@ def _integral(value: Any) -> Any:
 JsonInt = Annotated[int, Field(strict=True), BeforeValidator(_integral)]
 
 
+# Published, and refused by the serving layer with a message naming the prompt (pydantic's own min_length on a
+# str also changes how lone surrogates are reported).
+NonEmptyText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+TokenIds = Annotated[list[int], Field(json_schema_extra={"minItems": 1})]
+
+
 def _range(low: int, high: int) -> dict[str, Any]:
     """JSON Schema bounds for the published schema; sampling_params enforces them with messages that name
     the field and the range (pydantic's own would not)."""
@@ -187,8 +193,11 @@ class _Request(BaseModel):
 class ContentPart(_Request):
     """One part of a message's content; only {"type": "text", "text": ...} is served."""
 
-    type: str
-    text: str | None = None
+    # The published schema says what is served; _message_text refuses other parts with a message that says so.
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"]})
+
+    type: str = Field(json_schema_extra={"enum": ["text"]})
+    text: str | None = Field(None, json_schema_extra={"type": "string"})
 
 
 class ChatMessage(_Request):
@@ -212,6 +221,23 @@ class JsonSchemaSpec(_Request):
 
 
 class ResponseFormat(_Request):
+    # Published as the server enforces it: type json_schema needs json_schema.schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {
+                    "json_schema": {
+                        "type": "object",
+                        "required": ["schema"],
+                        "properties": {"schema": {"type": "object"}},
+                    }
+                },
+            },
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
@@ -223,7 +249,9 @@ class _GenerationRequest(_Request):
     temperature: float | None = Field(None, json_schema_extra=_range(0, 2))
     top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
     n: JsonInt = Field(1, json_schema_extra=_range(1, MAX_N))
-    stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})
+    stop: NonEmptyText | list[NonEmptyText] | None = Field(
+        None, json_schema_extra={"maxItems": MAX_STOP_SEQUENCES}
+    )
     seed: JsonInt | None = Field(None, json_schema_extra=_range(*SEED_RANGE))
     presence_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
     frequency_penalty: float | None = Field(None, json_schema_extra=_range(-2, 2))
@@ -238,7 +266,19 @@ class _GenerationRequest(_Request):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
+def _requires(field: str, value: Any, needs: str, needed: Any) -> dict[str, Any]:
+    """JSON Schema for a rule the server enforces: `field` = `value` needs `needs` = `needed`."""
+    return {
+        "if": {"required": [field], "properties": {field: value}},
+        "then": {"required": [needs], "properties": {needs: {"const": needed}}},
+    }
+
+
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_requires("top_logprobs", {"type": "integer"}, "logprobs", True)]}
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: JsonInt | None = Field(None, json_schema_extra={"minimum": 1})
     max_completion_tokens: JsonInt | None = Field(None, json_schema_extra={"minimum": 1})
@@ -248,7 +288,14 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # max_tokens 0 scores the prompt only (echo), as OpenAI's legacy API does.
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_requires("max_tokens", {"const": 0}, "echo", True)]}
+    )
+
+    prompt: NonEmptyText | list[NonEmptyText] | TokenIds | list[TokenIds] = Field(
+        json_schema_extra={"minItems": 1}
+    )
     max_tokens: JsonInt | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, json_schema_extra={"minimum": 0})
     logprobs: JsonInt | None = Field(None, json_schema_extra=_range(0, MAX_COMPLETION_LOGPROBS))
     echo: bool = False

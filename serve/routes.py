@@ -106,8 +106,8 @@ ADMIN_KEY = [Depends(require_admin_key), Security(HTTPBearer(scheme_name="adminK
 _ERROR_MEANING = {
     400: "Invalid request; `error.param` names the field",
     401: "Missing or wrong bearer key",
-    403: "Adapter management is disabled (no --admin-api-key)",
-    404: "Unknown model or adapter",
+    403: "Adapter management is disabled (no --admin-api-key), or the path is outside the adapters dir",
+    404: "Unknown model or adapter, or no adapter folder of that name",
     409: "Adapter name taken, or an unload still waiting for requests",
     413: "Body over --max-request-bytes",
     503: "Engine starting, failed or stopped",
@@ -122,7 +122,13 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A generation endpoint's responses: JSON, or with stream=true server-sent events."""
-    stream = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, then `data: [DONE]`"}}
+    # OpenAPI 3.2's itemSchema: one server-sent event (a `schema` would describe the whole stream).
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "a chunk as JSON, or `[DONE]` last"}},
+    }
+    stream = {"itemSchema": event}
     return {
         200: {"model": model, "content": {"text/event-stream": stream}, "description": "The completion"},
         **errors(400, 401, 404, 413, 503),

@@ -292,7 +292,8 @@ class Serving:
         for item in items:
             if isinstance(item, str):
                 self._refuse_surely_too_long(len(item), "prompt")
-            ids = list(self.tokenizer(item)["input_ids"]) if isinstance(item, str) else list(item)
+            # An empty string may still tokenize to a BOS token; the published schema refuses it either way.
+            ids = list(self.tokenizer(item)["input_ids"]) if isinstance(item, str) and item else list(item)
             if not ids:
                 raise OpenAIError("prompt must not be empty", param="prompt")
             vocab = len(self.tokenizer)

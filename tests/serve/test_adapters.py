@@ -514,7 +514,7 @@ def test_runtime_path_relative_and_absolute_inside_are_allowed(
 
 @pytest.mark.parametrize("raw", ["../outside", "team/../../outside", "team/../sql"])
 def test_runtime_path_with_dotdot_is_refused(registry: AdapterRegistry, raw: str) -> None:
-    assert "'..'" in refusal(lambda: registry.resolve_runtime_path(raw, "sql"))
+    assert "'..'" in refusal(lambda: registry.resolve_runtime_path(raw, "sql"), 403)
 
 
 @pytest.mark.parametrize("where", ["sibling", "root", "adapters_dir itself", "dot"])
@@ -522,7 +522,7 @@ def test_runtime_path_outside_adapters_dir_is_refused(
     registry: AdapterRegistry, adapters_dir: Path, tmp_path: Path, where: str
 ) -> None:
     raw = {"sibling": str(tmp_path / "elsewhere"), "root": "/etc", "adapters_dir itself": str(adapters_dir)}
-    message = refusal(lambda: registry.resolve_runtime_path(raw.get(where, "."), "sql"))
+    message = refusal(lambda: registry.resolve_runtime_path(raw.get(where, "."), "sql"), 403)
     assert "must be inside the adapters dir" in message
 
 
@@ -531,9 +531,9 @@ def test_runtime_path_symlink_escaping_is_refused_and_inside_is_followed(
 ) -> None:
     outside = make_adapter(at=tmp_path / "outside-adapter")
     (adapters_dir / "escape").symlink_to(outside)
-    message = refusal(lambda: registry.resolve_runtime_path("escape", "escape"))
+    message = refusal(lambda: registry.resolve_runtime_path("escape", "escape"), 403)
     assert "must be inside the adapters dir" in message
-    assert "must be inside" in refusal(lambda: registry.resolve_runtime_path(None, "escape"))
+    assert "must be inside" in refusal(lambda: registry.resolve_runtime_path(None, "escape"), 403)
 
     real = make_adapter("real")
     (adapters_dir / "alias").symlink_to(real)
