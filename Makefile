@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 comma  := ,
 
-.PHONY: install test lint typecheck pytest demo ifeval bench base tiny-base clean
+.PHONY: install test lint typecheck pytest soak demo ifeval bench base tiny-base clean
 DEMO_OUT ?= demo-out
 TINY_BASE ?= .cache/tiny-base
 
@@ -43,6 +43,16 @@ pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The long variants of make test's soak, hot-swap and fuzz tests on the real server (about an hour on 2 cores).
+SOAK_REQUESTS ?= 20000
+SWAP_CYCLES   ?= 100
+FUZZ_EXAMPLES ?= 500
+soak: install
+	TUNESERVE_SOAK_REQUESTS=$(SOAK_REQUESTS) TUNESERVE_SWAP_CYCLES=$(SWAP_CYCLES) \
+	TUNESERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -s \
+	  tests/serve/test_fuzz.py "tests/serve/test_server_e2e.py::test_soak_of_mixed_traffic_leaves_nothing_behind" \
+	  "tests/serve/test_server_e2e.py::test_hot_swap_under_load_keeps_the_engine_alive"
 
 tiny-base: install
 	$(BIN)/python -m finetune base tiny --out $(TINY_BASE)
@@ -79,6 +89,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.serve_vs_vllm
 	$(BIN)/python -m bench.lora_scaling
 	$(BIN)/python -m bench.finetune_throughput
+	$(BIN)/python -m bench.batch_invariance
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""Schemathesis hooks for tests/serve/test_fuzz.py (loaded by the `st` CLI through SCHEMATHESIS_HOOKS).
+
+A fuzzed generation request may ask for 128 choices of the whole context each, seconds of engine time per
+case on CPU. Valid token counts and choice counts are capped; invalid ones are left for the server to refuse,
+so the cases still cover every bound the schema publishes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+
+from serve.protocol import SEED_RANGE
+
+# The fields that set how many tokens a generation request may produce, per path.
+TOKEN_FIELDS = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens",),
+}
+MAX_FUZZ_TOKENS, MAX_FUZZ_N = 8, 2
+
+
+def _int(value: object) -> bool:
+    """An integer as JSON Schema counts them (the fuzzer sends 8.0 too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or value.is_integer()
+
+
+@schemathesis.hook
+def map_body(context: schemathesis.HookContext, body: Any) -> Any:
+    if not (isinstance(body, dict) and context.operation is not None):
+        return body
+    fields = TOKEN_FIELDS.get(context.operation.path)
+    if fields is None:
+        return body
+    body = dict(body)
+    for name in fields:
+        value = body.get(name)
+        if name not in body or (_int(value) and value > MAX_FUZZ_TOKENS):
+            body[name] = MAX_FUZZ_TOKENS
+    if _int(body.get("n")) and body["n"] > MAX_FUZZ_N:
+        body["n"] = MAX_FUZZ_N
+    # The fuzzer checks integer bounds in floating point: near 2**63 or 2**64 it takes a seed past the
+    # published bound for a valid one (-9223372036854775999 rounds to -2**63); such seeds get the bound.
+    low, high = SEED_RANGE
+    seed = body.get("seed")
+    if _int(seed) and not low <= int(seed) <= high and float(low) <= float(seed) <= float(high):
+        body["seed"] = min(max(int(seed), low), high)
+    return body
