@@ -5,7 +5,6 @@ The manifest, the loss plot, and the atomic move of the finished folder into pla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,29 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig
+from finetune.servable import file_sha256, folder_sha256
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """One hash over every non-hidden file's relative path and content (a model folder's identity)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def base_identity(base_model: str, revision: str | None, commit: str | None) -> dict[str, Any]:

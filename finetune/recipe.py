@@ -33,7 +33,7 @@ from finetune.batching import Batch, collate_packed, collate_padded, plan_packed
 from finetune.config import ConfigError, FinetuneConfig, dump_config
 from finetune.data import DataReport, Record, load_data
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
-from finetune.servable import ADAPTER_WEIGHTS, check_lora_weights
+from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
 
 log = logging.getLogger(__name__)
 
@@ -624,7 +624,7 @@ class LoraRecipe:
         manifest = artifacts.build_manifest(
             staging, self.config, model, data_hash=self.data_report.data_hash, metrics=metrics
         )
-        (staging / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         artifacts.publish(staging, self.output_dir, overwrite=self.config.overwrite)
         shutil.rmtree(self.work_dir, ignore_errors=True)
         log.info("adapter written to %s", self.output_dir)

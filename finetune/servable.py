@@ -1,11 +1,12 @@
 """What vLLM's multi-LoRA engine can serve, checked before training and before serving.
 
-Shared by `finetune` (refuse a config up front) and `serve` (refuse a bad adapter folder);
-it imports nothing heavy so the server can use it at start-up.
+Shared by `finetune` (refuse a config up front) and `serve` (refuse a bad adapter folder, check it against
+the manifest a run wrote); it imports nothing heavy so the server can use it at start-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -24,6 +25,28 @@ UNSERVABLE_TARGETS: frozenset[str] = frozenset(
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """One hash over every non-hidden file's relative path and content (a model folder's identity)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def check_lora_settings(

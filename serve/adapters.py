@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.artifacts import MANIFEST, folder_sha256
-from finetune.servable import ADAPTER_WEIGHTS, base_linear_shapes, check_lora_weights, inspect_adapter
+from finetune.servable import (
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    base_linear_shapes,
+    check_lora_weights,
+    folder_sha256,
+    inspect_adapter,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest

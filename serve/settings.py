@@ -101,21 +101,3 @@ class ServeSettings(BaseSettings):
     def model_id(self) -> str:
         """The API id of the base model."""
         return self.served_model_name or self.base_model
-
-
-def settings_reference() -> str:
-    """Every `python -m serve` flag with its environment variable, type and default, as a Markdown table."""
-    from finetune.reference import default_text, field_rows, markdown_rows, type_name
-
-    prefix = str(ServeSettings.model_config.get("env_prefix", ""))
-    rows = [
-        [
-            f"`--{name.replace('_', '-')}`",
-            f"`{prefix}{name.upper()}`",
-            f"`{type_name(info.annotation)}`",
-            default_text(info),
-            info.description or "",
-        ]
-        for name, info in field_rows(ServeSettings)
-    ]
-    return markdown_rows(["flag", "environment", "type", "default", "meaning"], rows)

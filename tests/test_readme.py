@@ -6,14 +6,13 @@ import os
 import re
 from collections.abc import Callable
 
-from finetune.reference import finetune_reference
-from serve.settings import settings_reference
 from tests.conftest import REPO_ROOT
+from tests.readme_reference import finetune_reference, serve_reference
 
 README = REPO_ROOT / "README.md"
 BLOCKS: dict[str, Callable[[], str]] = {
     "finetune config": finetune_reference,
-    "serve settings": settings_reference,
+    "serve settings": serve_reference,
 }
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from finetune.artifacts import file_sha256
 from finetune.bases import (
     PROVENANCE_FILE,
     SMOLLM2_135M_INSTRUCT,
@@ -21,6 +20,7 @@ from finetune.bases import (
     packaged_base,
 )
 from finetune.cli import main
+from finetune.servable import file_sha256
 
 
 def test_unknown_base_is_refused_with_the_known_names(

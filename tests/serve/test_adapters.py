@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from finetune.artifacts import MANIFEST, folder_sha256
+from finetune.servable import MANIFEST, folder_sha256
 from serve import adapters as adapters_module
 from serve.adapters import Adapter, AdapterError, AdapterRegistry, parse_lora_option
 

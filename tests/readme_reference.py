@@ -1,6 +1,7 @@
 """Configuration reference in Markdown, generated from the typed configs (pydantic models).
 
-The README's reference tables are this module's output; tests/test_readme.py keeps them current.
+The README's reference tables are this module's output; tests/test_readme.py keeps them current. It lives
+with the tests, off the import path of the packages it documents.
 """
 
 from __future__ import annotations
@@ -72,3 +73,21 @@ def finetune_reference() -> str:
         for name, info in field_rows(FinetuneConfig)
     ]
     return markdown_rows(["key", "type", "default", "meaning"], rows)
+
+
+def serve_reference() -> str:
+    """Every `python -m serve` flag with its environment variable, type and default, as a Markdown table."""
+    from serve.settings import ServeSettings
+
+    prefix = str(ServeSettings.model_config.get("env_prefix", ""))
+    rows = [
+        [
+            f"`--{name.replace('_', '-')}`",
+            f"`{prefix}{name.upper()}`",
+            f"`{type_name(info.annotation)}`",
+            default_text(info),
+            info.description or "",
+        ]
+        for name, info in field_rows(ServeSettings)
+    ]
+    return markdown_rows(["flag", "environment", "type", "default", "meaning"], rows)
