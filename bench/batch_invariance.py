@@ -8,7 +8,7 @@ A fixed set of greedy probe requests (chat, temperature 0, `logprobs` with the t
 prompts to the base. Each server answers them (a) alone, one request at a time, twice (the reference, then
 a repeat), and (b) inside mixed traffic: every probe several times, shuffled among background requests to the
 base and all adapters (other prompts, other lengths), at each --concurrency. Servers: ours (`python -m serve`,
-with the CPU LoRA plugin serve/vllm_cpu_lora_fix.py), ours with VLLM_PLUGINS=none, and vLLM's own OpenAI
+with the CPU LoRA plugin vllm_cpu_lora_fix/ops.py), ours with VLLM_PLUGINS=none, and vLLM's own OpenAI
 server (VLLM_PLUGINS=none: vLLM as shipped), each in each --dtypes, one at a time with identical engine flags.
 Every probe answer is compared token by token with the server's own solo reference; at the first differing
 token the reference's logprob margin between its top two candidates says how close that choice was.
@@ -395,7 +395,7 @@ def _lora_row(path: str, weights: tuple[Any, Any], x_all: Any, y_all: Any, indic
     import torch
     from vllm.lora.ops.torch_ops import lora_ops
 
-    from serve import vllm_cpu_lora_fix as plugin
+    from vllm_cpu_lora_fix import ops as plugin
 
     a, b = weights
     x, y = x_all[: len(indices)], y_all[: len(indices)].clone()

