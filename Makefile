@@ -51,7 +51,7 @@ SWAP_CYCLES   ?= 100
 FUZZ_EXAMPLES ?= 500
 soak: install
 	TUNESERVE_SOAK_REQUESTS=$(SOAK_REQUESTS) TUNESERVE_SWAP_CYCLES=$(SWAP_CYCLES) \
-	TUNESERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -s \
+	TUNESERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -s --timeout 7200 \
 	  tests/serve/test_fuzz.py "tests/serve/test_server_e2e.py::test_soak_of_mixed_traffic_leaves_nothing_behind" \
 	  "tests/serve/test_server_e2e.py::test_hot_swap_under_load_keeps_the_engine_alive"
 
