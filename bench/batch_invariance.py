@@ -514,6 +514,14 @@ def section_markdown(header: dict[str, Any], document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _agreement_cells(summary: dict[str, Any]) -> str:
+    """The columns both tables end with: bit-identical logprobs, max drift, margins at divergence."""
+    return (
+        f"{summary['bit_identical_logprobs']} | {summary['max_logprob_drift']:.2g} | "
+        f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])} |"
+    )
+
+
 def condition_table(servers: dict[str, Any]) -> list[str]:
     """One row per (dtype, server, condition): answers, divergences, bit-identical logprobs, margins."""
     lines = [
@@ -534,9 +542,7 @@ def condition_table(servers: dict[str, Any]) -> list[str]:
             split = " / ".join(str(per_model.get(m, {}).get("divergent", 0)) for m in (PROBE_ADAPTER, "base"))
             lines.append(
                 f"| {dtype} | {server_label} | {condition} | {summary['requests']} | "
-                f"{summary['divergent']} ({split}) | {summary['bit_identical_logprobs']} | "
-                f"{summary['max_logprob_drift']:.2g} | "
-                f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])} |"
+                f"{summary['divergent']} ({split}) | {_agreement_cells(summary)}"
             )
     return lines
 
@@ -550,9 +556,7 @@ def cross_table(cross: dict[str, Any]) -> list[str]:
     for label, summary in cross.items():
         server_name, dtype = label.split("/")
         lines.append(
-            f"| {dtype} | {SERVER_LABELS[server_name]} | {summary['divergent']} | "
-            f"{summary['bit_identical_logprobs']} | {summary['max_logprob_drift']:.2g} | "
-            f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])} |"
+            f"| {dtype} | {SERVER_LABELS[server_name]} | {summary['divergent']} | {_agreement_cells(summary)}"
         )
     return lines
 
