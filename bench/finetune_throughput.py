@@ -547,9 +547,10 @@ def run_trl(
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from finetune.recipe import peft_lora_config
 
     side = "trl_packed" if packing else "trl"
     counts = TokenCounts()
@@ -582,14 +583,8 @@ def run_trl(
     tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=dtype, attn_implementation="sdpa")
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    # The LoRA of our side's config, mapped onto PEFT by the recipe itself.
+    peft_config = peft_lora_config(settings.recipe_config(Path("unused")).lora)
     scheduler = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
     args = SFTConfig(
         output_dir=str(work / f"{side}-out"),

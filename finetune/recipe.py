@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from finetune import artifacts
 from finetune.batching import Batch, collate_packed, collate_padded, plan_packed, plan_padded, token_loss_sum
-from finetune.config import ConfigError, FinetuneConfig, dump_config
+from finetune.config import ConfigError, FinetuneConfig, LoraSettings, dump_config
 from finetune.data import DataReport, Record, load_data
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
 from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
@@ -143,6 +143,20 @@ def refuse_cuda_only_settings(config: FinetuneConfig, device: torch.device) -> N
         )
 
 
+def peft_lora_config(lora: LoraSettings) -> LoraConfig:
+    """PEFT's LoraConfig for the `lora:` section of a config: the one place its fields map onto PEFT's (the
+    fine-tuning benchmark gives TRL's side the same)."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_model(config: FinetuneConfig, dtype: torch.dtype, accelerator: Accelerator) -> PeftModel:
     """The base model with LoRA adapters attached; only the adapters are trainable."""
     kwargs: dict[str, Any] = {
@@ -169,17 +183,7 @@ def load_model(config: FinetuneConfig, dtype: torch.dtype, accelerator: Accelera
         )
     elif config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_lora_config(config.lora))
     _refuse_unservable_targets(peft_model)
     return peft_model
 
