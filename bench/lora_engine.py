@@ -54,38 +54,38 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
     return [[rng.randrange(10, vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-def lora_names(serve_args: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, path) of every `--lora NAME=PATH` in the server's flags, in order, parsed as the server does."""
+def serve_settings(serve_args: Sequence[str]) -> Any:
+    """The server's settings from its flags, parsed as `python -m serve` parses them."""
+    from pydantic_settings import CliApp
+
+    from serve.settings import ServeSettings
+
+    return CliApp.run(ServeSettings, cli_args=list(serve_args))
+
+
+def lora_names(settings: Any) -> list[tuple[str, str]]:
+    """(name, path) of every `--lora NAME=PATH` of the server's settings, in order, through serve's parser."""
     from serve.adapters import parse_lora_option
 
-    found = []
-    for flag, value in itertools.pairwise(serve_args):
-        if flag == "--lora":
-            name, path = parse_lora_option(value)
-            found.append((name, str(path)))
-    return found
+    return [(name, str(path)) for name, path in map(parse_lora_option, settings.lora)]
 
 
 def measure(spec: EngineSpec) -> dict[str, Any]:
     """Output tokens/s per mix and round (mix 0: the base only), after one warm-up pass of `concurrency`
     prompts per mix."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
-    from pydantic_settings import CliApp
     from vllm import LLM, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
 
     from serve.engine import engine_args
-    from serve.settings import ServeSettings
 
-    adapters = [
-        LoRARequest(name, index, path) for index, (name, path) in enumerate(lora_names(spec.serve_args), 1)
-    ]
+    settings = serve_settings(spec.serve_args)
+    adapters = [LoRARequest(name, index, path) for index, (name, path) in enumerate(lora_names(settings), 1)]
     if max(spec.mixes) > len(adapters):
         raise SystemExit(
             f"a mix of {max(spec.mixes)} adapters, but the server flags name only {len(adapters)} "
             "(--lora NAME=PATH)"
         )
-    settings = CliApp.run(ServeSettings, cli_args=spec.serve_args)
     started = time.monotonic()
     llm = LLM(**engine_args(settings))  # type: ignore[arg-type]
     startup_s = time.monotonic() - started

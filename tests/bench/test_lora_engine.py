@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.lora_engine import EngineSpec, lora_names, random_prompts
+from bench.lora_engine import EngineSpec, lora_names, random_prompts, serve_settings
 from bench.lora_scaling import engine_table, measure_engine_only
 
 
@@ -34,7 +34,7 @@ def spec_for(tiny_base: Path, adapters_dir: Path) -> EngineSpec:
 def test_spec_round_trip_prompts_and_lora_flags(tiny_base: Path, adapters_dir: Path) -> None:
     spec = spec_for(tiny_base, adapters_dir)
     assert EngineSpec.from_json(spec.to_json()) == spec
-    assert lora_names(spec.serve_args) == [
+    assert lora_names(serve_settings(spec.serve_args)) == [
         ("fmt", str(adapters_dir / "fmt")),
         ("caps", str(adapters_dir / "caps")),
     ]
