@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, header_markdown, results_dir, run_header, update_section, write_json
-from bench.serve_vs_vllm import SERVED_BASE_NAME, EngineSettings, our_server_command, vllm_server_command
+from bench.servers import SERVED_BASE_NAME, EngineSettings, server_command
 from client.server_process import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.batch_invariance")
@@ -53,14 +53,14 @@ ADAPTER_FAMILIES = {
 }
 PROBE_ADAPTER = "caps"
 BACKGROUND_FAMILIES = ["json_object", "wrap_in_quotes", "end_with_phrase", "start_with_word", "bullet_list"]
-# Server -> (command builder, environment). VLLM_PLUGINS=none keeps vLLM from loading our LoRA plugin, which
-# is installed as an entry point and would otherwise run inside vLLM's own server too.
-SERVERS: dict[str, tuple[Any, dict[str, str]]] = {
-    "ours": (our_server_command, {}),
-    "ours-no-plugin": (our_server_command, {"VLLM_PLUGINS": "none"}),
-    "vllm": (vllm_server_command, {"VLLM_PLUGINS": "none"}),
+# Server -> (server_command's server, environment). VLLM_PLUGINS=none keeps vLLM from loading our
+# LoRA plugin, which is installed as an entry point and would otherwise run inside vLLM's own server too.
+SERVERS: dict[str, tuple[str, dict[str, str]]] = {
+    "ours": ("ours", {}),
+    "ours-no-plugin": ("ours", {"VLLM_PLUGINS": "none"}),
+    "vllm": ("vllm", {"VLLM_PLUGINS": "none"}),
     # vLLM's batch-invariant mode (not run by default: on CPU it does not start, see BENCHMARKS.md)
-    "vllm-batch-invariant": (vllm_server_command, {"VLLM_PLUGINS": "none", "VLLM_BATCH_INVARIANT": "1"}),
+    "vllm-batch-invariant": ("vllm", {"VLLM_PLUGINS": "none", "VLLM_BATCH_INVARIANT": "1"}),
 }
 DEFAULT_SERVERS = ("ours", "ours-no-plugin", "vllm")
 SERVER_LABELS = {
@@ -265,12 +265,12 @@ def measure_server(
     work_dir: Path,
 ) -> dict[str, Any]:
     """Start one server, send the solo passes and the mixed loads, stop it; its conditions' summaries."""
-    build, env = SERVERS[server_name]
+    kind, env = SERVERS[server_name]
     engine = EngineSettings(dtype=dtype, max_loras=len(adapters) + 1, max_lora_rank=16)
     port = free_port()
     server = ServerProcess(
         name=f"{server_name}-{dtype}",
-        command=build(base, port, engine, list(adapters.items())),
+        command=server_command(kind, base, port, engine, list(adapters.items())),
         url=f"http://127.0.0.1:{port}",
         log_path=work_dir / f"{server_name}-{dtype}.log",
         cwd=REPO_ROOT,

@@ -20,32 +20,11 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import turns
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What bench.lora_scaling asks for; written as JSON (`to_json`) for the child process."""
-
-    serve_args: list[str]  # `python -m serve` flags of the config's server
-    mixes: list[int]
-    rounds: int
-    num_prompts: int
-    concurrency: int
-    input_len: int
-    output_len: int
-    seed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, text: str) -> EngineSpec:
-        return cls(**json.loads(text))
+from bench.servers import EngineSpec
 
 
 def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:

@@ -38,15 +38,15 @@ from bench.common import (
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
-from bench.lora_engine import EngineSpec
-from bench.serve_vs_vllm import (
+from bench.servers import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
     EngineSettings,
+    EngineSpec,
     Load,
     measure_cell,
-    our_server_command,
     ratio,
+    server_command,
     warm_up,
 )
 from client.server_process import ServerProcess, free_port, running, tail_lines
@@ -175,7 +175,7 @@ def measure_config(config: SlotConfig, base: Path, args: argparse.Namespace, wor
     tag = f"loras{loras}-cpu{cpu}-r{config.rank}"
     server = ServerProcess(
         name=f"ours {tag}",
-        command=our_server_command(base, port, engine, adapters, served_name),
+        command=server_command("ours", base, port, engine, adapters, served_name),
         url=f"http://127.0.0.1:{port}",
         log_path=work / f"server-{tag}.log",
         cwd=REPO_ROOT,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.lora_engine import EngineSpec, lora_names, random_prompts, serve_settings
+from bench.lora_engine import lora_names, random_prompts, serve_settings
 from bench.lora_scaling import engine_table, measure_engine_only
+from bench.servers import EngineSpec
 
 
 def spec_for(tiny_base: Path, adapters_dir: Path) -> EngineSpec:

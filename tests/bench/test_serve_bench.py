@@ -19,22 +19,9 @@ from bench.lora_scaling import (
     relative,
 )
 from bench.lora_scaling import table as scaling_table
-from bench.serve_vs_vllm import (
-    METRICS,
-    Comparison,
-    EngineSettings,
-    comparison_table,
-    default_prompts,
-    figures,
-    our_server_command,
-    per_request_ms,
-    ratio,
-    round_ratios,
-    schedule,
-    verdict,
-    vllm_server_command,
-)
+from bench.serve_vs_vllm import Comparison, comparison_table, default_prompts, round_ratios, schedule, verdict
 from bench.serve_vs_vllm import main as serve_main
+from bench.servers import METRICS, EngineSettings, figures, per_request_ms, ratio, server_command
 from client.server_process import process_cpu_seconds, process_tree
 
 
@@ -45,8 +32,8 @@ def test_engine_flags_are_the_same_for_both_servers(tmp_path) -> None:  # type: 
     assert "--max-cpu-loras" not in flags  # None: each server's default
     assert flags[-3:] == ["--enforce-eager", "--seed", "0"]
     adapters = [("a0", tmp_path / "a0"), ("a1", tmp_path / "a1")]
-    ours = our_server_command(tmp_path, 8000, engine, adapters)
-    theirs = vllm_server_command(tmp_path, 8001, engine, adapters)
+    ours = server_command("ours", tmp_path, 8000, engine, adapters)
+    theirs = server_command("vllm", tmp_path, 8001, engine, adapters)
     assert ours[-len(flags) :] == flags and theirs[-len(flags) :] == flags
     assert ["--lora", f"a0={tmp_path / 'a0'}"] == ours[ours.index("--lora") :][:2]
     lora_modules = theirs.index("--lora-modules")
@@ -247,7 +234,7 @@ def test_each_base_has_its_own_section_results_and_adapters() -> None:
         "kv_cache_memory_bytes": 1 << 30,
     }
     engine = EngineSettings(max_loras=4, **smollm2.engine_kwargs())
-    flags = our_server_command(smollm2.folder, 8000, engine, [], smollm2.served_name)
+    flags = server_command("ours", smollm2.folder, 8000, engine, [], smollm2.served_name)
     assert flags[flags.index("--served-model-name") + 1] == "smollm2-135m-instruct"
     assert flags[flags.index("--dtype") + 1] == "bfloat16"
     assert base_for_document({}) is tiny  # results saved before --base existed
