@@ -57,8 +57,7 @@ NAME = "lora_scaling"
 MIXES = (0, 1, 4, 16, 64)  # distinct adapters the requests spread over; 0 = the base only
 # Configs compared: serve's defaults (16 slots, host cache = slots) with rank-16 adapters, and the same with
 # rank-1 adapters, whose weights are the same share of the tiny base's (0.63%) as rank 16 is of Qwen2.5-7B's
-# (0.62%, `lora_weight_share`). 4 slots (serve's default until 2026-11-30) kept 0.43 of base at 16 adapters;
-# a larger host cache (--max-cpu-loras 64) made no measurable difference (2026-11-25).
+# (0.62%, `lora_weight_share`); BENCHMARKS.md says what other slot counts and host caches did.
 DEFAULT_CONFIGS = "default,default/r1"
 # On SmolLM2 (30 layers, hidden 576) rank 16, what `finetune` trains, is 4.6% of its linear weights; rank 1
 # (0.29%) is the nearest to the 0.62% rank 16 is of Qwen2.5-7B's among the ranks vLLM serves (rank 2 would
@@ -298,13 +297,7 @@ def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:
     rows = engine_table(runs)
     if not rows:
         return []
-    intro = (
-        "Engine only (`bench.lora_engine`, run after each server): the same mixes, rounds and prompts on "
-        "vLLM's offline engine, built from the same server flags (serve.engine.engine_args), in one process "
-        "with no HTTP, streaming or detokenization, driven in the load's closed loop (its concurrency in "
-        "flight, a new request as each one finishes). It shows the LoRA computation's own cost; the served "
-        "ratio (last column) is what a client sees."
-    )
+    intro = "Engine only (`bench.lora_engine`): the same mixes on vLLM's offline engine, without the server."
     return [intro, "", *rows, ""]
 
 
@@ -390,9 +383,7 @@ def interpretation(runs: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def section_markdown(
-    header: dict[str, Any], document: dict[str, Any], chart: str, notes: Sequence[str]
-) -> str:
+def section_markdown(header: dict[str, Any], document: dict[str, Any], chart: str) -> str:
     load, runs = document["load"], document["runs"]
     bench_base = base_for_document(document)
     engine = runs[0]["engine"]
@@ -415,87 +406,8 @@ def section_markdown(
         f"![LoRA scaling]({chart})",
         "",
         *interpretation(runs),
-        "",
-        *notes,
     ]
     return "\n".join(lines)
-
-
-NOTES: tuple[str, ...] = (
-    "Where the loss goes, step by step:",
-    "",
-    "- base only -> 1 adapter: the cost of running LoRA at all (one slot, nothing swapped). When no request "
-    "in a step uses an adapter, vLLM's GPU kernels skip the LoRA work (`no_lora`); on the CPU vLLM still "
-    "calls every LoRA layer's op, and our plugin (vllm_cpu_lora_fix/ops.py, below) returns at once when "
-    "no token has an adapter (about 7 us per layer call in a micro-benchmark, 16 calls per step of the "
-    "tiny base). Otherwise every LoRA layer runs. "
-    "vLLM's own CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) copy every token's adapter matrices out of "
-    "the slot stack (`weights[indices]`) and run one matrix-vector product per token: with them this bench "
-    "measured 0.33-0.37 of base throughput at 1 adapter and 0.43 at 16 adapters (2026-11-25). "
-    "vllm_cpu_lora_fix/ops.py replaces them on CPU: tokens are grouped by adapter once per engine step, "
-    "each group is one GEMM (decode steps over many adapters: one batched matmul over the adapters in use), "
-    "base-model tokens get no LoRA, and LoRA products whose weights are zero in every slot in use are "
-    "skipped: vLLM runs the lm_head and embedding LoRA paths for every adapter, but a PEFT adapter on the "
-    "linear layers has nothing there (on 2026-11-30 those zero products were about a tenth of the step "
-    "time at 16 adapters). GPU builds use vLLM's Triton kernels, which this plugin does not touch.",
-    "- 1 -> 16 adapters (16 slots, nothing swapped): the time goes to the LoRA layers, nothing else in the "
-    "step changes. On one adapter each LoRA product is one GEMM over the step's tokens. Over several "
-    "adapters a decode step gives each adapter a few tokens, and the plugin lays them out for batched "
-    "matmuls over the adapters (per layer a reordering, then per product two bmm, a gather and an add); a "
-    "prompt's prefill, a long run of tokens on one adapter, runs as one matmul pair in place, also in the "
-    "steps where new prompts join the decoding ones. At low ranks a q/k/v or gate/up layer is one product "
-    "over all its slices (a block-diagonal B; at rank 16 its zeros would cost more weight traffic than the "
-    "saved products); consecutive slots in use are read as a view of the slot stacks, not gathered. Side "
-    "by side in one process with the plugin as it was before those changes (offline engine in the closed "
-    "loop above, 3 rounds, 2026-12-01), `add_lora_linear` per engine step went from 1.70 to 1.30 ms at "
-    "rank 1 and from 2.10 to 1.78 ms at rank 16 on 16 adapters, from 1.74 to 1.18 and 1.90 to 1.47 ms on "
-    "4, against a base-only step of about 4 ms (throughput there moved within the host's noise, +-5%). "
-    "What remains at "
-    "rank 16 is mostly weight traffic: a rank-16 adapter on all seven projections of the 256-wide tiny "
-    "base is 10% of its linear weights, so a decode step over 16 of them reads 1.6x the base's linear "
-    "weights again (19 MB in float32). In a profile the batched matmuls that read them took 0.9 ms per "
-    "step, the base's own linear layers 1.2 ms: that traffic alone, with no other cost, caps 16 "
-    "rank-16 adapters at about 0.8 of base engine-only throughput on this CPU (4 / 4.9 ms). Rank 1 on the "
-    "tiny base is the share a rank-16 adapter has of Qwen2.5-7B (0.6%): there the weight traffic is "
-    "small, and the rest, about 1 ms per step of per-layer work on this tiny base, is against a 7B "
-    "model's own step, orders of magnitude longer. That per-layer work is mostly per-op cost, so it weighs "
-    "more on slower hosts: on the 2-core Intel host of 2026-12-01 15:00 (engine steps about 1.8x longer) "
-    "a base-only step took 7.3 ms and `add_lora_linear` 1.8 ms per step at 16 rank-1 adapters (about 47 us "
-    "per layer call: two bmm of 6 us, two index_select of 5 us, the add and Python), and vLLM's own LoRA "
-    "bookkeeping outside it about 0.7 ms; rank 1 kept 0.73-0.74 of base engine-only there. A variant "
-    "without the batched layout (one masked matmul pair over all slots in use) was only 0.89x the time at "
-    "rank 1 and slower from rank 2 on, so it was not kept.",
-    "- Served vs engine only: on these 2 cores vLLM runs the model in a worker process bound to one core, "
-    "and its engine-core process (the scheduler) waits for that worker by spinning on a shared-memory queue "
-    "(`sched_yield`): in a 14 s run at concurrency 1 the worker used 13.6 s of CPU, the engine core 12.0 s "
-    "and the API process 1.1 s (2026-12-01, /proc schedstat). So the engine core, the API process and the "
-    "load generator share the other core, and at concurrency 32 that side, not the model, sets the "
-    "pace (served base-only throughput is about half the engine-only one). An engine step made slower by "
-    "many adapters is then partly absorbed, so the served ratios sit above the engine-only ones: the "
-    "engine-only table is the LoRA path's own cost, the served one what a client of this machine sees. "
-    "On a GPU server the API process has cores of its own and the engine is the bottleneck.",
-    "- 64 adapters with 16 slots: vLLM's scheduler runs requests of at most `--max-loras` distinct "
-    "adapters in one step, so most of the 32 requests in flight wait for a slot (TTFT several times "
-    "base's), and "
-    "adapters are swapped into slots and (host cache = slots by default) re-read from disk. With 4 slots "
-    "(serve's default until 2026-11-30) the same limit hit at 16 adapters already: 0.43 of base, TTFT 10x "
-    "(2026-11-30). With 32 slots (`--configs 32,32/r1 --mixes 0,16,64`, 2026-12-01) 64 adapters kept 0.54 "
-    "(rank 16) and 0.66 (rank 1) of base engine-only, 0.58 and 0.66 served, with TTFT 1.6-2x base's "
-    "instead of 5-8x; 16 adapters did as with 16 slots. A host cache of 64 (`--max-cpu-loras 64`) changed "
-    "nothing measurable for these small adapters (2026-11-25, and again 2026-12-01: 0.49 served, 0.42 "
-    "engine-only at 64 adapters).",
-    "",
-    "Defaults, from these figures: serve's `--max-loras` is 16 (was 4): a slot is worth having for every "
-    "adapter busy at the same time, and it costs memory for every LoRA layer at `--max-lora-rank` (about "
-    "80 MB per slot for a 7B model at rank 16 in bf16, 1.3 GB for 16; lower it on a small GPU, raise it "
-    "to the number of adapters busy at once when that is more, as 32 slots did for 64 adapters above). "
-    "`--max-cpu-loras` stays the engine's default (= max_loras). `--max-lora-rank` stays 16, the rank "
-    "`finetune` trains by default: vLLM pads every adapter to it (slot buffers and every LoRA matmul run at "
-    "that rank), so it should be the largest rank actually served, not a safe larger value. Figures on this "
-    "shared 2-core machine move 10-20% between runs, and a single 128-prompt load (a few seconds) can be "
-    "off by more: each mix is measured once per round, the mixes in forward order then reversed (so a "
-    "steady drift weighs on every mix alike), and the table gives the mean and each round's figure.",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,9 +512,7 @@ def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
     bench_base = base_for_document(document)
     section = bench_base.section(NAME)
     plot(document["runs"], out_dir / "lora_scaling.png", bench_base.title)
-    # The notes explain the tiny base's runs; other bases' figures are discussed by hand in BENCHMARKS.md.
-    notes = NOTES if bench_base.name == DEFAULT_BASE else ()
-    text = section_markdown(document["header"], document, f"bench/results/{section}/lora_scaling.png", notes)
+    text = section_markdown(document["header"], document, f"bench/results/{section}/lora_scaling.png")
     print(text)
     if markdown:
         update_section(section, text)

@@ -317,9 +317,7 @@ def prompts_text(document: dict[str, Any]) -> str:
     return ", ".join(f"{count} at C={level}" for level, count in per_level.items())
 
 
-def section_markdown(
-    header: dict[str, Any], document: dict[str, Any], chart: str, notes: Sequence[str]
-) -> str:
+def section_markdown(header: dict[str, Any], document: dict[str, Any], chart: str) -> str:
     comparison = Comparison(cells=document["cells"])
     drivers, concurrency = document["drivers"], document["concurrency"]
     engine, load = document["engine"], document["load"]
@@ -355,70 +353,8 @@ def section_markdown(
         f"![serve vs vLLM]({chart})",
         "",
         *verdict(comparison),
-        "",
-        *notes,
     ]
     return "\n".join(lines)
-
-
-NOTES: tuple[str, ...] = (
-    "Both servers run the same AsyncLLM engine (engine core in its own process; the two startup logs print "
-    "identical engine configs), so engine time is the same and what differs is the HTTP/serving layer of the "
-    "API process: request parsing, tokenization, per-chunk SSE serialization, metrics. On 2 shared cores "
-    "that process competes with the engine core for CPU, so its CPU per request is the figure that shows "
-    "serving overhead independently of machine noise (last column: user + system CPU of the API process "
-    "during the level, per completed request).",
-    "",
-    "Overhead found and removed (2026-12-01): py-spy profiles of both API processes under the C=32 `client "
-    "load` showed two costs vLLM's server does not have. Our request dependencies (API key check, serving "
-    "lookup) were plain `def`, which FastAPI runs in its thread pool: three thread hops per request; they "
-    "are `async def` now (tests/serve/test_routes.py keeps every endpoint and dependency async). Each SSE "
-    "chunk was built as a dict (`model_dump`) and then `json.dumps`-ed, 22 us per chunk; pydantic-core's "
-    "`model_dump_json` writes it in one call, 11 us (vLLM does the same). Same machine, same load, one "
-    "server at a time: API-process CPU for 200 requests 4.21 s before, 3.33-3.62 s after; vLLM's server "
-    "3.39 s. What remains per chunk is starlette/uvicorn's send path, which both servers run (vLLM's wraps "
-    "it in CORS and prometheus-instrumentator middleware, ours in one metrics middleware).",
-    "",
-    "Also removed (2026-12-01, later): in three runs our TTFT p99 at C=32 under vLLM's load generator was "
-    "2-3x vLLM's server's (550-1000 ms against 220-500), one whole wave of 32 requests late. A gc callback "
-    "in our API process showed full (generation-2) collections of 300-400 ms during the load: start-up "
-    "leaves about 750,000 long-lived objects (torch, transformers, vLLM's client, the tokenizer) that each "
-    "full collection walks, and no stream advances meanwhile. vLLM's server freezes its start-up heap "
-    "(`gc.freeze`) once ready; ours now does the same through vLLM's helper (serve/app.py "
-    "`freeze_startup_heap`), and the same collections take about 1 ms. One server alone, three C=32 runs "
-    "of 200 requests each: TTFT p99 570/138/181 ms before, 158/184/141 after; API CPU per request "
-    "3.3-5.2 ms before, 2.9-3.1 after.",
-    "",
-    "Noise, and what is shown: both servers are up together and take turns cell by cell (ABBA), and every "
-    "cell runs twice per server, the second round in the reverse order, so drift weighs on both alike and a "
-    "one-off stall counts half; the verdict line gives each round's throughput ratio. Still, 2 cores are "
-    "shared by the load generator, both API processes and both engine cores (1-minute load average 1.5-5 "
-    "during the run), and a single run of a cell moves 10-20%: TTFT p50 at C=32 is especially jumpy, "
-    "because requests of equal length come in waves of 32, and the median falls inside or outside a "
-    "wave's prefill (81-178 ms for the same server in the run above). The single-round runs of the same "
-    "day gave throughput ratios 0.90-1.08, 0.90-1.05 and (after the heap freeze) 0.88-1.12; API CPU per "
-    "request 0.82-1.32; in the two-round run above ours used less API CPU per request in all four cells. "
-    "Parity within noise is what these runs support, and on CPU per request ours is ahead; the target "
-    "(ratio >= 1.0 throughput, <= 1.0 TTFT p50 in every cell) is not met in every cell, and a few-percent "
-    "difference cannot be settled on this machine. A GPU run, where the API process has cores of its own, "
-    "is the fair test and has not been done (no GPU lent to this project's tasks so far). The full default "
-    "run (2 rounds) took 6 minutes on the 2-core host of 2026-12-01 11:30; one round took 4 minutes there "
-    "and about 20 on the slower 2-core hosts of the same morning (vLLM's time per engine step differed "
-    "3-4x between them), most of it the C=1 levels (200 sequential requests each); `--rounds`, "
-    "`--num-prompts` and `--concurrency` shorten it.",
-    "",
-    "A third load generator gives the opposite verdict (2026-12-01, the 2-core Intel host of the run "
-    "above): vLLM's `benchmarks.serve` alone at C=1, 6 ABBA rounds of 100 prompts, had ours behind in 5 "
-    "(per-round throughput ratios 0.85-1.07, mean 0.94); a small httpx streaming client on the same "
-    "servers had ours ahead in 5 of 6 rounds at C=1 (40 requests per round, TPOT 5.57 ms against 6.19) and "
-    "in all 4 rounds at C=32 (192 requests per round, ratios 1.05-1.33, mean 1.19). API CPU per request "
-    "was equal within a few percent in each. Both servers run the same three busy processes on these 2 "
-    "cores: vLLM's model worker, bound to one core; its engine-core process, which waits for the worker "
-    "by spinning on a shared-memory queue (12.0 s of CPU in a 14 s C=1 run, the worker 13.6 s); and the API "
-    "process (1.1 s), with the load generator beside them. Which of them the kernel runs when sets the "
-    "pace far more than the HTTP layer does, so the ratio follows the load generator and the host, and "
-    "only a machine where the API process has cores of its own can show a few-percent difference.",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,9 +458,7 @@ def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
         out_dir / f"{NAME}.png",
         bench_base.title,
     )
-    # The notes explain the tiny base's runs; other bases' figures are discussed by hand in BENCHMARKS.md.
-    notes = NOTES if bench_base.name == DEFAULT_BASE else ()
-    text = section_markdown(document["header"], document, f"bench/results/{section}/{NAME}.png", notes)
+    text = section_markdown(document["header"], document, f"bench/results/{section}/{NAME}.png")
     print(text)
     if markdown:
         update_section(section, text)
