@@ -28,14 +28,20 @@ import logging
 import random
 import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, header_markdown, results_dir, run_header, update_section, write_json
+from bench.common import (
+    REPO_ROOT,
+    header_markdown,
+    int_list,
+    publish_section,
+    start_run,
+    write_json,
+)
 from bench.servers import SERVED_BASE_NAME, EngineSettings, server_command
 from client.server_process import ServerProcess, free_port, running
 
@@ -617,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency",
-        type=lambda s: [int(p) for p in s.split(",")],
+        type=int_list,
         default=list(Plan.concurrency),
         help="mixed-load concurrency levels (default: 8,32)",
     )
@@ -662,12 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.merged_json is not None:
             write_json(args.merged_json, document)
         return publish(document, markdown=not args.no_markdown)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = "python -m bench.batch_invariance " + shlex.join(argv if argv is not None else sys.argv[1:])
-    header = run_header(command.strip())
-    work_dir = args.work_dir / NAME
-    out_dir = work_dir / "results" if args.quick else results_dir(NAME)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    header, work_dir, out_dir = start_run(
+        "bench.batch_invariance", argv, args.work_dir, NAME, scratch=args.quick
+    )
     document = measure(args, header, work_dir)
     write_json(out_dir / "results.json", document)
     return publish(document, markdown=not args.no_markdown)
@@ -693,10 +696,7 @@ def merge(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def publish(document: dict[str, Any], *, markdown: bool) -> int:
-    text = section_markdown(document["header"], document)
-    print(text)
-    if markdown:
-        update_section(NAME, text)
+    publish_section(NAME, section_markdown(document["header"], document), write=markdown)
     return 0
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
+import shlex
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,21 @@ def results_dir(name: str) -> Path:
     path = RESULTS_DIR / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def start_run(
+    module: str, argv: Sequence[str] | None, work_dir: Path, section: str, *, scratch: bool
+) -> tuple[dict[str, Any], Path, Path]:
+    """Logging on; the run's header (`python -m MODULE` and its exact arguments); its work folder, work_dir /
+    section; and where its results go: bench/results/SECTION/, or under the work folder for a scratch run."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = list(argv) if argv is not None else sys.argv[1:]
+    header = run_header(f"python -m {module} {shlex.join(given)}".strip())
+    work = work_dir / section
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "results" if scratch else results_dir(section)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return header, work, out_dir
 
 
 def run_header(command: str) -> dict[str, Any]:
@@ -84,6 +102,25 @@ def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def publish_section(section: str, markdown: str, *, write: bool) -> None:
+    """Print a benchmark's section and (with `write`) put it in BENCHMARKS.md."""
+    print(markdown)
+    if write:
+        update_section(section, markdown)
+
+
+def int_list(text: str) -> list[int]:
+    """`1,32` -> [1, 32]: the comma-separated counts options take."""
+    return [int(part) for part in text.split(",")]
+
+
+def add_load_options(parser: argparse.ArgumentParser, *, rounds: int, rounds_help: str) -> None:
+    """--rounds, --input-len and --output-len: the load options of the serving benchmarks."""
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default: {rounds})")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
 
 
 def add_run_options(

@@ -72,7 +72,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, header_markdown, results_dir, run_header, update_section, write_json
+from bench.common import REPO_ROOT, header_markdown, publish_section, results_dir, start_run, write_json
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document
 
 log = logging.getLogger("bench.finetune_throughput")
@@ -1412,16 +1412,15 @@ def publish_saved(folder: Path) -> int:
     cpu_document = load_saved(folder / "results.json")
     if cpu_document is not None and base_for_document(cpu_document).name != DEFAULT_BASE:
         section = base_for_document(cpu_document).section(NAME)
-        markdown = base_section_markdown(cpu_document, f"bench/results/{section}/{NAME}.png")
-        print(markdown)
-        update_section(section, markdown)
+        publish_section(
+            section, base_section_markdown(cpu_document, f"bench/results/{section}/{NAME}.png"), write=True
+        )
         return 0
     gpu_document = load_saved(folder / "results-gpu.json")
     if cpu_document is None and gpu_document is None:
         raise SystemExit(f"--from-json: neither results.json nor results-gpu.json in {folder}")
     markdown = section_markdown(cpu_document, f"bench/results/{NAME}/{NAME}.png", gpu_document)
-    print(markdown)
-    update_section(NAME, markdown)
+    publish_section(NAME, markdown, write=True)
     return 0
 
 
@@ -1525,7 +1524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--sides: {side} trains on a CUDA GPU only (FlexAttention has no CPU backward)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     mode = "cpu" if not args.gpu else "gpu-smoke-cpu" if args.smoke_cpu else "gpu"
     if mode == "gpu" and not _cuda():
@@ -1534,17 +1532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_steps = 6 if args.quick or mode == "gpu-smoke-cpu" else 20 if mode == "gpu" else 60
     steps = args.steps or default_steps
     section = bench_base.section(NAME)
-    work_dir = args.work_dir / section
-    work_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = work_dir / "results" if scratch else results_dir(section)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    header, work_dir, out_dir = start_run(
+        "bench.finetune_throughput", argv, args.work_dir, section, scratch=scratch
+    )
     log_dir = work_dir / f"logs-{mode}"
     log_dir.mkdir(exist_ok=True)
-
-    command = "python -m bench.finetune_throughput" + (
-        " " + shlex.join(argv if argv is not None else sys.argv[1:])
-    )
-    header = run_header(command.strip())
     data = prepare_data(work_dir, args.n_train)
     trl_template = None
     if mode == "cpu":
@@ -1612,23 +1604,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     chart = f"bench/results/{section}/{chart_name}"
     if bench_base.name != DEFAULT_BASE:  # its own section, CPU only
         markdown = base_section_markdown(document, None if scratch else chart)
-        print(markdown)
-        if not (scratch or args.no_markdown):
-            update_section(section, markdown)
+        publish_section(section, markdown, write=not (scratch or args.no_markdown))
     elif mode == "gpu-smoke-cpu":  # a check of the code path: printed, never written to BENCHMARKS.md
         print("\n".join(gpu_markdown(document)))
     elif mode == "gpu":
         cpu_document = load_saved(cpu_path)
         markdown = section_markdown(cpu_document, f"bench/results/{NAME}/{NAME}.png", document)
-        print(markdown)
-        if not (scratch or args.no_markdown):
-            update_section(NAME, markdown)
+        publish_section(NAME, markdown, write=not (scratch or args.no_markdown))
     else:
         gpu_document = load_saved(gpu_path)
         markdown = section_markdown(document, None if scratch else chart, gpu_document)
-        print(markdown)
-        if not (scratch or args.no_markdown):
-            update_section(NAME, markdown)
+        publish_section(NAME, markdown, write=not (scratch or args.no_markdown))
     failed = [side for side, result in results.items() if "error" in result]
     return 1 if failed else 0
 

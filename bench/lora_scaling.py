@@ -28,13 +28,14 @@ from typing import Any
 
 from bench.common import (
     REPO_ROOT,
+    add_load_options,
     add_run_options,
     header_markdown,
+    int_list,
     mean_of_rounds,
-    results_dir,
-    run_header,
+    publish_section,
+    start_run,
     turns,
-    update_section,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
@@ -428,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mixes",
-        type=lambda s: [int(p) for p in s.split(",")],
+        type=int_list,
         default=None,
         help="comma-separated adapter counts, 0 = base only (default: 0,1,4,16,64; on smollm2 0,1,4,16)",
     )
@@ -438,12 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"requests per mix (default: 128; on smollm2 {SMOLLM2_PROMPTS})",
     )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=ROUNDS,
-        help=f"times each mix is measured, mixes in forward then reverse order; figures are the mean "
-        f"(default: {ROUNDS})",
+    add_load_options(
+        parser,
+        rounds=ROUNDS,
+        rounds_help="times each mix is measured, mixes in forward then reverse order; figures are the mean",
     )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: 32)")
     parser.add_argument(
@@ -452,8 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the engine-only side (bench.lora_engine: the same mixes on vLLM's offline engine)",
     )
-    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
-    parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
     add_run_options(
         parser,
         quick="32 prompts per mix, results under --work-dir only",
@@ -483,13 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json is not None:
         document = json.loads(args.from_json.read_text())
         return publish(document, args.from_json.parent, markdown=not args.no_markdown)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    given = argv if argv is not None else sys.argv[1:]
-    header = run_header(("python -m bench.lora_scaling " + shlex.join(given)).strip())
     section = BASES[args.base].section(NAME)
-    work = args.work_dir / section
-    out_dir = work / "results" if args.quick else results_dir(section)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    header, work, out_dir = start_run("bench.lora_scaling", argv, args.work_dir, section, scratch=args.quick)
     base = BASES[args.base].build()
     runs = [measure_config(config, base, args, work) for config in args.configs]
     document = {
@@ -513,9 +505,7 @@ def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
     section = bench_base.section(NAME)
     plot(document["runs"], out_dir / "lora_scaling.png", bench_base.title)
     text = section_markdown(document["header"], document, f"bench/results/{section}/lora_scaling.png")
-    print(text)
-    if markdown:
-        update_section(section, text)
+    publish_section(section, text, write=markdown)
     return 0
 
 

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,13 +34,14 @@ from typing import Any
 
 from bench.common import (
     REPO_ROOT,
+    add_load_options,
     add_run_options,
     header_markdown,
+    int_list,
     mean_of_rounds,
-    results_dir,
-    run_header,
+    publish_section,
+    start_run,
     turns,
-    update_section,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document, make_adapters
@@ -367,27 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_option(parser)
     parser.add_argument(
         "--num-prompts",
-        type=lambda s: [int(p) for p in s.split(",")],
+        type=int_list,
         default=None,
         help="requests per level: one count for all levels, or one per --concurrency level "
         f"(default: {TINY_PROMPTS} on the tiny base; on smollm2 {SMOLLM2_PROMPTS_C1} at concurrency 1 and "
         f"{SMOLLM2_PROMPTS} at higher levels)",
     )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=ROUNDS,
-        help="times every (load generator, concurrency) cell is run on each server, the servers' order "
-        f"reversed each time; figures are the mean (default: {ROUNDS})",
+    add_load_options(
+        parser,
+        rounds=ROUNDS,
+        rounds_help="times every (load generator, concurrency) cell is run on each server, the servers' "
+        "order reversed each time; figures are the mean",
     )
     parser.add_argument(
         "--concurrency",
-        type=lambda s: [int(p) for p in s.split(",")],
+        type=int_list,
         default=[1, 32],
         help="comma-separated concurrency levels (default: 1,32)",
     )
-    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
-    parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default: 64)")
     parser.add_argument(
         "--adapters", type=int, default=3, help="LoRA adapters served and loaded (default: 3)"
     )
@@ -435,13 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json is not None:
         document = json.loads(args.from_json.read_text())
         return publish(document, args.from_json.parent, markdown=not args.no_markdown)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = "python -m bench.serve_vs_vllm" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    header = run_header(command.strip())
     section = BASES[args.base].section(NAME)
-    work_dir = args.work_dir / section
-    out_dir = work_dir / "results" if args.quick else results_dir(section)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    header, work_dir, out_dir = start_run(
+        "bench.serve_vs_vllm", argv, args.work_dir, section, scratch=args.quick
+    )
     document = {"header": header, **measure(args, out_dir, work_dir)}
     write_json(out_dir / "results.json", document)
     return publish(document, out_dir, markdown=not args.no_markdown)
@@ -459,9 +453,7 @@ def publish(document: dict[str, Any], out_dir: Path, *, markdown: bool) -> int:
         bench_base.title,
     )
     text = section_markdown(document["header"], document, f"bench/results/{section}/{NAME}.png")
-    print(text)
-    if markdown:
-        update_section(section, text)
+    publish_section(section, text, write=markdown)
     return 0
 
 

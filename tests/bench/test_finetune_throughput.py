@@ -126,6 +126,16 @@ def test_settings_reach_the_recipe_config_unchanged(tmp_path: Path) -> None:
     )
 
 
+def test_trl_gets_the_lora_our_recipe_trains_with() -> None:
+    from finetune.recipe import peft_lora_config
+
+    settings = ft.settings_from_demo_config(Path("base"), Path("data.jsonl"), steps=40)
+    lora = settings.recipe_config(Path("unused")).lora  # what run_trl hands peft_lora_config
+    config = peft_lora_config(lora)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.0)
+    assert (config.target_modules, config.use_rslora, config.bias) == ("all-linear", lora.use_rslora, "none")
+
+
 def test_block_sparse_scores_count_the_blocks_a_sample_spans() -> None:
     # One sample of 256 tokens: blocks 0 and 1, causal pairs (0,0), (1,0), (1,1).
     assert ft.block_sparse_scores([256], block=128) == 3 * 128 * 128
