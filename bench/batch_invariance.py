@@ -34,16 +34,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, int_list, start_run, write_json
-from bench.report import header_markdown, markdown_table, publish_section
+from bench.common import (
+    REPO_ROOT,
+    header_markdown,
+    int_list,
+    publish_section,
+    start_run,
+    write_json,
+)
 from bench.servers import SERVED_BASE_NAME, EngineSettings, server_command
-from client.server_process import ServerProcess, free_port, running
+from pipeline.bases import built_base_dir
+from pipeline.launch import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.batch_invariance")
 
 NAME = "batch_invariance"
 DEFAULT_WORK_DIR = Path("/tmp/bench-batch-invariance")
-TINY_BASE_DIR = REPO_ROOT / ".cache" / "tiny-base"
+TINY_BASE_DIR = built_base_dir("tiny")
 ADAPTERS_DIR = REPO_ROOT / ".cache" / "batch-invariance-adapters"
 # Adapter name -> the task families it is tuned on (client.tasks); `caps` is the one the probes ask.
 ADAPTER_FAMILIES = {
@@ -514,47 +521,51 @@ def section_markdown(header: dict[str, Any], document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-AGREEMENT_COLUMNS = ["bit-identical logprobs", "max logprob drift", "margin at divergence, min / median"]
-
-
-def _agreement_cells(summary: dict[str, Any]) -> list[str]:
+def _agreement_cells(summary: dict[str, Any]) -> str:
     """The columns both tables end with: bit-identical logprobs, max drift, margins at divergence."""
-    return [
-        str(summary["bit_identical_logprobs"]),
-        f"{summary['max_logprob_drift']:.2g}",
-        f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])}",
-    ]
+    return (
+        f"{summary['bit_identical_logprobs']} | {summary['max_logprob_drift']:.2g} | "
+        f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])} |"
+    )
 
 
 def condition_table(servers: dict[str, Any]) -> list[str]:
     """One row per (dtype, server, condition): answers, divergences, bit-identical logprobs, margins."""
-    rows = []
+    lines = [
+        "| dtype | server | condition | probe answers | divergent (caps / base) | bit-identical logprobs "
+        "| max logprob drift | margin at divergence, min / median |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for label, result in servers.items():
         server_name, dtype = label.split("/")
         server_label = SERVER_LABELS[server_name]
         if "error" in result:
             first = result["error"].strip().splitlines()
             reason = next((line for line in reversed(first) if "Error" in line), first[-1] if first else "")
-            rows.append([dtype, server_label, f"did not run: `{reason.strip()[:160]}`", *[""] * 5])
+            lines.append(f"| {dtype} | {server_label} | did not run: `{reason.strip()[:160]}` | | | | | |")
             continue
         for condition, summary in result["conditions"].items():
             per_model = summary["per_model"]
             split = " / ".join(str(per_model.get(m, {}).get("divergent", 0)) for m in (PROBE_ADAPTER, "base"))
-            counts = [str(summary["requests"]), f"{summary['divergent']} ({split})"]
-            rows.append([dtype, server_label, condition, *counts, *_agreement_cells(summary)])
-    header = ["dtype", "server", "condition", "probe answers", "divergent (caps / base)", *AGREEMENT_COLUMNS]
-    return markdown_table(header, "lllrrrrr", rows)
+            lines.append(
+                f"| {dtype} | {server_label} | {condition} | {summary['requests']} | "
+                f"{summary['divergent']} ({split}) | {_agreement_cells(summary)}"
+            )
+    return lines
 
 
 def cross_table(cross: dict[str, Any]) -> list[str]:
-    rows = []
+    lines = [
+        "| dtype | server, solo, against vLLM's server solo | divergent | bit-identical logprobs "
+        "| max logprob drift | margin at divergence, min / median |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for label, summary in cross.items():
         server_name, dtype = label.split("/")
-        rows.append(
-            [dtype, SERVER_LABELS[server_name], str(summary["divergent"]), *_agreement_cells(summary)]
+        lines.append(
+            f"| {dtype} | {SERVER_LABELS[server_name]} | {summary['divergent']} | {_agreement_cells(summary)}"
         )
-    header = ["dtype", "server, solo, against vLLM's server solo", "divergent", *AGREEMENT_COLUMNS]
-    return markdown_table(header, "llrrrr", rows)
+    return lines
 
 
 def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
@@ -564,14 +575,16 @@ def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
         "largest change of token 0's LoRA output (slot 0, rank 16, 256 -> 768) when computed inside other "
         "batches instead of alone:",
         "",
+        "| dtype | linear: rows differing | LoRA through | decode, 4 adapters | prefill run of 48 "
+        "| prefill run + other adapters |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    rows = []
     for dtype, found in kernels.items():
         linear = ", ".join(f"{shape}: {count}" for shape, count in found["linear_rows_differing"].items())
         for path, diffs in found["lora_max_abs_diff_vs_alone"].items():
-            rows.append([dtype, linear, path, *(f"{value:.2g}" for value in diffs.values())])
-    header = ["dtype", "linear: rows differing", "LoRA through", "decode, 4 adapters", "prefill run of 48"]
-    return lines + markdown_table([*header, "prefill run + other adapters"], "lllrrr", rows)
+            cells = " | ".join(f"{value:.2g}" for value in diffs.values())
+            lines.append(f"| {dtype} | {linear} | {path} | {cells} |")
+    return lines
 
 
 def examples_markdown(document: dict[str, Any], limit: int = 6) -> list[str]:

@@ -72,9 +72,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, results_dir, start_run, write_json
+from bench.common import REPO_ROOT, header_markdown, publish_section, results_dir, start_run, write_json
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document
-from bench.report import header_markdown, markdown_table, publish_section
 
 log = logging.getLogger("bench.finetune_throughput")
 
@@ -1071,13 +1070,13 @@ def results_table(document: dict[str, Any]) -> list[str]:
     ]
     if show_mfu:
         header += ["MFU (6N)", "MFU (LoRA 4N)"]
-    rows = []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for side in SIDES:
         result = results.get(side)
         if result is None:
             continue
         if "error" in result:
-            rows.append([SIDE_LABELS[side], f"failed: {result['error']}", *[""] * (len(header) - 2)])
+            lines.append(f"| {SIDE_LABELS[side]} | failed: {result['error']} |" + " |" * (len(header) - 2))
             continue
         ratio = summary["ratios"].get(side)
         cells = [
@@ -1101,8 +1100,8 @@ def results_table(document: dict[str, Any]) -> list[str]:
                 if mfu is None
                 else [f"{100 * mfu['mfu']:.1f}%", f"{100 * mfu['mfu_lora']:.1f}%"]
             )
-        rows.append(cells)
-    return markdown_table(header, "l" * len(header), rows)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def bins(count: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT
+from pipeline.bases import built_base_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ BASES: dict[str, BenchBase] = {
     "tiny": BenchBase(
         name="tiny",
         served_name="tiny-base",
-        folder=REPO_ROOT / ".cache" / "tiny-base",
+        folder=built_base_dir("tiny"),
         description="the embedded tiny base (`finetune.tiny_base`, Llama, 4 layers, hidden 256)",
         title="tiny base",
         finetune_config=REPO_ROOT / "configs" / "tiny-demo.yaml",
@@ -73,12 +74,12 @@ BASES: dict[str, BenchBase] = {
         max_model_len=512,
         kv_cache_memory_bytes=256 << 20,
     ),
-    # Served as the demo serves it (client/demo.py PACKAGED_SERVE_ARGS, bf16 as in BENCHMARKS.md's SmolLM2
+    # Served as the demo serves it (pipeline/demo.py PACKAGED_SERVE_ARGS, bf16 as in BENCHMARKS.md's SmolLM2
     # section: 1.45x float32 on this CPU).
     "smollm2": BenchBase(
         name="smollm2",
         served_name="smollm2-135m-instruct",
-        folder=REPO_ROOT / ".cache" / "smollm2-135m-instruct",
+        folder=built_base_dir("smollm2-135m-instruct"),
         description="SmolLM2-135M-Instruct (`python -m finetune base smollm2-135m-instruct`, Llama, "
         "30 layers, hidden 576, vocabulary 49,152), served in bf16",
         title="SmolLM2-135M-Instruct",

@@ -30,14 +30,15 @@ from bench.common import (
     REPO_ROOT,
     add_load_options,
     add_run_options,
+    header_markdown,
     int_list,
     mean_of_rounds,
+    publish_section,
     start_run,
     turns,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
-from bench.report import header_markdown, markdown_table, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
@@ -49,7 +50,7 @@ from bench.servers import (
     server_command,
     warm_up,
 )
-from client.server_process import ServerProcess, free_port, running, tail_lines
+from pipeline.launch import ServerProcess, free_port, running, tail_lines
 
 log = logging.getLogger("bench.lora_scaling")
 
@@ -68,10 +69,7 @@ SMOLLM2_CONFIGS, SMOLLM2_MIXES, SMOLLM2_PROMPTS = "default,default/r1", (0, 1, 4
 # (bench.common.turns), and reported as the mean of its rounds: with an even number of rounds a steady
 # drift of the machine's speed weighs on every mix alike. One round of 128 prompts is ~2.5 s of load per mix.
 ROUNDS = 2
-TARGET_MIX, TARGET_RATIO = 16, 0.8
-CONFIG_COLUMN = (
-    "server (adapter rank, engine slots)"  # the issue's target: 16 adapters keep >= 0.8 of base throughput
-)
+TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
 
 
 @dataclass(frozen=True)
@@ -252,35 +250,34 @@ def measure_engine_only(spec: EngineSpec, work: Path, timeout: float = 1800) -> 
 
 
 def table(runs: Sequence[dict[str, Any]]) -> list[str]:
-    rows = []
+    lines = [
+        "| server (adapter rank, engine slots) | requests on | output tok/s | x base | tok/s per round "
+        "| req/s | TTFT p50 (ms) | x base | TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for run in runs:
         for mix_key, row in run["rows"].items():
             rel = run["relative"].get(mix_key, {})
             failed = f" ({row['failed']:.0f} failed)" if row["failed"] else ""
             per_round = ", ".join(f"{r['output_throughput']:.0f}" for r in row.get("rounds", [row]))
-            rows.append(
-                [
-                    f"`{run['label']}`",
-                    mix_label(int(mix_key)) + failed,
-                    f"{row['output_throughput']:.0f}",
-                    f"**{rel.get('output_throughput', float('nan')):.2f}**",
-                    per_round,
-                    f"{row['request_throughput']:.2f}",
-                    f"{row['median_ttft_ms']:.0f}",
-                    f"{rel.get('median_ttft_ms', float('nan')):.2f}",
-                    f"{row['p99_ttft_ms']:.0f}",
-                    f"{row['median_tpot_ms']:.2f}",
-                    f"{row['api_cpu_ms_per_request']:.2f}",
-                ]
+            lines.append(
+                f"| `{run['label']}` | {mix_label(int(mix_key))}{failed} | {row['output_throughput']:.0f} | "
+                f"**{rel.get('output_throughput', float('nan')):.2f}** | {per_round} | "
+                f"{row['request_throughput']:.2f} | "
+                f"{row['median_ttft_ms']:.0f} | {rel.get('median_ttft_ms', float('nan')):.2f} | "
+                f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.2f} | "
+                f"{row['api_cpu_ms_per_request']:.2f} |"
             )
-    header = [CONFIG_COLUMN, "requests on", "output tok/s", "x base", "tok/s per round", "req/s"]
-    header += ["TTFT p50 (ms)", "x base", "TTFT p99 (ms)", "TPOT p50 (ms)", "API CPU ms/req"]
-    return markdown_table(header, "ll" + "r" * 9, rows)
+    return lines
 
 
 def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     """The engine-only side (bench.lora_engine) beside the served ratios; empty when no run has it."""
-    rows = []
+    lines = [
+        "| server (adapter rank, engine slots) | requests on | engine-only tok/s | x base, engine only "
+        "| tok/s per round | x base, served |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for run in runs:
         engine = run.get("engine_only")
         if not engine:
@@ -289,18 +286,11 @@ def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
             rel = engine["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
             served = run["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
             per_round = ", ".join(f"{value:.0f}" for value in row["rounds"])
-            rows.append(
-                [
-                    f"`{run['label']}`",
-                    mix_label(int(mix_key)),
-                    f"{row['output_throughput']:.0f}",
-                    f"**{rel:.2f}**",
-                    per_round,
-                    f"{served:.2f}",
-                ]
+            lines.append(
+                f"| `{run['label']}` | {mix_label(int(mix_key))} | {row['output_throughput']:.0f} | "
+                f"**{rel:.2f}** | {per_round} | {served:.2f} |"
             )
-    header = [CONFIG_COLUMN, "requests on", "engine-only tok/s", "x base, engine only", "tok/s per round"]
-    return markdown_table([*header, "x base, served"], "llrrrr", rows) if rows else []
+    return lines if len(lines) > 2 else []
 
 
 def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:

@@ -36,14 +36,15 @@ from bench.common import (
     REPO_ROOT,
     add_load_options,
     add_run_options,
+    header_markdown,
     int_list,
     mean_of_rounds,
+    publish_section,
     start_run,
     turns,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document, make_adapters
-from bench.report import header_markdown, markdown_table, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     METRICS,
@@ -55,7 +56,7 @@ from bench.servers import (
     server_command,
     warm_up,
 )
-from client.server_process import ServerProcess, free_port, running
+from pipeline.launch import ServerProcess, free_port, running
 
 log = logging.getLogger("bench.serve_vs_vllm")
 
@@ -118,7 +119,8 @@ def _fmt(value: float, key: str) -> str:
 
 def comparison_table(comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int]) -> list[str]:
     """Markdown rows: per driver and concurrency, our figures, vLLM's, and the ratio ours/vLLM."""
-    rows = []
+    head = "| load generator | concurrency | server | " + " | ".join(label for _, label, _ in METRICS) + " |"
+    lines = [head, "|---|---:|---|" + "---:|" * len(METRICS)]
     for driver in drivers:
         for level in concurrency:
             sides = {server: comparison.get(driver, level, server) for server in SERVERS}
@@ -126,15 +128,18 @@ def comparison_table(comparison: Comparison, drivers: Sequence[str], concurrency
                 values = sides[server]
                 if values is None:
                     continue
+                cells = " | ".join(_fmt(values.get(key, nan), key) for key, _, _ in METRICS)
                 failed = f" ({values['failed']:.0f} failed)" if values.get("failed") else ""
-                cells = [_fmt(values.get(key, nan), key) for key, _, _ in METRICS]
-                rows.append([DRIVER_LABELS[driver], str(level), SERVER_LABELS[server] + failed, *cells])
+                lines.append(
+                    f"| {DRIVER_LABELS[driver]} | {level} | {SERVER_LABELS[server]}{failed} | {cells} |"
+                )
             ours, theirs = sides["ours"], sides["vllm"]
             if ours is not None and theirs is not None:
-                cells = [f"**{ratio(ours.get(k, nan), theirs.get(k, nan)):.2f}**" for k, _, _ in METRICS]
-                rows.append([DRIVER_LABELS[driver], str(level), "ratio ours/vLLM", *cells])
-    header = ["load generator", "concurrency", "server", *(label for _, label, _ in METRICS)]
-    return markdown_table(header, "lrl" + "r" * len(METRICS), rows)
+                cells = " | ".join(
+                    f"**{ratio(ours.get(k, nan), theirs.get(k, nan)):.2f}**" for k, _, _ in METRICS
+                )
+                lines.append(f"| {DRIVER_LABELS[driver]} | {level} | ratio ours/vLLM | {cells} |")
+    return lines
 
 
 def verdict(comparison: Comparison) -> list[str]:

@@ -4,7 +4,8 @@
 OpenAI-compatible endpoint and reports them side by side; `score` scores existing IFEval responses
 offline; `load` is the serving load benchmark (vLLM's metric definitions); `tasks` writes the generated
 instruction-following suite (training data and held-out test items); `distill` makes constraint-following
-training data from a model's own answers.
+training data from a model's own answers; `ifeval-subset` writes a fixed subset of IFEval; `catalog` prints
+the names `tasks` and `distill` accept.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.bench import add_bench_command
-from client.demo import add_demo_command
+from client.catalog import add_catalog_command
 from client.distill import add_distill_command
-from client.ifeval.cli import add_score_command
+from client.ifeval.cli import add_score_command, add_subset_command
 from client.load import add_load_command
 from client.tasks import FAMILIES, GROUPS, write_task_data
 
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_command(commands)
     _add_tasks_command(commands)
     add_distill_command(commands)
-    add_demo_command(commands)
+    add_subset_command(commands)
+    add_catalog_command(commands)
     return parser
 
 

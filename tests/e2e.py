@@ -6,21 +6,16 @@ Registered once in tests/conftest.py, so serve and client tests share one server
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from finetune.cli import main as finetune_main
+from pipeline.launch import ServerProcess, free_port
 from tests.finetune.conftest import REPO_ROOT, overrides
 
 # Adapter name -> task families it is tuned on (different data, so different outputs).
@@ -120,26 +115,16 @@ def engine_reference(tiny_base: Path, adapters_dir: Path, tiny_tokenizer) -> Ref
     return Reference(prompts=prompts, texts=texts)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    adapters_dir: Path
-    base_model: str
-    startup_statuses: list[int] = field(default_factory=list)  # /health answers seen before ready
+class Server(ServerProcess):
+    """Our server as the tests start it: the launcher, plus what it serves."""
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+    adapters_dir: Path = field(default_factory=Path)
+    base_model: str = ""
 
 
 def start_server(tiny_base: Path, adapters_dir: Path, log: Path, *extra: str) -> Server:
+    """Launch `python -m serve` on a free port (not yet ready: `wait_healthy`)."""
     port = free_port()
     args = [
         sys.executable,
@@ -154,45 +139,25 @@ def start_server(tiny_base: Path, adapters_dir: Path, log: Path, *extra: str) ->
     for key, value in ENGINE_ARGS.items():
         flag = "--" + key.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]
-    args += list(extra)
-    handle = log.open("wb")
-    process = subprocess.Popen(
-        args, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()
-    )
-    return Server(
+    server = Server(
+        name="serve",
+        command=[*args, *extra],
         url=f"http://127.0.0.1:{port}",
-        process=process,
-        log=log,
+        log_path=log,
+        cwd=REPO_ROOT,
         adapters_dir=adapters_dir,
         base_model=str(tiny_base),
     )
+    server.launch()
+    return server
 
 
 def wait_healthy(server: Server, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(
-                f"server exited with {server.process.returncode}:\n{server.log_text()[-4000:]}"
-            )
-        try:
-            status = httpx.get(f"{server.url}/health", timeout=2).status_code
-            server.startup_statuses.append(status)
-            if status == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server not healthy after {timeout}s:\n{server.log_text()[-4000:]}")
+    server.wait_ready(timeout)
 
 
 def stop_server(server: Server) -> None:
-    server.process.send_signal(signal.SIGINT)
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    server.stop(grace_s=60)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from bench.lora_scaling import table as scaling_table
 from bench.serve_vs_vllm import Comparison, comparison_table, default_prompts, round_ratios, schedule, verdict
 from bench.serve_vs_vllm import main as serve_main
 from bench.servers import METRICS, EngineSettings, figures, per_request_ms, ratio, server_command
-from client.server_process import process_cpu_seconds, process_tree
+from pipeline.launch import process_cpu_seconds, process_tree
 
 
 def test_engine_flags_are_the_same_for_both_servers(tmp_path) -> None:  # type: ignore[no-untyped-def]

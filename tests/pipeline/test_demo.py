@@ -1,4 +1,4 @@
-"""`python -m client demo` (`make demo`): config checks, and reduced runs of the whole pipeline on the tiny
+"""`python -m pipeline demo` (`make demo`): config checks, and reduced runs of the whole pipeline on the tiny
 base and on SmolLM2 (whose adapter must then answer through the server exactly as transformers + PEFT)."""
 
 from __future__ import annotations
@@ -9,14 +9,16 @@ from typing import Any
 
 import pytest
 
-from client.__main__ import main as client_main
-from client.demo import (
+from pipeline.__main__ import main as pipeline_main
+from pipeline.demo import (
     PACKAGED_SERVE_ARGS,
     REPO_ROOT,
     DemoConfig,
     DemoError,
     _resolve_finetune_config,
     base_fingerprint,
+    check_names,
+    read_catalog,
     run_demo,
     run_full_ifeval,
 )
@@ -25,8 +27,6 @@ from client.demo import (
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"base_model": "tiny", "tasks": ("format", "nope")}, "unknown task 'nope': give a family"),
-        ({"tasks": ("uppercase", "format")}, "unknown task 'format' for a real base"),
         ({"tasks": ("uppercase", "uppercase")}, "listed more than once"),
         ({"tasks": ()}, "nothing to fine-tune"),
         ({"data": "my.jsonl", "data_adapter": "uppercase"}, "clashes"),
@@ -42,9 +42,30 @@ def test_bad_config_is_refused(kwargs: dict[str, object], message: str) -> None:
         DemoConfig(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"base_model": "tiny", "tasks": ("format", "nope")}, "unknown task 'nope': give a family"),
+        ({"tasks": ("uppercase", "format")}, "unknown task 'format' for a real base"),
+        ({"mix_families": ("uppercase", "nope")}, r"unknown mix families \['nope'\]"),
+    ],
+)
+def test_names_the_client_does_not_know_are_refused(kwargs: dict[str, object], message: str) -> None:
+    """Task names are checked against `python -m client catalog`, what `client tasks` and `distill` accept."""
+    with pytest.raises(ValueError, match=message):
+        check_names(DemoConfig(**kwargs), read_catalog())  # type: ignore[arg-type]
+
+
+def test_catalog_names_the_families_of_both_flows() -> None:
+    catalog = read_catalog()
+    assert catalog.task_names["format"] == ["json_object", "bullet_list", "uppercase", "wrap_in_quotes"]
+    assert catalog.task_names["uppercase"] == ["uppercase"] and len(catalog.task_families) == 9
+    assert catalog.distill_families["uppercase"] == "change_case:english_capital"
+
+
 def test_cli_errors_name_the_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        client_main(["demo", "--tasks", "uppercase,typo"])
+        pipeline_main(["demo", "--tasks", "uppercase,typo"])
     assert exit_info.value.code == 2
     assert "unknown task 'typo'" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """Paired statistics for comparing two models on the same items: exact McNemar test and Holm's correction.
 
-Used by the `bench` report (report.md, results.json) and the demo report; `paired_tests` pairs items by id.
+Used by the `bench` report (report.md, results.json) and the pipeline's report; `paired_tests` pairs items
+by id.
 """
 
 from __future__ import annotations

@@ -12,17 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.distill import CONSTRAINTS
-from client.report import markdown_table, plot_headline, side_by_side
-from client.stats import format_p, holm, per_type_tests
-from client.suite import SuiteResult
-from client.tasks import families_of
+from tuneserve.stats import format_p, holm, per_type_tests
+from tuneserve.tables import markdown_table, side_by_side
 
 if TYPE_CHECKING:
-    from client.demo import Demo
+    from collections.abc import Callable
+
+    from pipeline.demo import Demo
 
 IFEVAL_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
-CONSTRAINTS_BY_TASK = {name: constraint.instruction_id for name, constraint in CONSTRAINTS.items()}
 
 
 def _read_json(path: Path) -> Any:
@@ -42,7 +40,11 @@ def _tasks(demo: Demo) -> tuple[dict[str, dict[str, float]], dict[str, dict[str,
     for split in demo.task_tests:
         results = _read_json(demo.out / "bench" / f"tasks-{split}" / "results.json")["models"]
         accuracy[split] = {model: results[model]["metrics"]["accuracy"] for model in demo.models}
-        families = list(results[demo.served_base]["breakdown"]) if split == "suite" else families_of(split)
+        families = (
+            list(results[demo.served_base]["breakdown"])
+            if split == "suite"
+            else demo.catalog.task_names[split]
+        )
         per_family[split] = {
             family: {model: results[model]["breakdown"][family]["accuracy"] for model in demo.models}
             for family in families
@@ -95,7 +97,7 @@ def _rel(demo: Demo, path: Path) -> str:
 
 def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) -> dict[str, Any]:
     """Write OUT/demo.json, OUT/report.md and the charts; returns the summary (demo.json's content)."""
-    from client.demo import config_dict
+    from pipeline.demo import config_dict
 
     summary: dict[str, Any] = {
         "flow": "tiny" if demo.config.tiny else "real",
@@ -130,16 +132,14 @@ def write_demo_report(demo: Demo, machine: dict[str, Any], started: datetime) ->
 def _tiny_results(demo: Demo) -> dict[str, Any]:
     tasks, per_family = _tasks(demo)
     if tasks:
-        chart = {
-            model: SuiteResult(
-                suite="tasks",
-                metrics={split: scores[model] for split, scores in tasks.items()},
-                breakdown={},
-                items=[],
-            )
-            for model in demo.models
-        }
-        plot_headline(chart, demo.out / "tasks.png", title="Held-out tasks: prompt-level accuracy")
+        _plot_bars(
+            demo.out / "tasks.png",
+            list(tasks),
+            demo.models,
+            lambda model, split: tasks[split][model],
+            ylabel="prompt-level accuracy",
+            title="Held-out tasks: prompt-level accuracy",
+        )
     return {
         "tasks": tasks,
         "tasks_per_family": per_family,
@@ -207,7 +207,7 @@ def _per_type_paired(results: dict[str, Any], base: str, models: list[str]) -> d
 def _real_results(demo: Demo) -> dict[str, Any]:
     config, base = demo.config, demo.served_base
     adapters = list(demo.adapters)
-    focus = [CONSTRAINTS_BY_TASK[task] for task in config.task_names]
+    focus = [demo.catalog.distill_families[task] for task in config.task_names]
     ifeval_document = _read_json(demo.out / "bench" / "ifeval" / "results.json")
     ifeval = ifeval_document["models"]
     heldout = _read_json(demo.out / "bench" / "heldout" / "results.json")["models"]
@@ -264,7 +264,7 @@ def _real_headline(demo: Demo, summary: dict[str, Any]) -> str:
         tasks = demo.config.task_names if name not in demo.config.task_names else (name,)
         parts = []
         for task in tasks:
-            kind = CONSTRAINTS_BY_TASK[task]
+            kind = demo.catalog.distill_families[task]
             test = ifeval["per_type_paired"][name].get(kind)
             if test is not None:
                 base_share = f"{round(test['baseline_rate'] * test['n'])}/{test['n']}"
@@ -292,15 +292,9 @@ def _real_headline(demo: Demo, summary: dict[str, Any]) -> str:
 
 def _plot_types(demo: Demo, summary: dict[str, Any]) -> None:
     """Instruction-level strict accuracy per targeted type (and all other types together), per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per_type = summary["ifeval"]["per_type"]
     focus = [kind for kind in summary["focus_types"] if kind in per_type]
     rest = [kind for kind in per_type if kind not in focus]
-    groups = [*focus, "other types"]
 
     def value(model: str, group: str) -> float:
         if group != "other types":
@@ -308,7 +302,30 @@ def _plot_types(demo: Demo, summary: dict[str, Any]) -> None:
         count = sum(per_type[kind]["count"] for kind in rest)
         return sum(per_type[kind][model] * per_type[kind]["count"] for kind in rest) / max(count, 1)
 
-    models = demo.models
+    _plot_bars(
+        demo.out / "ifeval-types.png",
+        [*focus, "other types"],
+        demo.models,
+        value,
+        ylabel="instructions followed (strict)",
+        title=f"IFEval subset ({summary['ifeval']['prompts']} prompts), per instruction type",
+    )
+
+
+def _plot_bars(
+    path: Path,
+    groups: list[str],
+    models: list[str],
+    value: Callable[[str, str], float],
+    ylabel: str,
+    title: str,
+) -> None:
+    """A grouped bar chart of fractions: one group per entry of `groups`, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     width = 0.8 / len(models)
     figure, axis = plt.subplots(figsize=(max(7, 2.2 * len(groups)), 4), dpi=120)
     for i, model in enumerate(models):
@@ -319,13 +336,13 @@ def _plot_types(demo: Demo, summary: dict[str, Any]) -> None:
             label=model,
         )
     axis.set_xticks(range(len(groups)), [group.split(":")[-1] for group in groups])
-    axis.set_ylabel("instructions followed (strict)")
+    axis.set_ylabel(ylabel)
     axis.set_ylim(0, 1)
-    axis.set_title(f"IFEval subset ({summary['ifeval']['prompts']} prompts), per instruction type")
+    axis.set_title(title)
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(demo.out / "ifeval-types.png")
+    figure.savefig(path)
     plt.close(figure)
 
 
@@ -354,6 +371,7 @@ def _paired_table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
 def _real_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
     config, base, models = demo.config, demo.served_base, summary["models"]
     ifeval, data, focus = summary["ifeval"], summary["data"], summary["focus_types"]
+    instruction_types = demo.catalog.distill_families
     overlap = data["ifeval_overlap"]["train"]
     base_column = {kind: row[base] for kind, row in ifeval["per_type"].items()}
     failing = [kind for kind in focus if base_column.get(kind) == 0.0]
@@ -369,10 +387,10 @@ def _real_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
         for metric in ("prompt_strict", "instruction_strict")
     ]
     heldout_rows = [
-        (model, f"`{task}` prompts", tests[CONSTRAINTS_BY_TASK[task]])
+        (model, f"`{task}` prompts", tests[instruction_types[task]])
         for model, tests in summary["heldout"]["paired"].items()
         for task in config.task_names
-        if CONSTRAINTS_BY_TASK[task] in tests
+        if instruction_types[task] in tests
     ]
     lines = [
         "## The base, measured first",
@@ -401,7 +419,7 @@ def _real_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
             [
                 [
                     f"`{task}`",
-                    f"`{CONSTRAINTS_BY_TASK[task]}`",
+                    f"`{instruction_types[task]}`",
                     str(counts["train"]),
                     str(counts["test"]),
                     str(counts["failed_check"] + counts["not_applicable"]),

@@ -1,0 +1,36 @@
+"""Markdown tables of reports: `markdown_table`, and `side_by_side` (models as columns, the first the
+baseline).
+
+Used by the `bench` report and the pipeline's report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def format_value(value: float | None) -> str:
+    """A score with three decimals; "–" for none."""
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _cell(value: float | None, baseline: float | None, is_baseline: bool) -> str:
+    if is_baseline or value is None or baseline is None:
+        return format_value(value)
+    return f"{format_value(value)} ({value - baseline:+.3f})"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
+    align = ["---" if i < right_aligned_from else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
+
+
+def side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
+    """A table with one row per key of `rows` (row -> model -> value); the first model is the baseline."""
+    body = []
+    for row, values in rows.items():
+        baseline = values.get(models[0])
+        cells = [_cell(values.get(model), baseline, i == 0) for i, model in enumerate(models)]
+        body.append([row, *cells])
+    return markdown_table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
