@@ -1,22 +1,7 @@
 """Does batch composition change greedy answers? The same requests alone and inside mixed traffic, per server.
 
-`python -m bench.batch_invariance [--quick]`
-
-A fixed set of greedy probe requests (chat, temperature 0, `logprobs` with the top 2) goes to the tiny base
-(finetune.tiny_base) served with three trained adapters (`caps`: uppercase, `fmt`, `words`; trained once into
-.cache/batch-invariance-adapters by `finetune run`): the probes are uppercase prompts to `caps` and some
-prompts to the base. Each server answers them (a) alone, one request at a time, twice (the reference, then
-a repeat), and (b) inside mixed traffic: every probe several times, shuffled among background requests to the
-base and all adapters (other prompts, other lengths), at each --concurrency. Servers: ours (`python -m serve`,
-with the CPU LoRA plugin vllm_cpu_lora_fix/ops.py), ours with VLLM_PLUGINS=none, and vLLM's own OpenAI
-server (VLLM_PLUGINS=none: vLLM as shipped), each in each --dtypes, one at a time with identical engine flags.
-Every probe answer is compared token by token with the server's own solo reference; at the first differing
-token the reference's logprob margin between its top two candidates says how close that choice was.
-
-Before the servers, `kernel_check` computes in this process whether the CPU kernels the engine uses give a
-row the same bits whatever else is in the batch: vLLM's oneDNN linear (the base's projections) and the LoRA
-products, both vLLM's own ops and the plugin's grouped paths. Results: bench/results/batch_invariance/ and the
-batch_invariance section of BENCHMARKS.md.
+`python -m bench.batch_invariance [--quick]`; probes alone and in mixed loads on each server and dtype, and a
+kernel check in this process. BENCHMARKS.md says how it measures and what it found.
 """
 
 from __future__ import annotations
@@ -34,14 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO_ROOT,
-    header_markdown,
-    int_list,
-    publish_section,
-    start_run,
-    write_json,
-)
+from bench.common import REPO_ROOT, int_list, start_run, write_json
+from bench.report import header_markdown, markdown_table, publish_section
 from bench.servers import SERVED_BASE_NAME, EngineSettings, server_command
 from pipeline.bases import built_base_dir
 from pipeline.launch import ServerProcess, free_port, running
@@ -521,51 +500,47 @@ def section_markdown(header: dict[str, Any], document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _agreement_cells(summary: dict[str, Any]) -> str:
+AGREEMENT_COLUMNS = ["bit-identical logprobs", "max logprob drift", "margin at divergence, min / median"]
+
+
+def _agreement_cells(summary: dict[str, Any]) -> list[str]:
     """The columns both tables end with: bit-identical logprobs, max drift, margins at divergence."""
-    return (
-        f"{summary['bit_identical_logprobs']} | {summary['max_logprob_drift']:.2g} | "
-        f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])} |"
-    )
+    return [
+        str(summary["bit_identical_logprobs"]),
+        f"{summary['max_logprob_drift']:.2g}",
+        f"{_margin(summary['min_margin'])} / {_margin(summary['median_margin'])}",
+    ]
 
 
 def condition_table(servers: dict[str, Any]) -> list[str]:
     """One row per (dtype, server, condition): answers, divergences, bit-identical logprobs, margins."""
-    lines = [
-        "| dtype | server | condition | probe answers | divergent (caps / base) | bit-identical logprobs "
-        "| max logprob drift | margin at divergence, min / median |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for label, result in servers.items():
         server_name, dtype = label.split("/")
         server_label = SERVER_LABELS[server_name]
         if "error" in result:
             first = result["error"].strip().splitlines()
             reason = next((line for line in reversed(first) if "Error" in line), first[-1] if first else "")
-            lines.append(f"| {dtype} | {server_label} | did not run: `{reason.strip()[:160]}` | | | | | |")
+            rows.append([dtype, server_label, f"did not run: `{reason.strip()[:160]}`", *[""] * 5])
             continue
         for condition, summary in result["conditions"].items():
             per_model = summary["per_model"]
             split = " / ".join(str(per_model.get(m, {}).get("divergent", 0)) for m in (PROBE_ADAPTER, "base"))
-            lines.append(
-                f"| {dtype} | {server_label} | {condition} | {summary['requests']} | "
-                f"{summary['divergent']} ({split}) | {_agreement_cells(summary)}"
-            )
-    return lines
+            counts = [str(summary["requests"]), f"{summary['divergent']} ({split})"]
+            rows.append([dtype, server_label, condition, *counts, *_agreement_cells(summary)])
+    header = ["dtype", "server", "condition", "probe answers", "divergent (caps / base)", *AGREEMENT_COLUMNS]
+    return markdown_table(header, "lllrrrrr", rows)
 
 
 def cross_table(cross: dict[str, Any]) -> list[str]:
-    lines = [
-        "| dtype | server, solo, against vLLM's server solo | divergent | bit-identical logprobs "
-        "| max logprob drift | margin at divergence, min / median |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for label, summary in cross.items():
         server_name, dtype = label.split("/")
-        lines.append(
-            f"| {dtype} | {SERVER_LABELS[server_name]} | {summary['divergent']} | {_agreement_cells(summary)}"
+        rows.append(
+            [dtype, SERVER_LABELS[server_name], str(summary["divergent"]), *_agreement_cells(summary)]
         )
-    return lines
+    header = ["dtype", "server, solo, against vLLM's server solo", "divergent", *AGREEMENT_COLUMNS]
+    return markdown_table(header, "llrrrr", rows)
 
 
 def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
@@ -575,16 +550,14 @@ def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
         "largest change of token 0's LoRA output (slot 0, rank 16, 256 -> 768) when computed inside other "
         "batches instead of alone:",
         "",
-        "| dtype | linear: rows differing | LoRA through | decode, 4 adapters | prefill run of 48 "
-        "| prefill run + other adapters |",
-        "|---|---|---|---:|---:|---:|",
     ]
+    rows = []
     for dtype, found in kernels.items():
         linear = ", ".join(f"{shape}: {count}" for shape, count in found["linear_rows_differing"].items())
         for path, diffs in found["lora_max_abs_diff_vs_alone"].items():
-            cells = " | ".join(f"{value:.2g}" for value in diffs.values())
-            lines.append(f"| {dtype} | {linear} | {path} | {cells} |")
-    return lines
+            rows.append([dtype, linear, path, *(f"{value:.2g}" for value in diffs.values())])
+    header = ["dtype", "linear: rows differing", "LoRA through", "decode, 4 adapters", "prefill run of 48"]
+    return lines + markdown_table([*header, "prefill run + other adapters"], "lllrrr", rows)
 
 
 def examples_markdown(document: dict[str, Any], limit: int = 6) -> list[str]:

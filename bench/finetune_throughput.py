@@ -1,54 +1,7 @@
 """Our LoRA fine-tuning (`python -m finetune run`) against TRL's SFTTrainer + PEFT, same base, data, settings.
 
-`python -m bench.finetune_throughput [--base tiny|smollm2] [--steps N] [--quick] [--gpu [--smoke-cpu]]`
-
-`--base smollm2` runs the CPU comparison on SmolLM2-135M-Instruct with its demo config
-(configs/smollm2-135m-instruct-lora.yaml: one packed row of 384 tokens per step, bf16 autocast where the CPU
-has bf16 instructions) instead of the tiny base and configs/tiny-demo.yaml, into its own section and results
-folder. SmolLM2's chat template has no `{% generation %}` markers, so TRL gets a copy of it with them around
-each assistant reply (`with_generation_markers`: the same rendered text), through SFTConfig's
-`chat_template_path`.
-
-Sides, run one after the other, each in its own subprocess (so each has its own peak memory):
-
-- `ours`: finetune.recipe.LoraRecipe, the code behind `python -m finetune run` (setup, then train() timed),
-  with configs/tiny-demo.yaml's settings: padding-free packing, micro_batch_size rows of max_seq_len
-  tokens concatenated into one row per micro-batch, loss on assistant tokens only.
-- `trl`: TRL's recommended SFT setup for chat data: `SFTTrainer` with `peft_config`, conversational
-  dataset, `assistant_only_loss=True` (the tiny base's chat template has `{% generation %}` markers),
-  padded random batches (TRL's default: no packing, no padding-free). Its batch size is chosen so that a
-  step holds as many real tokens as ours on average (see `matched_batch_size`).
-- `trl_packed`: the same with TRL's own packing (`packing=True`, best-fit-decreasing, which TRL runs
-  padding-free): `per_device_train_batch_size` = our micro_batch_size bins of `max_length` = max_seq_len,
-  the same token budget per step as our packed row.
-- `ours_rows`: ours again with `micro_batch_size=1` and gradient accumulation over as many micro-batches
-  (the same token budget per step, one packed row of at most max_seq_len tokens per forward pass instead
-  of micro_batch_size rows in one batched pass): a config variant.
-- `ours_flex` (CUDA only, in the `--gpu` run by default): ours again with
-  `training.attn_implementation=flex_attention`: each micro-batch is one packed row, and PyTorch's
-  FlexAttention skips the attention blocks where no sample meets itself (no flash-attn package needed).
-
-Everything else is the same on both sides: the records (finetune.data.load_data, the same list in the
-same order; no eval split), LoRA (r, alpha, dropout, all-linear, no bias), AdamW (betas, eps 1e-8, no
-weight decay), gradient clipping 1.0, peak learning rate, warm-up steps and cosine schedule, precision,
-sdpa attention, no gradient checkpointing (TRL's SFTConfig turns it on by default; ours has it off), and a
-fixed number of optimizer steps. The loss is the mean over the step's labelled tokens on both sides (TRL
-divides by `num_items_in_batch`); the labels of both are compared sample by sample before training.
-
-Throughput = real (non-padding) tokens / wall time of the training loop's steps (`recipe.train()`,
-`trainer.train()`; tokenization, model loading and saving are outside), leaving out the first steps
-(`warmup_steps_excluded`: 3 of 20 or more), which pay one-off costs (allocator growth, kernel selection,
-compilation); the figure over all steps is reported next to it. MFU uses the same steps. TRL's real
-tokens are counted in its `compute_loss` from the batch it gets: `attention_mask.sum()` for padded
-batches, the length of the flattened row for padding-free ones; the padded size is counted too. Peak
-memory: max RSS of the side's process on CPU (`getrusage(RUSAGE_SELF)`), `torch.cuda.max_memory_allocated()`
-on a GPU.
-
-`--gpu` runs the same on a CUDA GPU with a random-weight model of the Qwen2.5-7B architecture (built from
-its config in code, saved once under the work dir; the tiny base's tokenizer, whose ids are all inside
-the model's vocabulary), bf16, max_seq_len 2048, and adds model FLOPs utilization (see `model_flops`).
-`--gpu --smoke-cpu` runs that code path on CPU with a tiny Qwen2 config, to check it; its figures mean
-nothing and BENCHMARKS.md is not touched.
+`python -m bench.finetune_throughput [--base tiny|smollm2] [--steps N] [--quick] [--gpu [--smoke-cpu]]`; the
+sides (`SIDES`) run one after the other, each in its own process. BENCHMARKS.md says how it measures.
 """
 
 from __future__ import annotations
@@ -72,8 +25,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, header_markdown, publish_section, results_dir, start_run, write_json
+from bench.common import REPO_ROOT, results_dir, start_run, write_json
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document
+from bench.report import header_markdown, markdown_table, publish_section
 
 log = logging.getLogger("bench.finetune_throughput")
 
@@ -1070,13 +1024,13 @@ def results_table(document: dict[str, Any]) -> list[str]:
     ]
     if show_mfu:
         header += ["MFU (6N)", "MFU (LoRA 4N)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for side in SIDES:
         result = results.get(side)
         if result is None:
             continue
         if "error" in result:
-            lines.append(f"| {SIDE_LABELS[side]} | failed: {result['error']} |" + " |" * (len(header) - 2))
+            rows.append([SIDE_LABELS[side], f"failed: {result['error']}", *[""] * (len(header) - 2)])
             continue
         ratio = summary["ratios"].get(side)
         cells = [
@@ -1100,8 +1054,8 @@ def results_table(document: dict[str, Any]) -> list[str]:
                 if mfu is None
                 else [f"{100 * mfu['mfu']:.1f}%", f"{100 * mfu['mfu_lora']:.1f}%"]
             )
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return markdown_table(header, "l" * len(header), rows)
 
 
 def bins(count: int) -> str:

@@ -1,14 +1,7 @@
 """bench.lora_scaling's engine-only side: the same mixes on vLLM's offline engine, without the HTTP server.
 
-`python -m bench.lora_engine SPEC.json OUT.json` (bench.lora_scaling starts it, one process per config).
-
-The engine is built from the very flags the server of that config got (`ServeSettings` parsed from them, then
-serve.engine.engine_args), in this one process (no engine-core process, no HTTP, no detokenization), so what
-it measures is the engine step itself: how much of the served throughput's loss over many adapters is the
-LoRA computation, and how much the server hides behind its HTTP and streaming work. Random-token prompts go
-round-robin over the mix's adapters, `concurrency` of them in flight, a new one as soon as one finishes (the
-served load's closed loop, so engine steps have the same make-up: a new prompt's prefill joins the others'
-decoding); every mix is measured once per round, forward then reversed (bench.common.turns).
+`python -m bench.lora_engine SPEC.json OUT.json` (bench.lora_scaling starts it, one process per config): the
+engine is built from the config's server flags, in this process, and driven in the served load's closed loop.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """Multi-LoRA scaling of our server: throughput and TTFT with requests on the base, 1, 4, 16 or 64 adapters.
 
-`python -m bench.lora_scaling [--base tiny|smollm2] [--quick]`
-
-One `python -m serve` per config (`--max-loras` / `--max-cpu-loras`, adapter rank), serving the base
-(`--base`, bench.fixtures) and as many PEFT adapters of that rank as the largest mix
-(bench.fixtures.make_adapters: all linear layers, random weights). For each
-mix the same fixed load (`client load`: random-token prompts, 64 in / 64 out, ignore_eos, fixed concurrency)
-goes to the base only, or round-robin over N distinct adapters; each mix is reported as a ratio to the
-base-only run of the same server. With more adapters in flight than --max-loras, vLLM's scheduler only
-batches requests of --max-loras distinct adapters per step and swaps adapters into the slots; with more
-than --max-cpu-loras, adapters are evicted from host memory and read from disk again.
+`python -m bench.lora_scaling [--base tiny|smollm2] [--quick]`; one server per config, each mix a ratio to
+base-only (with bench.lora_engine's engine-only side). BENCHMARKS.md says how it measures and what it found.
 """
 
 from __future__ import annotations
@@ -30,15 +22,14 @@ from bench.common import (
     REPO_ROOT,
     add_load_options,
     add_run_options,
-    header_markdown,
     int_list,
     mean_of_rounds,
-    publish_section,
     start_run,
     turns,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
+from bench.report import header_markdown, markdown_table, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
@@ -69,7 +60,10 @@ SMOLLM2_CONFIGS, SMOLLM2_MIXES, SMOLLM2_PROMPTS = "default,default/r1", (0, 1, 4
 # (bench.common.turns), and reported as the mean of its rounds: with an even number of rounds a steady
 # drift of the machine's speed weighs on every mix alike. One round of 128 prompts is ~2.5 s of load per mix.
 ROUNDS = 2
-TARGET_MIX, TARGET_RATIO = 16, 0.8  # the issue's target: 16 adapters keep >= 0.8 of base throughput
+TARGET_MIX, TARGET_RATIO = 16, 0.8
+CONFIG_COLUMN = (
+    "server (adapter rank, engine slots)"  # the issue's target: 16 adapters keep >= 0.8 of base throughput
+)
 
 
 @dataclass(frozen=True)
@@ -250,34 +244,35 @@ def measure_engine_only(spec: EngineSpec, work: Path, timeout: float = 1800) -> 
 
 
 def table(runs: Sequence[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| server (adapter rank, engine slots) | requests on | output tok/s | x base | tok/s per round "
-        "| req/s | TTFT p50 (ms) | x base | TTFT p99 (ms) | TPOT p50 (ms) | API CPU ms/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for run in runs:
         for mix_key, row in run["rows"].items():
             rel = run["relative"].get(mix_key, {})
             failed = f" ({row['failed']:.0f} failed)" if row["failed"] else ""
             per_round = ", ".join(f"{r['output_throughput']:.0f}" for r in row.get("rounds", [row]))
-            lines.append(
-                f"| `{run['label']}` | {mix_label(int(mix_key))}{failed} | {row['output_throughput']:.0f} | "
-                f"**{rel.get('output_throughput', float('nan')):.2f}** | {per_round} | "
-                f"{row['request_throughput']:.2f} | "
-                f"{row['median_ttft_ms']:.0f} | {rel.get('median_ttft_ms', float('nan')):.2f} | "
-                f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.2f} | "
-                f"{row['api_cpu_ms_per_request']:.2f} |"
+            rows.append(
+                [
+                    f"`{run['label']}`",
+                    mix_label(int(mix_key)) + failed,
+                    f"{row['output_throughput']:.0f}",
+                    f"**{rel.get('output_throughput', float('nan')):.2f}**",
+                    per_round,
+                    f"{row['request_throughput']:.2f}",
+                    f"{row['median_ttft_ms']:.0f}",
+                    f"{rel.get('median_ttft_ms', float('nan')):.2f}",
+                    f"{row['p99_ttft_ms']:.0f}",
+                    f"{row['median_tpot_ms']:.2f}",
+                    f"{row['api_cpu_ms_per_request']:.2f}",
+                ]
             )
-    return lines
+    header = [CONFIG_COLUMN, "requests on", "output tok/s", "x base", "tok/s per round", "req/s"]
+    header += ["TTFT p50 (ms)", "x base", "TTFT p99 (ms)", "TPOT p50 (ms)", "API CPU ms/req"]
+    return markdown_table(header, "ll" + "r" * 9, rows)
 
 
 def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     """The engine-only side (bench.lora_engine) beside the served ratios; empty when no run has it."""
-    lines = [
-        "| server (adapter rank, engine slots) | requests on | engine-only tok/s | x base, engine only "
-        "| tok/s per round | x base, served |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for run in runs:
         engine = run.get("engine_only")
         if not engine:
@@ -286,11 +281,18 @@ def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
             rel = engine["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
             served = run["relative"].get(mix_key, {}).get("output_throughput", float("nan"))
             per_round = ", ".join(f"{value:.0f}" for value in row["rounds"])
-            lines.append(
-                f"| `{run['label']}` | {mix_label(int(mix_key))} | {row['output_throughput']:.0f} | "
-                f"**{rel:.2f}** | {per_round} | {served:.2f} |"
+            rows.append(
+                [
+                    f"`{run['label']}`",
+                    mix_label(int(mix_key)),
+                    f"{row['output_throughput']:.0f}",
+                    f"**{rel:.2f}**",
+                    per_round,
+                    f"{served:.2f}",
+                ]
             )
-    return lines if len(lines) > 2 else []
+    header = [CONFIG_COLUMN, "requests on", "engine-only tok/s", "x base, engine only", "tok/s per round"]
+    return markdown_table([*header, "x base, served"], "llrrrr", rows) if rows else []
 
 
 def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:

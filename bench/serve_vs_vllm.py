@@ -1,22 +1,7 @@
 """Our OpenAI endpoint (`python -m serve`) against vLLM's own OpenAI server, same engine and same load.
 
-`python -m bench.serve_vs_vllm [--base tiny|smollm2] [--quick]`
-
-Both servers run the same vLLM build, the same base model (`--base`: the tiny base of finetune.tiny_base, or
-SmolLM2-135M-Instruct in bf16; bench.fixtures) with the same three LoRA adapters and the same engine
-arguments (EngineSettings below). Both are up together and take turns, never loaded at once: for each (load
-generator, concurrency) cell one runs the load, then the other, in an order that alternates from cell to
-cell (`turns`). Each is driven by two load generators at each concurrency level: vLLM's own serving benchmark
-(`vllm.benchmarks.serve`, imported and run in this process) and our `client load` (client.load.run_load).
-Both send streamed /v1/completions requests with random-token prompts of --input-len tokens, exactly
---output-len output tokens (ignore_eos), spread round-robin over the three adapters. The figures of each
-server, and the ratio ours/vLLM, go to bench/results/serve_vs_vllm/ and BENCHMARKS.md.
-
-The adapters are made with PEFT straight on the base (bench.fixtures.make_adapters: rank 16, every linear
-layer, random non-zero weights): honest for speed (the same shapes as trained ones), and `serve` accepts them
-because their adapter_config.json names the same base folder the server serves (serve/adapters.py checks the
-name when there is no finetune manifest). bench.lora_scaling reuses this module's helpers. Each base writes
-its own section and results folder (bench.fixtures.BenchBase.section).
+`python -m bench.serve_vs_vllm [--base tiny|smollm2] [--quick]`; how it measures, and what its figures
+mean, is the prose after its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -36,15 +21,14 @@ from bench.common import (
     REPO_ROOT,
     add_load_options,
     add_run_options,
-    header_markdown,
     int_list,
     mean_of_rounds,
-    publish_section,
     start_run,
     turns,
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document, make_adapters
+from bench.report import header_markdown, markdown_table, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     METRICS,
@@ -119,8 +103,7 @@ def _fmt(value: float, key: str) -> str:
 
 def comparison_table(comparison: Comparison, drivers: Sequence[str], concurrency: Sequence[int]) -> list[str]:
     """Markdown rows: per driver and concurrency, our figures, vLLM's, and the ratio ours/vLLM."""
-    head = "| load generator | concurrency | server | " + " | ".join(label for _, label, _ in METRICS) + " |"
-    lines = [head, "|---|---:|---|" + "---:|" * len(METRICS)]
+    rows = []
     for driver in drivers:
         for level in concurrency:
             sides = {server: comparison.get(driver, level, server) for server in SERVERS}
@@ -128,18 +111,15 @@ def comparison_table(comparison: Comparison, drivers: Sequence[str], concurrency
                 values = sides[server]
                 if values is None:
                     continue
-                cells = " | ".join(_fmt(values.get(key, nan), key) for key, _, _ in METRICS)
                 failed = f" ({values['failed']:.0f} failed)" if values.get("failed") else ""
-                lines.append(
-                    f"| {DRIVER_LABELS[driver]} | {level} | {SERVER_LABELS[server]}{failed} | {cells} |"
-                )
+                cells = [_fmt(values.get(key, nan), key) for key, _, _ in METRICS]
+                rows.append([DRIVER_LABELS[driver], str(level), SERVER_LABELS[server] + failed, *cells])
             ours, theirs = sides["ours"], sides["vllm"]
             if ours is not None and theirs is not None:
-                cells = " | ".join(
-                    f"**{ratio(ours.get(k, nan), theirs.get(k, nan)):.2f}**" for k, _, _ in METRICS
-                )
-                lines.append(f"| {DRIVER_LABELS[driver]} | {level} | ratio ours/vLLM | {cells} |")
-    return lines
+                cells = [f"**{ratio(ours.get(k, nan), theirs.get(k, nan)):.2f}**" for k, _, _ in METRICS]
+                rows.append([DRIVER_LABELS[driver], str(level), "ratio ours/vLLM", *cells])
+    header = ["load generator", "concurrency", "server", *(label for _, label, _ in METRICS)]
+    return markdown_table(header, "lrl" + "r" * len(METRICS), rows)
 
 
 def verdict(comparison: Comparison) -> list[str]:
