@@ -1,7 +1,5 @@
-"""What every benchmark shares: where results go and how BENCHMARKS.md is updated.
-
-Each benchmark owns one section of BENCHMARKS.md, between `<!-- BEGIN bench: NAME -->` and
-`<!-- END bench: NAME -->`, and rewrites only that section, so benchmarks can run separately.
+"""What every benchmark shares to run: where results go, the run's header, the options they all take, and
+the ABBA order and mean of repeated measurements. bench.report writes the results as markdown.
 """
 
 from __future__ import annotations
@@ -9,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -20,7 +17,6 @@ from typing import Any, TypeVar
 from tuneserve.machine import machine_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
@@ -52,17 +48,6 @@ def run_header(command: str) -> dict[str, Any]:
     return {"command": command, "date": date, "machine": machine_info()}
 
 
-def header_markdown(header: dict[str, Any]) -> list[str]:
-    machine = header["machine"]
-    gpu = machine["gpu"] or "no GPU"
-    return [
-        f"- command: `{header['command']}`",
-        f"- machine: {machine['cpus']} CPUs ({machine['processor']}), {gpu}; {machine['platform']}",
-        f"- software: torch {machine['torch']}, vLLM {machine['vllm']}, tuneserve {machine['tuneserve']}",
-        f"- date: {header['date']}",
-    ]
-
-
 T = TypeVar("T")
 
 
@@ -88,27 +73,6 @@ def mean_of_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, Any]:
 
 def write_json(path: Path, document: Any) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-
-
-def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the section of benchmark `name` in BENCHMARKS.md (appended if it is not there yet)."""
-    begin, end = f"<!-- BEGIN bench: {name} -->", f"<!-- END bench: {name} -->"
-    block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), flags=re.DOTALL)
-    match = pattern.search(text)
-    if match:
-        text = text[: match.start()] + block + text[match.end() :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
-def publish_section(section: str, markdown: str, *, write: bool) -> None:
-    """Print a benchmark's section and (with `write`) put it in BENCHMARKS.md."""
-    print(markdown)
-    if write:
-        update_section(section, markdown)
 
 
 def int_list(text: str) -> list[int]:
