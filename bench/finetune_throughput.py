@@ -1090,12 +1090,6 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             if rows > 1
             else f"a micro-batch is one row of at most {row} tokens"
         )
-        history = (
-            f"; one row of {row} tokens, our layout before 2026-11-25, ~32x, which cancelled the gain from "
-            "packing"
-            if rows > 1
-            else ""
-        )
         lines += [
             f"- Against TRL's default setup ours trains **{speed:.2f}x** the real tokens per second at "
             f"{memory:.2f}x its peak memory: this **{verdict}** the target (>= {TARGET_RATIO}x at equal "
@@ -1106,8 +1100,7 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             "(no varlen kernel), whose block-diagonal mask is applied to a dense row x row score matrix, "
             "attention "
             f"computes {ours['attention_overcompute']:.1f}x the scores the samples need (TRL default: "
-            f"{trl['attention_overcompute']:.1f}x{history}). Ours also computes logits only at labelled "
-            "positions (`logits_to_keep`), TRL at all positions (chunked).",
+            f"{trl['attention_overcompute']:.1f}x).",
         ]
     packed, packed_ratio = results.get("trl_packed", {}), summary["ratios"].get("trl_packed")
     if packed_ratio and "error" not in packed:
@@ -1116,8 +1109,7 @@ def interpretation(document: dict[str, Any]) -> list[str]:
             f"padding-free row as well, and pays the same attention "
             f"({packed['attention_overcompute']:.0f}x): "
             f"ours is {packed_ratio['tokens_per_s']:.2f}x its speed at {packed_ratio['peak_memory']:.2f}x "
-            "its memory; the rest is per-step overhead (Trainer, TRL's entropy/accuracy metrics) and TRL's "
-            "output head at every position."
+            "its memory."
         )
     flex = summary.get("ours_flex", {})
     if flex:
@@ -1151,8 +1143,7 @@ def interpretation(document: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Final training loss (mean of the last {window} steps): ours {ours['final_loss']:.3f}, "
             + "; ".join(parts)
-            + ". Same records and loss definition (mean over the step's labelled tokens); the batches "
-            "differ (each side shuffles and groups the samples its own way)."
+            + "."
         )
     labels = summary.get("labels", {})
     if labels.get("checked"):
