@@ -24,6 +24,7 @@ from finetune.servable import (
     folder_sha256,
     inspect_adapter,
 )
+from tuneserve.hub import is_hub_id
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -79,13 +80,6 @@ def parse_lora_option(value: str) -> tuple[str, Path]:
         raise ValueError(f"--lora expects NAME=PATH (e.g. --lora sql=/adapters/sql), got {value!r}")
     check_name_syntax(name)
     return name, Path(path).expanduser()
-
-
-def _is_hub_id(value: str) -> bool:
-    """`org/model` or `model`, not a path that exists here or is written as one."""
-    if value.startswith(("/", "./", "../", "~")) or Path(value).exists():
-        return False
-    return value.count("/") <= 1 and "\\" not in value
 
 
 class AdapterRegistry:
@@ -361,6 +355,6 @@ class AdapterRegistry:
         if declared_path.exists() and served_path.exists():
             return os.path.realpath(declared_path) == os.path.realpath(served_path)
         for hub, local in ((declared, served_path), (served, declared_path)):
-            if _is_hub_id(hub) and not _is_hub_id(str(local)):
+            if is_hub_id(hub) and not is_hub_id(str(local)):
                 return hub.rstrip("/").rsplit("/", 1)[-1].lower() == local.name.lower()
         return False
