@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from serve.settings import ServeSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors():
             field = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
             print(f"error: {field}: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    refusal = missing_base_folder(settings)
+    if refusal is not None:
+        print(f"error: --base-model: {refusal}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -54,8 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the SIGINT it stopped on: a requested stop, not a failure.
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    # 1 when the engine died (serve.app.watch_engine), so a supervisor restarts the server.
+    # Non-zero when the engine could not start (3) or died (1), so a supervisor restarts the server.
     return int(getattr(app.state, "exit_code", 0))
+
+
+def missing_base_folder(settings: ServeSettings) -> str | None:
+    """Why a base model named by a path cannot be served, found before the engine starts (a hub id is
+    checked as it loads: a failure then stops the server with exit code 3)."""
+    from tuneserve.hub import is_hub_id
+
+    base = Path(settings.base_model).expanduser()
+    if is_hub_id(settings.base_model) or base.is_dir():
+        return None
+    return f"no folder {base}; give a local model folder or a hub id (org/name)"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The FastAPI app: `build_app(settings)` plus a lifespan that owns the engine (started in the background, so
-/health answers 503 while the model loads instead of refusing connections)."""
+/health answers 503 while the model loads instead of refusing connections). The server stops with a
+non-zero exit code, for its supervisor to restart it, when the engine cannot start or dies later."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,14 +22,20 @@ from serve import protocol
 from serve.adapters import AdapterError, AdapterRegistry, parse_lora_option
 from serve.engine import build_engine
 from serve.metrics import ServerMetrics
+from serve.models import ServedModels
 from serve.protocol import OpenAIError
-from serve.routes import router
-from serve.serving import ClientDisconnected, Serving
+from serve.routes import error_response, router
+from serve.serving import Serving
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ServeSettings], Any]
+TokenizerFactory = Callable[[ServeSettings], Any]
+
+# Exit codes of `python -m serve` (app.state.exit_code); 2 is a bad command line (serve/__main__.py).
+EXIT_ENGINE_DIED = 1
+EXIT_START_FAILED = 3  # uvicorn's own code for a failed start-up
 
 
 class MetricsMiddleware:
@@ -68,8 +75,8 @@ class MetricsMiddleware:
         model = scope.get("state", {}).get("model")
         if model is None:
             return "-"
-        serving = getattr(scope["app"].state, "serving", None)
-        return str(model) if serving is not None and serving.has_served(str(model)) else "unknown"
+        models = getattr(scope["app"].state, "models", None)
+        return str(model) if models is not None and models.has_served(str(model)) else "unknown"
 
 
 class BodyLimitMiddleware:
@@ -87,7 +94,7 @@ class BodyLimitMiddleware:
             status=413,
             type="invalid_request_error",
         )
-        return protocol.error_response(error)
+        return error_response(error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,38 +132,60 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def start_serving(app: FastAPI, settings: ServeSettings, engine_factory: EngineFactory) -> None:
-    """Start the engine, then load every adapter; a bad adapter is refused and the rest are served."""
+def load_tokenizer(settings: ServeSettings) -> Any:
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(settings.base_model, revision=settings.revision)
+
+
+async def start_serving(
+    app: FastAPI,
+    settings: ServeSettings,
+    engine_factory: EngineFactory,
+    tokenizer_factory: TokenizerFactory,
+    request_stop: Callable[[], None],
+) -> None:
+    """Start the engine, then load every adapter; a bad adapter is refused and the rest are served.
+
+    If the server cannot start (no such base model, an engine that fails), it stops with exit code 3 and the
+    reason in its log: an API process left up would answer 503 for ever, and a supervisor restarts it."""
     try:
-        tokenizer = await asyncio.to_thread(
-            AutoTokenizer.from_pretrained, settings.base_model, revision=settings.revision
-        )
-        engine = await asyncio.to_thread(engine_factory, settings)  # ~30 s; /health answers 503 meanwhile
-        app.state.engine = engine
-        registry = AdapterRegistry(
+        registry = AdapterRegistry(  # first: it refuses a bad --adapters-dir at once
             base_model=settings.base_model,
             adapters_dir=settings.adapters_dir,
             max_lora_rank=settings.max_lora_rank,
             served_name=settings.model_id,
-            base_config=engine.model_config.hf_config,
         )
+        tokenizer = await asyncio.to_thread(tokenizer_factory, settings)
+        engine = await asyncio.to_thread(engine_factory, settings)  # ~30 s; /health answers 503 meanwhile
+        app.state.engine = engine
+        registry.base_config = engine.model_config.hf_config
+        max_model_len = engine.model_config.max_model_len
+        models = ServedModels(
+            engine=engine,
+            registry=registry,
+            model_id=settings.model_id,
+            max_model_len=max_model_len,
+            unload_timeout_s=settings.unload_timeout,
+        )
+        await models.add_adapters([parse_lora_option(value) for value in settings.lora])
+        await models.refresh()
         serving = Serving(
             engine=engine,
             tokenizer=tokenizer,
-            registry=registry,
+            models=models,
             metrics=app.state.metrics,
-            model_id=settings.model_id,
-            max_model_len=engine.model_config.max_model_len,
-            unload_timeout_s=settings.unload_timeout,
+            max_model_len=max_model_len,
         )
-        await serving.add_adapters([parse_lora_option(value) for value in settings.lora])
-        await serving.refresh()
     except Exception as exc:
-        log.exception("the engine failed to start")
-        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        reason = f"{type(exc).__name__}: {exc}"
+        log.exception("the server could not start")
+        log.critical("stopping the server (exit code %d): %s", EXIT_START_FAILED, reason)
+        app.state.startup_error = reason
+        app.state.exit_code = EXIT_START_FAILED
+        request_stop()
         return
+    app.state.models = models
     app.state.serving = serving
     frozen = freeze_startup_heap()
     log.info("ready: %s with adapters %s", settings.model_id, ", ".join(registry.names()) or "(none)")
@@ -179,7 +208,7 @@ async def watch_engine(app: FastAPI, request_stop: Callable[[], None]) -> None:
         engine = app.state.engine
         if engine is not None and engine.errored:
             log.critical("the vLLM engine has died; stopping the server (exit code 1) so it can be restarted")
-            app.state.exit_code = 1
+            app.state.exit_code = EXIT_ENGINE_DIED
             request_stop()
             return
 
@@ -244,9 +273,10 @@ def build_app(
     settings: ServeSettings,
     *,
     engine_factory: EngineFactory = build_engine,
+    tokenizer_factory: TokenizerFactory = load_tokenizer,
     request_stop: Callable[[], None] = stop_by_sigterm,
 ) -> FastAPI:
-    """The app; `request_stop` asks the HTTP server to shut down (when the engine dies)."""
+    """The app; `request_stop` asks the HTTP server to shut down (the engine failed to start, or died)."""
     metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
@@ -254,6 +284,7 @@ def build_app(
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.serving = None
+        app.state.models = None
         app.state.engine = None
         app.state.startup_error = None
         app.state.exit_code = 0
@@ -265,7 +296,9 @@ def build_app(
                 settings.metrics_port, addr=settings.host, registry=metrics.registry
             )
             log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-        starting = asyncio.create_task(start_serving(app, settings, engine_factory))
+        starting = asyncio.create_task(
+            start_serving(app, settings, engine_factory, tokenizer_factory, request_stop)
+        )
         watching = asyncio.create_task(watch_engine(app, request_stop))
         try:
             yield
@@ -274,6 +307,8 @@ def build_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if app.state.serving is not None:
+                app.state.serving.close()
             if app.state.engine is not None:
                 app.state.engine.shutdown()
             if metrics_server is not None:
@@ -290,28 +325,24 @@ def build_app(
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:
-        return protocol.error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(AdapterError)
     async def adapter_error(_: Request, exc: AdapterError) -> Response:
         error = OpenAIError(str(exc), status=exc.status, param="lora_name" if exc.status != 400 else None)
-        return protocol.error_response(error)
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         # Starlette's own refusals (unknown route, wrong method, a body it cannot parse) in OpenAI's shape.
         error = OpenAIError(str(exc.detail), status=exc.status_code)
-        response = protocol.error_response(error)
+        response = error_response(error)
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> Response:
-        return protocol.error_response(protocol.validation_error(exc))
-
-    @app.exception_handler(ClientDisconnected)
-    async def disconnected(_: Request, __: ClientDisconnected) -> Response:
-        return Response(status_code=499)
+        return error_response(protocol.validation_error(exc.errors()))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> Response:
@@ -319,9 +350,9 @@ def build_app(
 
         if isinstance(exc, EngineDeadError):
             body = OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
-            return protocol.error_response(body)
+            return error_response(body)
         log.exception("unhandled error")
         error = OpenAIError(f"internal error: {type(exc).__name__}", status=500, type="internal_server_error")
-        return JSONResponse(error.body(), status_code=500)
+        return error_response(error)
 
     return app

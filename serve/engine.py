@@ -1,16 +1,41 @@
-"""The vLLM async engine (same process as the API), built from the server settings with LoRA enabled."""
+"""The vLLM async engine (same process as the API), built from the server settings with LoRA enabled, and
+`EngineClient`: the part of it the serving layer uses (a fake engine implements it in tests)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from serve.settings import ServeSettings
 
 if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    """What serve needs from vLLM's AsyncLLM."""
+
+    errored: bool
+
+    def generate(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request: LoRARequest | None,
+    ) -> AsyncGenerator[RequestOutput, None]: ...
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool: ...
+
+    async def remove_lora(self, lora_id: int) -> bool: ...
+
+    async def list_loras(self) -> set[int]: ...
 
 
 def engine_args(settings: ServeSettings) -> dict[str, object]:
@@ -47,6 +72,8 @@ def build_engine(settings: ServeSettings) -> AsyncLLM:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(**engine_args(settings))  # type: ignore[arg-type]
+    # vLLM's stats (its default for a server; stated, since /metrics rests on them): its engine then records
+    # its Prometheus series and fills each RequestOutput's stats, which serve.metrics reads per adapter.
+    args = AsyncEngineArgs(**engine_args(settings), disable_log_stats=False)  # type: ignore[arg-type]
     log.info("starting vLLM engine for %s", settings.base_model)
     return AsyncLLM.from_engine_args(args)

@@ -1,10 +1,11 @@
 """OpenAI wire format for /v1/chat/completions, /v1/completions and /v1/models: request and response
-models, their validation, the mapping of a request to `vllm.SamplingParams`, and OpenAI-shaped errors.
+models, their validation, each request's mapping to `vllm.SamplingParams` (`to_sampling_params`), and
+OpenAI-shaped errors. Pydantic and vLLM's types only: no HTTP (serve/routes.py turns these into responses).
 
 Requests are parsed by pydantic for types only; every semantic check (ranges, context length,
-parameters we cannot honour) raises `OpenAIError` from `chat_messages` or `sampling_params`,
-so a handler needs one exception handler for `OpenAIError` and one for FastAPI's
-`RequestValidationError` (via `validation_error`).
+parameters we cannot honour) raises `OpenAIError` from `chat_messages` or `to_sampling_params`,
+so the HTTP layer needs one exception handler for `OpenAIError` and one for pydantic's validation errors
+(via `validation_error`).
 
 Decisions worth knowing:
 - Unset sampling fields take OpenAI's defaults (temperature 1, top_p 1, penalties 0), not the base
@@ -26,11 +27,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
@@ -95,9 +94,10 @@ class OpenAIError(Exception):
         self.code = code if code is not None else _ERROR_CODES.get(status)
 
     @classmethod
-    def model_not_found(cls, model: str) -> OpenAIError:
+    def model_not_found(cls, model: str, why: str = "does not exist") -> OpenAIError:
+        """The one 404 for a model this server does not serve (never the list of models: any key reads it)."""
         return cls(
-            f"The model '{model}' does not exist; GET /v1/models lists the models served here",
+            f"The model '{model}' {why}; GET /v1/models lists the models served here",
             status=404,
             param="model",
             code="model_not_found",
@@ -120,10 +120,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=exc.body())
-
-
 # pydantic tags the branch of a union it tried with the branch's type ("str", "list[int]", "ContentPart");
 # those are not field names and are cut from the reported param.
 _UNION_BRANCH_TAGS = {"str", "int", "float", "bool", "bytes", "none"}
@@ -143,9 +139,8 @@ def _param_from_loc(loc: Sequence[int | str]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(exc: RequestValidationError) -> OpenAIError:
-    """A 400 for a request body pydantic refused, naming the first offending field."""
-    errors = list(exc.errors())
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
+    """A 400 for a request body pydantic refused (its `errors()`), naming the first offending field."""
     if not errors:
         return OpenAIError("Invalid request body")
     first = errors[0]
@@ -179,7 +174,7 @@ TokenIds = Annotated[list[int], Field(json_schema_extra={"minItems": 1})]
 
 
 def _range(low: int, high: int) -> dict[str, Any]:
-    """JSON Schema bounds for the published schema; sampling_params enforces them with messages that name
+    """JSON Schema bounds for the published schema; to_sampling_params enforces them with messages that name
     the field and the range (pydantic's own would not)."""
     return {"minimum": low, "maximum": high}
 
@@ -265,6 +260,55 @@ class _GenerationRequest(_Request):
         """Whether a stream ends with the usage-only chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
+    def _sampling_params(
+        self,
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """The fields both request types share, checked, with what the request type worked out."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        presence_penalty = self.presence_penalty or 0.0
+        frequency_penalty = self.frequency_penalty or 0.0
+        _check_range("temperature", temperature, 0, 2)
+        _check_range("top_p", top_p, 0, 1, low_open=True)
+        _check_range("n", self.n, 1, MAX_N)
+        _check_range("presence_penalty", presence_penalty, -2, 2)
+        _check_range("frequency_penalty", frequency_penalty, -2, 2)
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise OpenAIError(
+                f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}; got {self.seed}",
+                param="seed",
+            )
+        stop = _stop(self.stop)
+
+        top_k = 0
+        if temperature == 0 and self.n > 1:
+            temperature, top_k = 1.0, 1
+
+        try:
+            return SamplingParams.from_optional(
+                n=self.n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                seed=self.seed,
+                stop=stop,
+                ignore_eos=self.ignore_eos,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMValidationError as exc:
+            raise OpenAIError(str(exc), param=exc.parameter) from exc
+
 
 def _requires(field: str, value: Any, needs: str, needed: Any) -> dict[str, Any]:
     """JSON Schema for a rule the server enforces: `field` = `value` needs `needs` = `needed`."""
@@ -286,6 +330,29 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: JsonInt | None = Field(None, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
     response_format: ResponseFormat | None = None
 
+    def to_sampling_params(self, *, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """vLLM sampling parameters for this chat rendered as `prompt_tokens` tokens, or an `OpenAIError`
+        (400) naming the bad field. Streams get DELTA outputs, other requests FINAL_ONLY."""
+        _check_chat_supported(self)
+        _check_room(prompt_tokens, max_model_len, "messages")
+        # OpenAI deprecated max_tokens for max_completion_tokens; when both are sent the new one wins.
+        requested, param = self.max_completion_tokens, "max_completion_tokens"
+        if requested is None:
+            requested, param = self.max_tokens, "max_tokens"
+        max_tokens = _max_tokens(
+            requested, param, prompt_tokens=prompt_tokens, max_model_len=max_model_len, default=None
+        )
+        logprobs: int | None = None
+        if self.top_logprobs is not None:
+            _check_range("top_logprobs", self.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS)
+            if not self.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.logprobs:
+            # vLLM returns the sampled token's logprob plus this many alternatives.
+            logprobs = self.top_logprobs or 0
+        structured = _structured_outputs(self.response_format)
+        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs, structured=structured)
+
 
 class CompletionRequest(_GenerationRequest):
     # max_tokens 0 scores the prompt only (echo), as OpenAI's legacy API does.
@@ -305,6 +372,34 @@ class CompletionRequest(_GenerationRequest):
         """echo with max_tokens=0: score the prompt, generate nothing. The engine is still asked for one
         token (vLLM needs max_tokens >= 1); the response must drop it."""
         return self.echo and self.max_tokens == 0
+
+    def to_sampling_params(self, *, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """vLLM sampling parameters for a prompt of `prompt_tokens` tokens (several prompts: pass the
+        longest), or an `OpenAIError` (400) naming the bad field. Streams get DELTA outputs, others
+        FINAL_ONLY."""
+        _refuse(self, "suffix", lambda value: value == "")
+        _refuse(self, "logit_bias", lambda value: value == {})
+        _refuse(self, "best_of", lambda value: value == self.n)
+        _check_room(prompt_tokens, max_model_len, "prompt")
+        if self.echo_only:
+            max_tokens = 1
+        else:
+            explicit = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+            max_tokens = _max_tokens(
+                self.max_tokens if explicit else None,
+                "max_tokens",
+                prompt_tokens=prompt_tokens,
+                max_model_len=max_model_len,
+                default=DEFAULT_COMPLETION_MAX_TOKENS,
+            )
+        prompt_logprobs: int | None = None
+        if self.logprobs is not None:
+            _check_range("logprobs", self.logprobs, 0, MAX_COMPLETION_LOGPROBS)
+            if self.echo:
+                prompt_logprobs = self.logprobs
+        return self._sampling_params(
+            max_tokens=max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs
+        )
 
 
 def _refuse(request: _Request, name: str, honourable: Callable[[Any], bool]) -> None:
@@ -463,107 +558,13 @@ def _structured_outputs(response_format: ResponseFormat | None) -> StructuredOut
     return StructuredOutputsParams(json=spec.schema_)
 
 
-def sampling_params(
-    request: ChatCompletionRequest | CompletionRequest, *, prompt_tokens: int, max_model_len: int
-) -> SamplingParams:
-    """vLLM sampling parameters for one prompt of `request`, or an `OpenAIError` (400) naming the bad field.
-
-    `prompt_tokens` is the length of the rendered prompt; for a completion request with several prompts
-    call this once per prompt. Streams get DELTA outputs, other requests FINAL_ONLY.
-    """
-    structured: StructuredOutputsParams | None = None
-    prompt_logprobs: int | None = None
-    if isinstance(request, ChatCompletionRequest):
-        _check_chat_supported(request)
-        prompt_param = "messages"
-    else:
-        _refuse(request, "suffix", lambda value: value == "")
-        _refuse(request, "logit_bias", lambda value: value == {})
-        _refuse(request, "best_of", lambda value: value == request.n)
-        prompt_param = "prompt"
-
+def _check_room(prompt_tokens: int, max_model_len: int, prompt_param: str) -> None:
     if prompt_tokens >= max_model_len:
         raise _context_error(
             f"This model's maximum context length is {max_model_len} tokens; your prompt has {prompt_tokens} "
             f"tokens, which leaves no room for an answer. Shorten the {prompt_param}.",
             prompt_param,
         )
-
-    if isinstance(request, ChatCompletionRequest):
-        # OpenAI deprecated max_tokens for max_completion_tokens; when both are sent the new one wins.
-        requested: int | None = request.max_completion_tokens
-        param = "max_completion_tokens"
-        if requested is None:
-            requested, param = request.max_tokens, "max_tokens"
-        max_tokens = _max_tokens(
-            requested, param, prompt_tokens=prompt_tokens, max_model_len=max_model_len, default=None
-        )
-        logprobs: int | None = None
-        if request.top_logprobs is not None:
-            _check_range("top_logprobs", request.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS)
-            if not request.logprobs:
-                raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        if request.logprobs:
-            # vLLM returns the sampled token's logprob plus this many alternatives.
-            logprobs = request.top_logprobs or 0
-        structured = _structured_outputs(request.response_format)
-    else:
-        if request.echo_only:
-            max_tokens = 1
-        else:
-            explicit = "max_tokens" in request.model_fields_set and request.max_tokens is not None
-            max_tokens = _max_tokens(
-                request.max_tokens if explicit else None,
-                "max_tokens",
-                prompt_tokens=prompt_tokens,
-                max_model_len=max_model_len,
-                default=DEFAULT_COMPLETION_MAX_TOKENS,
-            )
-        logprobs = request.logprobs
-        if logprobs is not None:
-            _check_range("logprobs", logprobs, 0, MAX_COMPLETION_LOGPROBS)
-            if request.echo:
-                prompt_logprobs = logprobs
-
-    temperature = 1.0 if request.temperature is None else request.temperature
-    top_p = 1.0 if request.top_p is None else request.top_p
-    presence_penalty = request.presence_penalty or 0.0
-    frequency_penalty = request.frequency_penalty or 0.0
-    _check_range("temperature", temperature, 0, 2)
-    _check_range("top_p", top_p, 0, 1, low_open=True)
-    _check_range("n", request.n, 1, MAX_N)
-    _check_range("presence_penalty", presence_penalty, -2, 2)
-    _check_range("frequency_penalty", frequency_penalty, -2, 2)
-    if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
-        raise OpenAIError(
-            f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}; got {request.seed}",
-            param="seed",
-        )
-    stop = _stop(request.stop)
-
-    top_k = 0
-    if temperature == 0 and request.n > 1:
-        temperature, top_k = 1.0, 1
-
-    try:
-        return SamplingParams.from_optional(
-            n=request.n,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=request.seed,
-            stop=stop,
-            ignore_eos=request.ignore_eos,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            structured_outputs=structured,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-        )
-    except VLLMValidationError as exc:
-        raise OpenAIError(str(exc), param=exc.parameter) from exc
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -585,6 +586,12 @@ class Usage(BaseModel):
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
+
+    @classmethod
+    def total(cls, parts: Iterable[Usage]) -> Usage:
+        """The usage of several engine requests (a completion's prompts) as one."""
+        parts = list(parts)
+        return cls.of(sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts))
 
 
 FinishReason = Literal["stop", "length"]

@@ -1,9 +1,15 @@
-"""Thin HTTP handlers: auth, parsing, and handing over to `Serving`."""
+"""The HTTP layer: auth, parsing, and handing over to `Serving` and `ServedModels`, whose response models
+become JSON and whose chunk iterators become server-sent events here; a client that goes away cancels its
+request (`with_cancellation`)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
-from typing import Annotated, Any
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, ParamSpec
 
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -12,11 +18,73 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve import protocol
 from serve.adapters import NAME_PATTERN
+from serve.models import ServedModels
 from serve.protocol import OpenAIError
 from serve.serving import Serving
 from serve.settings import ServeSettings
 
 router = APIRouter()
+P = ParamSpec("P")
+
+# Answered to a client that went away before its answer was ready (nginx's "client closed request"); only the
+# logs and metrics ever see it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+def with_cancellation(handler: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+    """Cancel the handler when its client disconnects, so the engine stops generating for nobody (vLLM's
+    decorator of the same name). The handler takes the request as `request`; FastAPI has read the body by
+    then, so what arrives next is the disconnect. A stream's body runs after the handler returned, and
+    Starlette ends it when the client goes away."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+        request = kwargs["request"]
+        assert isinstance(request, Request)
+        handling = asyncio.ensure_future(handler(*args, **kwargs))
+        disconnect = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([handling, disconnect], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            handling.cancel()  # a no-op once it has finished; else the client went away (or the server stops)
+        try:
+            return await handling
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # Cancelling engine.generate() aborted the request inside vLLM.
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    return wrapper
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
+    """A response model as JSON; chunks as server-sent events, ending with `[DONE]`."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(_events(result), media_type="text/event-stream")
+
+
+async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            # pydantic-core writes the JSON in one call (half the time of model_dump + json.dumps)
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except OpenAIError as exc:
+        # Headers are gone already: report the error in-band, as OpenAI does.
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 # Dependencies are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
@@ -37,6 +105,10 @@ async def get_serving(request: Request) -> Serving:
     if serving.engine.errored:
         raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
     return serving
+
+
+async def get_models(serving: Annotated[Serving, Depends(get_serving)]) -> ServedModels:
+    return serving.models
 
 
 def _bearer(request: Request) -> str | None:
@@ -100,6 +172,7 @@ async def require_docs_access(
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
+ModelsDep = Annotated[ServedModels, Depends(get_models)]
 API_KEY = [Depends(require_api_key), Security(HTTPBearer(scheme_name="apiKey", auto_error=False))]
 ADMIN_KEY = [Depends(require_admin_key), Security(HTTPBearer(scheme_name="adminKey", auto_error=False))]
 
@@ -141,7 +214,7 @@ async def health(request: Request) -> Response:
     try:
         await get_serving(request)
     except OpenAIError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)
     return JSONResponse({"status": "ok"})
 
 
@@ -173,8 +246,8 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/models", dependencies=API_KEY, response_model=protocol.ModelList, responses=errors(401, 503))
-async def list_models(serving: ServingDep) -> dict[str, Any]:
-    return serving.list_models().model_dump()
+async def list_models(models: ModelsDep) -> dict[str, Any]:
+    return models.list_models().model_dump()
 
 
 @router.get(
@@ -183,12 +256,8 @@ async def list_models(serving: ServingDep) -> dict[str, Any]:
     response_model=protocol.ModelCard,
     responses=errors(401, 404, 503),
 )
-async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
-    for card in serving.list_models().data:
-        if card.id == model:
-            return card.model_dump()
-    serving.resolve(model)  # raises the 404 with the list of models
-    raise AssertionError("unreachable")
+async def retrieve_model(model: str, models: ModelsDep) -> dict[str, Any]:
+    return models.card(model).model_dump()
 
 
 @router.post(
@@ -197,11 +266,12 @@ async def retrieve_model(model: str, serving: ServingDep) -> dict[str, Any]:
     response_model=None,
     responses=generation_responses(protocol.ChatCompletion),
 )
+@with_cancellation
 async def chat_completions(
     body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
-) -> JSONResponse | StreamingResponse:
+) -> Response:
     request.state.model = body.model
-    return await serving.chat(body, request)
+    return respond(await serving.chat(body))
 
 
 @router.post(
@@ -210,11 +280,10 @@ async def chat_completions(
     response_model=None,
     responses=generation_responses(protocol.Completion),
 )
-async def completions(
-    body: protocol.CompletionRequest, request: Request, serving: ServingDep
-) -> JSONResponse | StreamingResponse:
+@with_cancellation
+async def completions(body: protocol.CompletionRequest, request: Request, serving: ServingDep) -> Response:
     request.state.model = body.model
-    return await serving.completions(body, request)
+    return respond(await serving.completions(body))
 
 
 # The schema's copy of the rule serve.adapters enforces (with its own message).
@@ -235,9 +304,8 @@ class UnloadAdapterRequest(BaseModel):
 
 
 @router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503))
-async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
-    path = serving.registry.resolve_runtime_path(body.lora_path, body.lora_name)
-    adapter = await serving.add_adapter(body.lora_name, path)
+async def load_adapter(body: LoadAdapterRequest, models: ModelsDep) -> dict[str, Any]:
+    adapter = await models.load(body.lora_name, body.lora_path)
     return {
         "status": "loaded",
         "lora_name": adapter.name,
@@ -249,33 +317,19 @@ async def load_adapter(body: LoadAdapterRequest, serving: ServingDep) -> dict[st
 @router.post(
     "/v1/unload_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503)
 )
-async def unload_adapter(body: UnloadAdapterRequest, serving: ServingDep) -> dict[str, Any]:
-    adapter = await serving.remove_adapter(body.lora_name)
+async def unload_adapter(body: UnloadAdapterRequest, models: ModelsDep) -> dict[str, Any]:
+    adapter = await models.remove_adapter(body.lora_name)
     return {"status": "unloaded", "lora_name": adapter.name}
 
 
 @router.post("/v1/lora_adapters/refresh", dependencies=ADMIN_KEY, responses=errors(401, 403, 503))
-async def refresh_adapters(serving: ServingDep) -> dict[str, Any]:
+async def refresh_adapters(models: ModelsDep) -> dict[str, Any]:
     """Serve adapter folders that appeared in --adapters-dir since start-up."""
-    added = await serving.refresh()
-    return {"added": [a.name for a in added], "refused": [vars(r) for r in serving.refused]}
+    added = await models.refresh()
+    return {"added": [a.name for a in added], "refused": [vars(r) for r in models.refused]}
 
 
 @router.get("/v1/lora_adapters", dependencies=ADMIN_KEY, responses=errors(401, 403, 503))
-async def adapter_status(serving: ServingDep) -> dict[str, Any]:
+async def adapter_status(models: ModelsDep) -> dict[str, Any]:
     """Served adapters, refused ones with the reason, and which adapter ids the engine holds in memory."""
-    resident = await serving.engine.list_loras()
-    return {
-        "adapters": [
-            {
-                "name": a.name,
-                "path": str(a.path),
-                "rank": a.rank,
-                "lora_int_id": a.lora_int_id,
-                "resident": a.lora_int_id in resident,
-            }
-            for a in sorted(serving.registry, key=lambda a: a.name)
-        ],
-        "refused": [vars(r) for r in serving.refused],
-        "engine_lora_ids": sorted(resident),
-    }
+    return await models.status()

@@ -622,16 +622,13 @@ def test_unload_waits_for_running_requests_and_routes_no_new_ones(
     # vLLM removes an adapter its running requests still use, and its worker then dies on their next step
     # (KeyError in convert_mapping: the engine is gone for good), so the engine may only hear of the unload
     # once those requests have ended.
-    from serve.metrics import ServerMetrics
+    from serve.models import ServedModels
     from serve.protocol import OpenAIError
-    from serve.serving import Serving
 
     engine = RecordingEngine()
-    serving = Serving(
+    models = ServedModels(
         engine=engine,  # type: ignore[arg-type]
-        tokenizer=None,
         registry=registry,
-        metrics=ServerMetrics(),
         model_id="base",
         max_model_len=64,
         unload_timeout_s=0.5,
@@ -641,31 +638,31 @@ def test_unload_waits_for_running_requests_and_routes_no_new_ones(
     registry.register(b)
 
     async def scenario() -> None:
-        serving.request_started(a.lora_request(), "a")
-        serving.request_started(a.lora_request(), "a")
-        unload = asyncio.create_task(serving.remove_adapter("a"))
+        models.request_started(a.lora_request(), "a")
+        models.request_started(a.lora_request(), "a")
+        unload = asyncio.create_task(models.remove_adapter("a"))
         await asyncio.sleep(0.05)
         assert not unload.done() and engine.removed == []
         assert registry.get("a") is None  # new requests get 404 ...
         with pytest.raises(OpenAIError, match="was unloaded"):  # ... as does one resolved just before
-            serving.request_started(a.lora_request(), "a")
+            models.request_started(a.lora_request(), "a")
         assert "being unloaded" in refusal(lambda: registry.validate("a", a.path), status=409)
         assert "already being unloaded" in refusal(lambda: registry.begin_removal("a"), status=409)
-        serving.request_finished(a.lora_request())
+        models.request_finished(a.lora_request())
         await asyncio.sleep(0.05)
         assert not unload.done()
-        serving.request_finished(a.lora_request())
+        models.request_finished(a.lora_request())
         assert await unload == a
         assert engine.removed == [a.lora_int_id]
 
         # Requests that outlast the timeout: the unload fails and the adapter stays served.
-        serving.request_started(b.lora_request(), "b")
+        models.request_started(b.lora_request(), "b")
         with pytest.raises(AdapterError, match="still has 1 requests running after 0 s; it stays") as late:
-            await serving.remove_adapter("b")
+            await models.remove_adapter("b")
         assert late.value.status == 409
         assert registry.get("b") == b and engine.removed == [a.lora_int_id]
-        serving.request_finished(b.lora_request())
-        assert await serving.remove_adapter("b") == b  # nothing running: at once
+        models.request_finished(b.lora_request())
+        assert await models.remove_adapter("b") == b  # nothing running: at once
         assert engine.removed == [a.lora_int_id, b.lora_int_id]
 
     asyncio.run(scenario())

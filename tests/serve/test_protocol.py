@@ -7,7 +7,6 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from fastapi.exceptions import RequestValidationError
 from openai.types import Completion as SDKCompletion
 from openai.types import Model as SDKModel
 from openai.types.chat import ChatCompletion as SDKChatCompletion
@@ -18,6 +17,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from serve import protocol
 from serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from serve.routes import error_response
 
 MAX_LEN = 512
 
@@ -32,7 +32,7 @@ def completion(**fields: Any) -> CompletionRequest:
 
 
 def params_of(request: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 10) -> Any:
-    return protocol.sampling_params(request, prompt_tokens=prompt_tokens, max_model_len=MAX_LEN)
+    return request.to_sampling_params(prompt_tokens=prompt_tokens, max_model_len=MAX_LEN)
 
 
 def refused(request: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 10) -> OpenAIError:
@@ -258,7 +258,7 @@ def test_pydantic_errors_become_400_naming_the_field() -> None:
         with pytest.raises(ValidationError) as caught:
             ChatCompletionRequest.model_validate(body)
         errors = [{**error, "loc": ("body", *error["loc"])} for error in caught.value.errors()]
-        return protocol.validation_error(RequestValidationError(errors))
+        return protocol.validation_error(errors)
 
     base = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
     error = from_body({**base, "temperature": "hot"})
@@ -431,7 +431,7 @@ def test_error_bodies_raise_the_sdks_typed_errors(
     assert error.body() == {
         "error": {"message": "went wrong", "type": error_type, "param": "x", "code": code}
     }
-    response = protocol.error_response(error)
+    response = error_response(error)
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(

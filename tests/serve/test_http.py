@@ -1,0 +1,413 @@
+"""The HTTP layer in-process on a fake engine and tokenizer: disconnects abort, an engine that dies or never
+starts stops the server with its exit code, stream errors arrive in-band, metrics count, and /health answers
+while a prompt is being tokenized. The real engine's end-to-end tests are in test_server_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import app as app_module
+from serve.__main__ import main
+from serve.app import EXIT_ENGINE_DIED, EXIT_START_FAILED, build_app
+from serve.settings import ServeSettings
+
+ANSWER = b"hello"
+CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class FakeTokenizer:
+    """Bytes are tokens (256 of them); `gate`, when set, holds every tokenization until it opens."""
+
+    chat_template = "{{ messages }}"
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def __len__(self) -> int:
+        return 256
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i): i for i in range(256)}
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "the test never opened the tokenizer's gate"
+        return {"input_ids": list(text.encode("latin-1"))}
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("latin-1")
+
+
+@dataclass
+class FakeEngine:
+    """Answers ANSWER, token by token for streams; `hold` blocks generation after `hold_after` tokens;
+    `refuse` makes generate raise vLLM's kind of input error. Records started and aborted request ids."""
+
+    errored: bool = False
+    hold: asyncio.Event | None = None
+    hold_after: int = 0
+    refuse: Exception | None = None
+    started: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    model_config: Any = field(default_factory=lambda: SimpleNamespace(hf_config=None, max_model_len=256))
+
+    async def generate(
+        self, prompt: Any, params: Any, request_id: str, *, lora_request: Any
+    ) -> AsyncGenerator[Any, None]:
+        self.started.append(request_id)
+        if self.refuse is not None:
+            raise self.refuse
+        delta = params.output_kind.name == "DELTA"
+        finished = False
+        try:
+            for count in range(1, len(ANSWER) + 1):
+                if self.hold is not None and count > self.hold_after:
+                    await self.hold.wait()
+                finished = count == len(ANSWER)
+                if delta or finished:
+                    tokens = list(ANSWER[count - 1 : count] if delta else ANSWER)
+                    yield _output(prompt["prompt_token_ids"], tokens, params.n, finished)
+        finally:
+            if not finished:
+                self.aborted.append(request_id)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return True
+
+    async def list_loras(self) -> set[int]:
+        return set()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _output(prompt_ids: list[int], tokens: list[int], n: int, finished: bool) -> Any:
+    completions = [
+        SimpleNamespace(
+            index=index,
+            text=bytes(tokens).decode("latin-1"),
+            token_ids=tokens,
+            logprobs=None,
+            finish_reason="length" if finished else None,
+        )
+        for index in range(n)
+    ]
+    return SimpleNamespace(
+        outputs=completions,
+        finished=finished,
+        prompt_token_ids=prompt_ids,
+        prompt_logprobs=None,
+        metrics=None,  # vLLM's request stats: none here
+    )
+
+
+@dataclass
+class Running:
+    app: FastAPI
+    engine: FakeEngine
+    tokenizer: FakeTokenizer
+    client: httpx.AsyncClient
+    stops: list[str]
+
+    async def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"timed out waiting until {what}")
+
+
+@contextlib.asynccontextmanager
+async def running_app(engine_factory: Callable[[ServeSettings], Any] | None = None) -> AsyncIterator[Running]:
+    """The app of `build_app` with its lifespan running, and an httpx client on it (no sockets)."""
+    engine, tokenizer, stops = FakeEngine(), FakeTokenizer(), []
+    app = build_app(
+        ServeSettings(base_model="base"),
+        engine_factory=engine_factory or (lambda _: engine),
+        tokenizer_factory=lambda _: tokenizer,
+        request_stop=lambda: stops.append("stop"),
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield Running(app, engine, tokenizer, client, stops)
+
+
+@contextlib.asynccontextmanager
+async def serving_app() -> AsyncIterator[Running]:
+    async with running_app() as running:
+        await running.wait_until(lambda: running.app.state.serving is not None, "the app serves")
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _no_heap_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
+    # gc.freeze would keep this test process's objects out of the collector for the rest of the session.
+    monkeypatch.setattr(app_module, "freeze_startup_heap", lambda: 0)
+
+
+async def send_then_disconnect(
+    app: FastAPI, path: str, body: dict[str, Any], disconnect: asyncio.Event
+) -> list[dict[str, Any]]:
+    """Call the app as an ASGI server would for a client that goes away once `disconnect` is set; the
+    messages the app sent. (httpx's ASGITransport only reports a disconnect after the response.)"""
+    payload = json.dumps(body).encode()
+    incoming = [{"type": "http.request", "body": payload, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop()
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels} in /metrics")
+
+
+# -- start-up and the engine's death ------------------------------------------------------------------
+
+
+def test_health_is_503_until_ready_then_200() -> None:
+    async def scenario() -> None:
+        release = threading.Event()
+        engine = FakeEngine()
+
+        def slow_engine(_: ServeSettings) -> FakeEngine:
+            assert release.wait(10)
+            return engine
+
+        async with running_app(slow_engine) as running:
+            starting = await running.client.get("/health")
+            assert starting.status_code == 503 and "still starting" in starting.json()["error"]["message"]
+            release.set()
+            await running.wait_until(lambda: running.app.state.serving is not None, "ready")
+            assert (await running.client.get("/health")).json() == {"status": "ok"}
+
+    asyncio.run(scenario())
+
+
+def test_engine_that_cannot_start_stops_the_server_with_exit_code_3(caplog: pytest.LogCaptureFixture) -> None:
+    # It used to stay up answering 503 for ever; a supervisor restarts a server that exits.
+    def failing_engine(_: ServeSettings) -> FakeEngine:
+        raise RuntimeError("not enough memory for the KV cache")
+
+    async def scenario() -> None:
+        async with running_app(failing_engine) as running:
+            await running.wait_until(lambda: running.stops == ["stop"], "the server is asked to stop")
+            assert running.app.state.exit_code == EXIT_START_FAILED == 3
+            health = await running.client.get("/health")
+            assert health.status_code == 503
+            assert "failed to start: RuntimeError: not enough memory" in health.json()["error"]["message"]
+
+    asyncio.run(scenario())
+    assert "stopping the server (exit code 3): RuntimeError: not enough memory" in caplog.text
+
+
+def test_dead_engine_turns_health_503_and_stops_the_server_with_exit_code_1() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.engine.errored = True
+            health = await running.client.get("/health")
+            assert health.status_code == 503 and "engine has stopped" in health.json()["error"]["message"]
+            assert (await running.client.post("/v1/chat/completions", json=CHAT)).status_code == 503
+            await running.wait_until(lambda: running.stops == ["stop"], "the server is asked to stop")
+            assert running.app.state.exit_code == EXIT_ENGINE_DIED == 1
+
+    asyncio.run(scenario())
+
+
+def test_base_model_folder_that_is_not_there_is_refused_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--base-model", str(tmp_path / "missing")]) == 2
+    assert "error: --base-model: no folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_server_process_exits_3_with_the_reason_when_the_base_cannot_load(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "serve", "--base-model", str(empty), "--port", "0", "--host", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "stopping the server (exit code 3): " in done.stderr
+
+
+# -- requests -------------------------------------------------------------------------------------------
+
+
+def test_health_answers_while_a_prompt_is_being_tokenized() -> None:
+    # A long prompt takes seconds to tokenize; on the event loop it stalled every request, /health included.
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.tokenizer.gate = threading.Event()
+            body = {"model": "base", "prompt": "tokenize me"}
+            completion = asyncio.create_task(running.client.post("/v1/completions", json=body))
+            await running.wait_until(running.tokenizer.entered.is_set, "the tokenizer is busy")
+            health = await asyncio.wait_for(running.client.get("/health"), 5)
+            assert health.status_code == 200 and not completion.done()
+            running.tokenizer.gate.set()
+            answer = await completion
+            assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == ANSWER.decode()
+
+    asyncio.run(scenario())
+
+
+def test_unknown_model_is_the_same_404_everywhere() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            chat = await running.client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+            card = await running.client.get("/v1/models/nope")
+            for response in (chat, card):
+                assert response.status_code == 404
+                assert response.json()["error"]["code"] == "model_not_found"
+            assert chat.json() == card.json()
+            assert (await running.client.get("/v1/models/base")).json()["id"] == "base"
+
+    asyncio.run(scenario())
+
+
+def test_json_and_stream_report_the_same_usage() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            body = {"model": "base", "prompt": "abc"}
+            whole = (await running.client.post("/v1/completions", json=body)).json()
+            assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+            streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            response = await running.client.post("/v1/completions", json=streamed)
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(event) for event in events[:-1]]
+            assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == ANSWER.decode()
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    asyncio.run(scenario())
+
+
+def test_stream_error_arrives_in_band_after_the_headers() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.engine.refuse = ValueError("prompt too long for the engine")
+            response = await running.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            assert response.status_code == 200
+            events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "invalid_request_error" and "too long" in error["message"]
+            # Without a stream the same refusal is a 400.
+            plain = await running.client.post("/v1/chat/completions", json=CHAT)
+            assert plain.status_code == 400 and "too long" in plain.json()["error"]["message"]
+
+    asyncio.run(scenario())
+
+
+def test_client_gone_before_the_answer_aborts_the_engine_request() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.engine.hold = asyncio.Event()  # never set: generation waits for ever
+            gone = asyncio.Event()
+            call = asyncio.create_task(send_then_disconnect(running.app, "/v1/chat/completions", CHAT, gone))
+            await running.wait_until(lambda: bool(running.engine.started), "generation starts")
+            gone.set()
+            sent = await asyncio.wait_for(call, 5)
+            assert sent[0]["status"] == 499
+            assert running.engine.aborted == running.engine.started
+            metrics = (await running.client.get("/metrics")).text
+            assert metric(metrics, "tuneserve_requests_aborted_total", model="base") == 1
+            assert metric(metrics, "tuneserve_requests_total", status="499") == 1
+
+    asyncio.run(scenario())
+
+
+def test_client_gone_mid_stream_aborts_the_engine_request() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.engine.hold, running.engine.hold_after = asyncio.Event(), 2
+            gone = asyncio.Event()
+            body = {"model": "base", "prompt": "abc", "stream": True}
+            call = asyncio.create_task(send_then_disconnect(running.app, "/v1/completions", body, gone))
+            await running.wait_until(lambda: bool(running.engine.started), "generation starts")
+            await asyncio.sleep(0.1)
+            gone.set()
+            sent = await asyncio.wait_for(call, 5)
+            assert sent[0]["status"] == 200
+            streamed = b"".join(m.get("body", b"") for m in sent[1:])
+            assert b'"text":"h"' in streamed and b"[DONE]" not in streamed
+            await running.wait_until(lambda: running.engine.aborted == running.engine.started, "abort")
+
+    asyncio.run(scenario())
+
+
+def test_metrics_count_answers_and_tokens_by_model() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            for model, status in (("base", 200), ("nope", 404)):
+                answer = await running.client.post("/v1/completions", json={"model": model, "prompt": "ab"})
+                assert answer.status_code == status
+            text = (await running.client.get("/metrics")).text
+            ok = {"model": "base", "endpoint": "/v1/completions", "status": "200"}
+            assert metric(text, "tuneserve_requests_total", **ok) == 1
+            # A model nobody serves is not a label of its own (clients would grow /metrics without bound).
+            assert metric(text, "tuneserve_requests_total", model="unknown", status="404") == 1
+            assert metric(text, "tuneserve_prompt_tokens_total", model="base") == 2
+            assert metric(text, "tuneserve_generation_tokens_total", model="base") == len(ANSWER)
+
+    asyncio.run(scenario())
