@@ -6,30 +6,29 @@ on disk; `run_bench` checks the endpoint and models first, then writes results.j
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import CliSuppress
+
 from client.cache import Reply, ResponseCache, request_key
+from client.cli import Commands, CommandSettings, add_command
+from client.endpoint import EndpointError, served_models
 from client.suite import BenchPrompt, Suite, SuiteResult
-from client.suites import SUITE_NAMES, Judge, build_suite
+from client.suites import Judge, SuiteName, build_suite
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Status codes worth asking again: request timeout, conflict, rate limit, and every server error.
-RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 class BenchError(RuntimeError):
@@ -43,54 +42,61 @@ class SamplingParams:
     seed: int | None = 0
 
 
-@dataclass
-class BenchConfig:
-    """Everything one `bench` run needs; `__post_init__` rejects bad values naming the option."""
+class BenchConfig(CommandSettings):
+    """Everything one `bench` run needs; its fields are the command's flags."""
 
-    base_url: str | None
-    models: list[str]
-    suite: str
-    data: str | None = None
-    api_key: str = "EMPTY"
-    limit: int | None = None
-    concurrency: int = 8
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    out: Path = Path("bench-out")
-    cache_dir: Path | None = None  # None: <out>/cache
-    use_cache: bool = True
-    cache_scope: str | None = None  # names the endpoint in cache keys instead of its URL
-    timeout: float = 120.0
-    max_attempts: int = 5
-    backoff_s: float = 1.0
-    judge_base_url: str | None = None  # None: base_url
-    judge_model: str | None = None
-    judge_api_key: str | None = None  # None: api_key
-    judge_max_tokens: int = 2048
-    rescore: Path | None = None  # a results.json whose responses are scored again, no model asked
-    progress: bool = True
+    base_url: str | None = Field(None, description="the endpoint's API root, e.g. http://127.0.0.1:8000/v1")
+    api_key: str = Field("EMPTY", description="bearer token for --base-url")
+    models: list[str] = Field([], description="comma-separated model ids; the first is the baseline")
+    suite: SuiteName = Field(description="the suite to run")
+    data: str | None = Field(
+        None,
+        description="tasks: a test.jsonl from `python -m client tasks`; ifeval: JSONL or hub id such as "
+        "google/IFEval (else the 541 prompts shipped in the package); reference: .json/.jsonl or hub "
+        "ID[:SPLIT] (the whole of it is the held-out set); mtbench: FastChat's data folder (else the "
+        "copy shipped in the package)",
+    )
+    limit: int | None = Field(None, ge=1, description="only the first N items")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+    max_tokens: int = Field(256, ge=1, description="per reply")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    seed: int = Field(0, description="sampling seed sent with each request")
+    out: Path = Field(Path("bench-out"), description="output directory")
+    cache_dir: Path | None = Field(None, description="response cache directory, else OUT/cache")
+    no_cache: bool = Field(False, description="neither read nor write the response cache")
+    cache_scope: str | None = Field(
+        None,
+        description="name the endpoint by this in cache keys instead of its URL, so answers of the same "
+        "models served elsewhere (another port, a restarted server) are reused; give it only to unchanged "
+        "models",
+    )
+    timeout: float = Field(120.0, gt=0, description="seconds per request")
+    max_attempts: int = Field(5, ge=1, description="tries per request on transient errors")
+    judge_base_url: str | None = Field(None, description="mtbench: the judge's endpoint, else --base-url")
+    judge_model: str | None = Field(None, description="mtbench: the judge model's id")
+    judge_api_key: str | None = Field(None, description="mtbench: bearer token for the judge, else --api-key")
+    judge_max_tokens: int = Field(2048, ge=1, description="mtbench: per judgment")
+    rescore: Path | None = Field(
+        None,
+        description="an earlier results.json: score its responses again, asking no model (a judge still "
+        "answers)",
+    )
+    progress: CliSuppress[bool] = True  # progress bars (off in tests)
 
-    def __post_init__(self) -> None:
-        if self.suite not in SUITE_NAMES:
-            raise ValueError(f"--suite must be one of {', '.join(SUITE_NAMES)}; got {self.suite!r}")
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, models: list[str]) -> list[str]:
+        names = [name.strip() for name in models if name.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lists a model more than once: {','.join(names)}")
+        return names
+
+    @model_validator(mode="after")
+    def _needs(self) -> BenchConfig:
         if not self.models and self.rescore is None:
             raise ValueError("--models must name at least one model (the first is the baseline)")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError(f"--models lists a model more than once: {','.join(self.models)}")
         if self.base_url is None and self.rescore is None:
             raise ValueError("--base-url is required (e.g. http://127.0.0.1:8000/v1)")
-        for option, value in (
-            ("--limit", self.limit),
-            ("--concurrency", self.concurrency),
-            ("--max-tokens", self.sampling.max_tokens),
-            ("--judge-max-tokens", self.judge_max_tokens),
-            ("--max-attempts", self.max_attempts),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be >= 1, got {value}")
-        if self.timeout <= 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
-        if self.sampling.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.sampling.temperature}")
         if self.suite == "mtbench":
             if self.judge_model is None:
                 raise ValueError(
@@ -98,6 +104,11 @@ class BenchConfig:
                 )
             if (self.judge_base_url or self.base_url) is None:
                 raise ValueError("--suite mtbench with --rescore needs --judge-base-url")
+        return self
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
 
 
 @dataclass
@@ -107,18 +118,8 @@ class BenchReport:
     results: dict[str, SuiteResult]
     meta: dict[str, Any]
     paths: dict[str, Path]
-    requests: int = 0  # chat requests sent (retries included), models and judge together
+    requests: int = 0  # chat requests made (the SDK's retries of one count once), models and judge together
     cache_hits: int = 0
-
-
-def _is_transient(error: Exception) -> bool:
-    import openai
-
-    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(error, openai.APIStatusError):
-        return error.status_code in RETRY_STATUSES or error.status_code >= 500
-    return False
 
 
 async def _gather_or_cancel(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -143,7 +144,6 @@ class ChatRunner:
         concurrency: int = 8,
         timeout: float = 120.0,
         max_attempts: int = 5,
-        backoff_s: float = 1.0,
         cache: ResponseCache | None = None,
         cache_scope: str | None = None,
     ) -> None:
@@ -152,68 +152,18 @@ class ChatRunner:
         self.base_url = base_url.rstrip("/")
         # Cache keys name the endpoint by its URL, or by a scope that stands for the same models anywhere.
         self.cache_scope = cache_scope if cache_scope is not None else self.base_url
-        # The SDK's own retries are off: this class retries, so tests can count every attempt.
+        # The SDK retries connection errors, timeouts, 408, 409, 429 and 5xx with exponential backoff
+        # (honouring Retry-After); other errors fail at once.
         self.client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0
+            base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=max_attempts - 1
         )
         self.semaphore = asyncio.Semaphore(concurrency)
-        self.max_attempts = max_attempts
-        self.backoff_s = backoff_s
         self.cache = cache
         self.requests = 0
         self.cache_hits = 0
 
     async def close(self) -> None:
         await self.client.close()
-
-    async def list_models(self) -> list[dict[str, Any]]:
-        """GET /v1/models, failing fast (no retries on connection errors) with what to check."""
-        import openai
-
-        try:
-            page = await self._with_retries(self.client.models.list, retry_connection_errors=False)
-        except openai.APIConnectionError as err:
-            raise BenchError(
-                f"cannot reach the endpoint at {self.base_url} ({err.__cause__ or err}); is the server "
-                "running, and does --base-url end with its API root (e.g. http://127.0.0.1:8000/v1)?"
-            ) from err
-        except openai.AuthenticationError as err:
-            raise BenchError(f"{self.base_url} refused the API key (401); pass the right --api-key") from err
-        except openai.APIStatusError as err:
-            raise BenchError(
-                f"GET {self.base_url}/models failed with HTTP {err.status_code}: {err.message}"
-            ) from err
-        return [model.model_dump() for model in page.data]
-
-    async def check_models(self, wanted: Sequence[str], option: str = "--models") -> list[dict[str, Any]]:
-        """The endpoint's model listing; raises BenchError naming any model in `wanted` it does not serve."""
-        listing = await self.list_models()
-        served = [str(model["id"]) for model in listing]
-        missing = [name for name in wanted if name not in served]
-        if missing:
-            raise BenchError(
-                f"{option}: {', '.join(missing)} not served at {self.base_url}; "
-                f"it serves: {', '.join(served)}"
-            )
-        return listing
-
-    async def _with_retries(self, call: Any, *, retry_connection_errors: bool = True) -> Any:
-        import openai
-
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return await call()
-            except openai.APIError as err:
-                if not _is_transient(err) or attempt == self.max_attempts:
-                    raise
-                if isinstance(err, openai.APIConnectionError) and not retry_connection_errors:
-                    raise
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                logger.info(
-                    "%s (attempt %d of %d); retrying in %.2fs", err, attempt, self.max_attempts, delay
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> str:
         """The assistant's reply to `messages` (from the cache if this exact request was answered before)."""
@@ -229,19 +179,16 @@ class ChatRunner:
 
         import openai
 
-        async def create() -> Any:
-            self.requests += 1
-            return await self.client.chat.completions.create(
-                model=model,
-                messages=cast("list[ChatCompletionMessageParam]", messages),
-                temperature=params.temperature,
-                max_tokens=params.max_tokens,
-                seed=params.seed if params.seed is not None else openai.omit,
-            )
-
         try:
             async with self.semaphore:
-                completion = await self._with_retries(create)
+                self.requests += 1
+                completion = await self.client.chat.completions.create(
+                    model=model,
+                    messages=cast("list[ChatCompletionMessageParam]", messages),
+                    temperature=params.temperature,
+                    max_tokens=params.max_tokens,
+                    seed=params.seed if params.seed is not None else openai.omit,
+                )
         except openai.APIError as err:
             raise BenchError(
                 f"request to {model} at {self.base_url} failed: {err}; the answers received so far are "
@@ -350,11 +297,12 @@ def _responses_from_results(
 
 async def run_bench(config: BenchConfig) -> BenchReport:
     """Check the endpoint and models, ask every model every prompt, score and write the report."""
-    from client.report import package_version, write_report
+    from client.report import write_report
+    from tuneserve import package_version
 
     started = datetime.now(UTC)
     cache = None
-    if config.use_cache:
+    if not config.no_cache:
         cache = ResponseCache(config.cache_dir if config.cache_dir is not None else config.out / "cache")
     runners: list[ChatRunner] = []
 
@@ -366,7 +314,6 @@ async def run_bench(config: BenchConfig) -> BenchReport:
                 concurrency=config.concurrency,
                 timeout=config.timeout,
                 max_attempts=config.max_attempts,
-                backoff_s=config.backoff_s,
                 cache=cache,
                 cache_scope=cache_scope,
             )
@@ -381,7 +328,7 @@ async def run_bench(config: BenchConfig) -> BenchReport:
             judge_url = config.judge_base_url or config.base_url
             assert judge_url is not None
             judge_runner = runner(judge_url, config.judge_api_key or config.api_key)
-            await judge_runner.check_models([config.judge_model], option="--judge-model")
+            await served_models(judge_runner.client, [config.judge_model], option="--judge-model")
             # As FastChat: the judge answers greedily, at length.
             judge_params = SamplingParams(
                 temperature=0.0, max_tokens=config.judge_max_tokens, seed=config.sampling.seed
@@ -407,7 +354,7 @@ async def run_bench(config: BenchConfig) -> BenchReport:
         else:
             assert config.base_url is not None
             model_runner = runner(config.base_url, config.api_key, config.cache_scope)
-            models_listing = await model_runner.check_models(config.models)
+            models_listing = await served_models(model_runner.client, config.models)
             base_url = model_runner.base_url
             sampling = asdict(config.sampling)
             # Every model's prompts share the concurrency limit, so the server stays busy while one model's
@@ -460,95 +407,24 @@ async def run_bench(config: BenchConfig) -> BenchReport:
 # --- command line ---------------------------------------------------------------------------------
 
 
-def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+def add_bench_command(commands: Commands) -> None:
+    add_command(
+        commands,
         "bench",
+        BenchConfig,
+        _run_bench,
         help="benchmark models at an OpenAI-compatible endpoint (tasks, IFEval, reference outputs, MT-Bench)",
         description="Send a suite's prompts to every model in --models (the first is the baseline), score "
         "the replies and write OUT/results.json, OUT/report.md and OUT/report.png. Answers are cached under "
         "--cache-dir, so an interrupted run resumes where it stopped.",
     )
-    parser.add_argument("--base-url", help="the endpoint's API root, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key", default="EMPTY", help="bearer token for --base-url (default: EMPTY)")
-    parser.add_argument("--models", default="", help="comma-separated model ids; the first is the baseline")
-    parser.add_argument("--suite", required=True, choices=SUITE_NAMES)
-    parser.add_argument(
-        "--data",
-        help="tasks: a test.jsonl from `python -m client tasks`; ifeval: JSONL or hub id such as "
-        "google/IFEval (default: the 541 prompts shipped in the package); reference: .json/.jsonl or hub "
-        "ID[:SPLIT] (the whole of it is the held-out set); mtbench: FastChat's data folder (default: the "
-        "copy shipped in the package)",
-    )
-    parser.add_argument("--limit", type=int, help="only the first N items")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="per reply (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="sampling seed sent with each request (default: 0)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)"
-    )
-    parser.add_argument("--cache-dir", type=Path, help="response cache directory (default: OUT/cache)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
-    parser.add_argument(
-        "--cache-scope",
-        help="name the endpoint by this in cache keys instead of its URL, so answers of the same models "
-        "served elsewhere (another port, a restarted server) are reused; give it only to unchanged models",
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: 120)")
-    parser.add_argument(
-        "--max-attempts", type=int, default=5, help="tries per request on transient errors (default: 5)"
-    )
-    parser.add_argument("--judge-base-url", help="mtbench: the judge's endpoint (default: --base-url)")
-    parser.add_argument("--judge-model", help="mtbench: the judge model's id")
-    parser.add_argument("--judge-api-key", help="mtbench: bearer token for the judge (default: --api-key)")
-    parser.add_argument(
-        "--judge-max-tokens", type=int, default=2048, help="mtbench: per judgment (default: 2048)"
-    )
-    parser.add_argument(
-        "--rescore",
-        type=Path,
-        metavar="RESULTS_JSON",
-        help="score the responses of an earlier results.json again, asking no model (a judge still answers)",
-    )
-    parser.set_defaults(run=_run_bench, parser=parser)
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(
-        base_url=args.base_url,
-        api_key=args.api_key,
-        models=[name.strip() for name in args.models.split(",") if name.strip()],
-        suite=args.suite,
-        data=args.data,
-        limit=args.limit,
-        concurrency=args.concurrency,
-        sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed),
-        out=args.out,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-        cache_scope=args.cache_scope,
-        timeout=args.timeout,
-        max_attempts=args.max_attempts,
-        judge_base_url=args.judge_base_url,
-        judge_model=args.judge_model,
-        judge_api_key=args.judge_api_key,
-        judge_max_tokens=args.judge_max_tokens,
-        rescore=args.rescore,
-    )
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    parser: argparse.ArgumentParser = args.parser
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
+def _run_bench(config: BenchConfig) -> int:
     started = time.monotonic()
     try:
         report = asyncio.run(run_bench(config))
-    except BenchError as err:
+    except (BenchError, EndpointError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
     print(

@@ -22,6 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from client.cli import Commands, CommandSettings, add_command, known_names
+from client.endpoint import EndpointError, served_models
 from client.ifeval.instructions import build_instruction
 
 logger = logging.getLogger(__name__)
@@ -571,7 +575,7 @@ async def ask_questions(
     runner = ChatRunner(base_url, api_key, concurrency=concurrency, cache=cache, cache_scope=cache_scope)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed)
     try:
-        await runner.check_models([model], option="--model")
+        await served_models(runner.client, [model], option="--model")
         with tqdm(total=len(asked), desc=f"answers of {model}", unit="question", disable=not progress) as bar:
 
             async def one(question: str) -> Answer:
@@ -589,89 +593,91 @@ async def ask_questions(
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONSTRAINTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown constraint families {unknown or [text]}; choose from: {', '.join(CONSTRAINTS)}"
-        )
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"a family is listed more than once: {text}")
-    return names
+class DistillConfig(CommandSettings):
+    """One `distill` run: whose answers, which constraints, how many items."""
 
-
-def add_distill_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "distill",
-        help="make constraint-following training data from a model's own answers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    base_url: str = Field(description="the endpoint's API root, e.g. http://127.0.0.1:8000/v1")
+    api_key: str = Field("EMPTY", description="bearer token")
+    model: str = Field(description="the model whose answers are rewritten (the base)")
+    families: list[str] = Field(
+        list(CONSTRAINTS), description=f"comma-separated constraint families: {', '.join(CONSTRAINTS)}"
     )
-    parser.add_argument(
-        "--base-url", required=True, help="the endpoint's API root, e.g. http://127.0.0.1:8000/v1"
+    out: Path = Field(description="output directory")
+    n_train: int = Field(64, ge=1, description="training items per family")
+    n_test: int = Field(24, ge=1, description="held-out prompts per family")
+    questions: int | None = Field(
+        None,
+        ge=1,
+        description="plain questions to ask, else n-train + a third (for the answers that do not finish)",
     )
-    parser.add_argument("--api-key", default="EMPTY", help="bearer token (default: EMPTY)")
-    parser.add_argument("--model", required=True, help="the model whose answers are rewritten (the base)")
-    parser.add_argument(
-        "--families",
-        type=_names,
-        default=list(CONSTRAINTS),
-        help=f"comma-separated constraint families (default: all): {', '.join(CONSTRAINTS)}",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--n-train", type=int, default=64, help="training items per family (default: 64)")
-    parser.add_argument("--n-test", type=int, default=24, help="held-out prompts per family (default: 24)")
-    parser.add_argument(
-        "--questions",
-        type=int,
-        help="plain questions to ask (default: n-train + a third, for the answers that do not finish)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=192, help="per answer; longer ones are dropped")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="question and phrasing choice (default: 0)")
-    parser.add_argument("--cache-dir", type=Path, help="answer cache (default: OUT/cache)")
-    parser.add_argument(
-        "--cache-scope",
-        help="name the endpoint by this in cache keys instead of its URL, so answers from an earlier "
+    max_tokens: int = Field(192, ge=1, description="per answer; longer ones are dropped")
+    concurrency: int = Field(16, ge=1, description="requests in flight")
+    seed: int = Field(0, description="question and phrasing choice")
+    cache_dir: Path | None = Field(None, description="answer cache, else OUT/cache")
+    cache_scope: str | None = Field(
+        None,
+        description="name the endpoint by this in cache keys instead of its URL, so answers from an earlier "
         "server of the same model are reused (e.g. the model's content hash)",
     )
-    parser.set_defaults(run=_run_distill, parser=parser)
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families: list[str]) -> list[str]:
+        return known_names(families, list(CONSTRAINTS), "constraint families")
+
+    @model_validator(mode="after")
+    def _enough_questions(self) -> DistillConfig:
+        available = len(questions("train"))
+        if not 1 <= self.n_questions <= available:
+            raise ValueError(
+                f"--questions must be between 1 and {available} (the training questions), "
+                f"got {self.n_questions}"
+            )
+        return self
+
+    @property
+    def n_questions(self) -> int:
+        return self.questions if self.questions is not None else self.n_train + self.n_train // 3
 
 
-def _run_distill(args: argparse.Namespace) -> int:
+def add_distill_command(commands: Commands) -> None:
+    add_command(
+        commands,
+        "distill",
+        DistillConfig,
+        _run_distill,
+        help="make constraint-following training data from a model's own answers",
+        description=__doc__ or "",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _run_distill(config: DistillConfig) -> int:
     from client.bench import BenchError
 
-    parser: argparse.ArgumentParser = args.parser
     pool = questions("train")
-    n_questions = args.questions if args.questions is not None else args.n_train + args.n_train // 3
-    for option, value in (("--n-train", args.n_train), ("--n-test", args.n_test)):
-        if value < 1:
-            parser.error(f"{option} must be >= 1, got {value}")
-    if not 1 <= n_questions <= len(pool):
-        parser.error(
-            f"--questions must be between 1 and {len(pool)} (the training questions), got {n_questions}"
-        )
-    asked = random.Random(f"tuneserve-distill:{args.seed}:questions").sample(pool, n_questions)
+    asked = random.Random(f"tuneserve-distill:{config.seed}:questions").sample(pool, config.n_questions)
     try:
         answers = asyncio.run(
             ask_questions(
-                args.base_url,
-                args.model,
+                config.base_url,
+                config.model,
                 asked,
-                api_key=args.api_key,
-                max_tokens=args.max_tokens,
-                concurrency=args.concurrency,
-                seed=args.seed,
-                cache_dir=args.cache_dir if args.cache_dir is not None else args.out / "cache",
-                cache_scope=args.cache_scope,
+                api_key=config.api_key,
+                max_tokens=config.max_tokens,
+                concurrency=config.concurrency,
+                seed=config.seed,
+                cache_dir=config.cache_dir if config.cache_dir is not None else config.out / "cache",
+                cache_scope=config.cache_scope,
             )
         )
-    except BenchError as error:
+    except (BenchError, EndpointError) as error:
         print(f"distill: error: {error}", file=sys.stderr)
         return 2
-    meta = {"model": args.model, "max_tokens": args.max_tokens, "seed": args.seed}
-    stats = write_distilled(args.out, args.families, answers, args.n_train, args.n_test, args.seed, meta)
+    meta = {"model": config.model, "max_tokens": config.max_tokens, "seed": config.seed}
+    stats = write_distilled(
+        config.out, config.families, answers, config.n_train, config.n_test, config.seed, meta
+    )
     print(f"{stats['complete_answers']} of {stats['questions_asked']} answers complete")
     for name, counts in stats["families"].items():
         print(f"{name}: {counts['train']} train, {counts['test']} test")
@@ -680,5 +686,5 @@ def _run_distill(args: argparse.Namespace) -> int:
         f"IFEval overlap: {overlap['sharing']} of {overlap['prompts']} training prompts share a word "
         f"{overlap['n']}-gram with IFEval's 541 prompts (longest shared: {overlap['longest']} words)"
     )
-    print(f"data: {args.out}")
+    print(f"data: {config.out}")
     return 0

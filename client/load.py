@@ -20,10 +20,7 @@ How each figure maps to vLLM's (vllm/benchmarks/serve.py, lib/endpoint_request_f
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -34,7 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, cast
+
+from pydantic import Field, field_validator
+from pydantic_settings import CliSuppress
+
+from client.cli import Commands, CommandSettings, add_command
+from client.endpoint import EndpointError, served_models
+from tuneserve import package_version
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -42,7 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Endpoint = Literal["chat", "completions"]
-ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
 PERCENTILES = (90, 99)  # reported as p90_*/p99_*; p50 is vLLM's median_*
 LATENCY_METRICS = {
     "ttft": "Time to First Token",
@@ -66,50 +69,55 @@ _COMMON_WORDS = (
 
 
 class LoadError(Exception):
-    """The benchmark cannot start: the endpoint is unreachable, refuses the key, or lacks a model."""
+    """The benchmark cannot start: its tokenizer does not load (the endpoint's faults are EndpointError)."""
 
 
 # ----- configuration and results -----------------------------------------------------------------
 
 
-@dataclass
-class LoadConfig:
+class LoadConfig(CommandSettings):
     """One sweep: the same prompts at each concurrency level, requests spread round-robin over models."""
 
-    base_url: str  # the server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)
-    models: list[str]
-    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
-    num_prompts: int = 100
-    input_len: int = 256
-    output_len: int = 128
-    ignore_eos: bool = False
-    endpoint: Endpoint = "completions"  # vLLM's default backend; input lengths are exact only here
-    seed: int = 0
-    tokenizer: str | None = None  # path or hub id: exact input lengths; without it, common words
-    api_key: str | None = None
-    timeout_s: float = 600.0  # per request
+    base_url: str = Field(description="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
+    api_key: str | None = Field(None, description="bearer key, else $OPENAI_API_KEY")
+    models: list[str] = Field(min_length=1, description="comma-separated model or adapter names")
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 8, 32], min_length=1, description="comma-separated levels"
+    )
+    num_prompts: int = Field(100, ge=1, description="requests per level")
+    input_len: int = Field(256, ge=1, description="prompt tokens")
+    output_len: int = Field(128, ge=1, description="max_tokens")
+    ignore_eos: bool = Field(False, description="generate exactly --output-len tokens (vLLM extension)")
+    # vLLM's default backend; input lengths are exact only here
+    endpoint: Endpoint = Field("completions", description="API to load")
+    seed: int = Field(0, description="prompt seed")
+    tokenizer: str | None = Field(
+        None,
+        description="tokenizer path or hub id for exact input lengths (vLLM's random prompts); "
+        "without it, prompts are common words, about --input-len tokens",
+    )
+    out: Path | None = Field(None, description="directory for load.json, load.md and load.png")
+    timeout_s: CliSuppress[float] = Field(600.0, gt=0)  # per request
 
-    def __post_init__(self) -> None:
-        self.base_url = self.base_url.rstrip("/").removesuffix("/v1")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if not self.models or any(not name for name in self.models):
-            raise ValueError(f"models must name at least one model and no empty name, got {self.models}")
-        if not self.concurrency or any(level < 1 for level in self.concurrency):
-            raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
-        for name in ("num_prompts", "input_len", "output_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.endpoint not in ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+    @field_validator("base_url")
+    @classmethod
+    def _server_root(cls, url: str) -> str:
+        url = url.rstrip("/").removesuffix("/v1")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: list[str]) -> list[str]:
+        names = [name.strip() for name in models if name.strip()]
+        if not names:
+            raise ValueError("must name at least one model")
+        return names
 
     def public_args(self) -> dict[str, Any]:
-        """The settings as written to load.json: everything but the API key."""
-        args = dataclasses.asdict(self)
-        args.pop("api_key")
-        return args
+        """The settings as written to load.json: everything but the API key and the output folder."""
+        return self.model_dump(mode="json", exclude={"api_key", "out"})
 
 
 @dataclass(frozen=True)
@@ -352,29 +360,6 @@ def make_prompts(config: LoadConfig) -> list[Prompt]:
 # ----- requests ---------------------------------------------------------------------------------------
 
 
-async def check_endpoint(client: AsyncOpenAI, config: LoadConfig) -> list[str]:
-    """The ids GET /v1/models lists; LoadError when the server is unreachable or lacks a model."""
-    import openai
-
-    url = f"{config.base_url}/v1/models"
-    try:
-        page = await client.models.list()
-    except openai.APIConnectionError as error:
-        cause = error.__cause__ or error
-        raise LoadError(f"cannot reach {url}: {cause}; is the server running at --base-url?") from error
-    except openai.AuthenticationError as error:
-        raise LoadError(f"{url} refused the API key (401): pass the server's key with --api-key") from error
-    except openai.APIStatusError as error:
-        raise LoadError(f"GET {url} answered {error.status_code}: {error.message}") from error
-    served = [model.id for model in page.data]
-    unknown = [name for name in config.models if name not in served]
-    if unknown:
-        raise LoadError(
-            f"--models names {', '.join(unknown)}, which {url} does not list; it serves: {', '.join(served)}"
-        )
-    return served
-
-
 async def send_request(client: AsyncOpenAI, config: LoadConfig, prompt: Prompt, model: str) -> RequestResult:
     """Stream one request and time its chunks; any error ends it as a failure that keeps the message."""
     result = RequestResult(model=model, prompt_tokens=prompt.num_tokens)
@@ -466,11 +451,11 @@ async def run_load(config: LoadConfig, on_level: Callable[[LevelResult], None] |
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     async with AsyncOpenAI(
         base_url=f"{config.base_url}/v1",
-        api_key=config.api_key or "EMPTY",
+        api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
         max_retries=0,  # a retry would hide a failure and stretch the latency it measures
         timeout=config.timeout_s,
     ) as client:
-        served = await check_endpoint(client, config)
+        served = [str(model["id"]) for model in await served_models(client, config.models)]
         prompts = make_prompts(config)
         levels = []
         for max_concurrency in config.concurrency:
@@ -478,14 +463,9 @@ async def run_load(config: LoadConfig, on_level: Callable[[LevelResult], None] |
             if on_level is not None:
                 on_level(level)
             levels.append(level)
-    return LoadReport(config=config, served_models=served, date=date, version=_version(), levels=levels)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("tuneserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+    return LoadReport(
+        config=config, served_models=served, date=date, version=package_version(), levels=levels
+    )
 
 
 # ----- reports ---------------------------------------------------------------------------------------
@@ -603,82 +583,27 @@ def write_report(report: LoadReport, out: Path) -> dict[str, Path]:
 # ----- command line ----------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def add_load_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+def add_load_command(commands: Commands) -> None:
+    add_command(
+        commands,
         "load",
+        LoadConfig,
+        _run_load_command,
         help="load-test an OpenAI-compatible endpoint (vLLM's serving-benchmark metrics)",
         description="Send random prompts round-robin over --models at each --concurrency level and report "
         "throughput, TTFT, TPOT, ITL and end-to-end latency as vLLM's serving benchmark defines them.",
     )
-    parser.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    parser.add_argument(
-        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default: $OPENAI_API_KEY)"
-    )
-    parser.add_argument(
-        "--models", type=_name_list, required=True, help="comma-separated model or adapter names"
-    )
-    parser.add_argument(
-        "--concurrency", type=_int_list, default=[1, 8, 32], help="comma-separated levels (default: 1,8,32)"
-    )
-    parser.add_argument("--num-prompts", type=int, default=100, help="requests per level (default: 100)")
-    parser.add_argument("--input-len", type=int, default=256, help="prompt tokens (default: 256)")
-    parser.add_argument("--output-len", type=int, default=128, help="max_tokens (default: 128)")
-    parser.add_argument(
-        "--ignore-eos", action="store_true", help="generate exactly --output-len tokens (vLLM extension)"
-    )
-    parser.add_argument(
-        "--endpoint", choices=ENDPOINTS, default="completions", help="API to load (default: completions)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
-    parser.add_argument(
-        "--tokenizer",
-        help="tokenizer path or hub id for exact input lengths (vLLM's random prompts); "
-        "without it, prompts are common words, about --input-len tokens",
-    )
-    parser.add_argument("--out", type=Path, help="directory for load.json, load.md and load.png")
-    parser.set_defaults(run=_run_load_command, parser=parser)
 
 
-def _run_load_command(args: argparse.Namespace) -> int:
-    parser: argparse.ArgumentParser = args.parser
-    try:
-        config = LoadConfig(
-            base_url=args.base_url,
-            models=args.models,
-            concurrency=args.concurrency,
-            num_prompts=args.num_prompts,
-            input_len=args.input_len,
-            output_len=args.output_len,
-            ignore_eos=args.ignore_eos,
-            endpoint=args.endpoint,
-            seed=args.seed,
-            tokenizer=args.tokenizer,
-            api_key=args.api_key,
-        )
-    except ValueError as error:
-        parser.error(str(error))
+def _run_load_command(config: LoadConfig) -> int:
     try:
         report = asyncio.run(run_load(config, on_level=lambda level: print(format_level(level), flush=True)))
-    except LoadError as error:
+    except (LoadError, EndpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_markdown(report))
-    if args.out is not None:
-        for path in write_report(report, args.out).values():
+    if config.out is not None:
+        for path in write_report(report, config.out).values():
             print(f"wrote {path}")
     if report.failed:
         sent = sum(len(level.requests) for level in report.levels)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from client.suite import BenchPrompt, Suite, SuiteResult, read_jsonl
 from client.tasks import TaskItem, verify
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUITE_NAMES = ("ifeval", "tasks", "reference", "mtbench")
+SuiteName = Literal["ifeval", "tasks", "reference", "mtbench"]
+SUITE_NAMES: tuple[SuiteName, ...] = get_args(SuiteName)
 IFEVAL_HUB_ID = "google/IFEval"
 
 # A judge takes a batch of conversations (OpenAI chat messages) and returns the judge's reply to each.

@@ -23,6 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from client.cli import Commands, CommandSettings, add_command, known_names
+
 Split = Literal["train", "test"]
 
 # --- word pools ---------------------------------------------------------------------------------
@@ -502,3 +506,64 @@ def load_items(path: Path) -> list[TaskItem]:
                 )
             items.append(TaskItem(**{field: record[field] for field in _ITEM_FIELDS}))
     return items
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+class TasksConfig(CommandSettings):
+    """One `tasks` run: which families, how many items, where to."""
+
+    out: Path = Field(description="directory to write into (created if missing)")
+    families: list[str] | None = Field(
+        None, description=f"comma-separated families (default: all): {', '.join(FAMILIES)}"
+    )
+    group: str | None = Field(None, description=f"a group of families: {', '.join(GROUPS)}")
+    n_train: int = Field(2000, ge=0, description="training items")
+    n_test: int = Field(200, ge=0, description="held-out test items")
+    seed: int = Field(0, description="generator seed")
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families: list[str] | None) -> list[str] | None:
+        return None if families is None else known_names(families, list(FAMILIES), "families")
+
+    @field_validator("group")
+    @classmethod
+    def _known_group(cls, group: str | None) -> str | None:
+        if group is not None and group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}; choose from: {', '.join(GROUPS)}")
+        return group
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> TasksConfig:
+        if self.families is not None and self.group is not None:
+            raise ValueError("give --families or --group, not both")
+        return self
+
+    @property
+    def chosen_families(self) -> list[str]:
+        if self.group is not None:
+            return list(GROUPS[self.group])
+        return self.families if self.families is not None else list(FAMILIES)
+
+
+def add_tasks_command(commands: Commands) -> None:
+    add_command(
+        commands,
+        "tasks",
+        TasksConfig,
+        _run_tasks,
+        help="write the generated instruction-following suite (train.jsonl and test.jsonl)",
+        description="Write OUT/train.jsonl (chat records for fine-tuning) and OUT/test.jsonl (held-out "
+        "items with their checks, for `bench --suite tasks`).",
+    )
+
+
+def _run_tasks(config: TasksConfig) -> int:
+    families = config.chosen_families
+    paths = write_task_data(config.out, families, config.n_train, config.n_test, seed=config.seed)
+    print(f"families: {', '.join(families)}")
+    print(f"train: {config.n_train} items -> {paths['train']}")
+    print(f"test: {config.n_test} items -> {paths['test']}")
+    return 0

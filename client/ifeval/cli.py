@@ -1,65 +1,59 @@
-"""`python -m client score --suite ifeval`: score a responses file on IFEval and print the table;
-`python -m client ifeval-subset`: write a fixed, stratified subset of IFEval's prompts."""
+"""`python -m client score --suite ifeval` scores a responses file on IFEval and prints the table;
+`python -m client ifeval-subset` writes a fixed, stratified subset of IFEval's prompts."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
-from client.ifeval.evaluation import (
-    evaluate,
-    format_scores,
-    load_items,
-    load_responses,
-    select_subset,
-    write_items,
-)
+from pydantic import Field, FilePath, field_validator
 
-SUITES = ("ifeval",)
+from client.cli import Commands, CommandSettings, UsageError, add_command
+from client.ifeval.evaluation import evaluate, format_scores, load_items, load_responses
 
 
-def add_score_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+class ScoreConfig(CommandSettings):
+    """One `score` run: which responses, scored against which prompts."""
+
+    suite: Literal["ifeval"] = Field(description="the benchmark to score")
+    data: str = Field(
+        description="IFEval prompts: a local input_data.jsonl, or a hub dataset id such as google/IFEval"
+    )
+    responses: FilePath = Field(description="responses JSONL to score")
+    limit: int | None = Field(None, ge=1, description="score only the first LIMIT items of DATA")
+    out: Path | None = Field(None, description="directory to write scores.json into (created if missing)")
+
+
+def add_score_command(commands: Commands) -> None:
+    add_command(
+        commands,
         "score",
+        ScoreConfig,
+        _run_score,
         help="score a responses file on IFEval (strict and loose accuracy)",
         description='Score RESPONSES (one {"prompt", "response"} JSON object per line, the format of '
         "google-research's instruction_following_eval) on the IFEval prompts in DATA, print prompt- and "
         "instruction-level accuracy (strict and loose) and the per-instruction-type table; with --out, "
         "also write OUT/scores.json with every item's outcome.",
     )
-    parser.add_argument("--suite", required=True, choices=SUITES, help="the benchmark to score")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="IFEval prompts: a local input_data.jsonl, or a hub dataset id such as google/IFEval",
-    )
-    parser.add_argument("--responses", type=Path, required=True, help="responses JSONL to score")
-    parser.add_argument("--limit", type=int, help="score only the first LIMIT items of DATA")
-    parser.add_argument("--out", type=Path, help="directory to write scores.json into (created if missing)")
-    parser.set_defaults(run=_run_score, parser=parser)
 
 
-def _run_score(args: argparse.Namespace) -> int:
-    parser: argparse.ArgumentParser = args.parser
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
-    if not args.responses.is_file():
-        parser.error(f"--responses {args.responses}: no such file")
+def _run_score(config: ScoreConfig) -> int:
     try:
-        items = load_items(args.data, limit=args.limit)
-        scores = evaluate(items, load_responses(args.responses))
+        items = load_items(config.data, limit=config.limit)
+        scores = evaluate(items, load_responses(config.responses))
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        raise UsageError(str(error)) from error
     print(format_scores(scores))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "scores.json"
+    if config.out is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+        path = config.out / "scores.json"
         summary = {
-            "suite": args.suite,
-            "data": str(args.data),
-            "responses": str(args.responses),
+            "suite": config.suite,
+            "data": str(config.data),
+            "responses": str(config.responses),
             "prompt_strict": scores.prompt_strict,
             "prompt_loose": scores.prompt_loose,
             "instruction_strict": scores.instruction_strict,
@@ -72,42 +66,51 @@ def _run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subset_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+class SubsetConfig(CommandSettings):
+    """One `ifeval-subset` run: which instruction types to draw, how many prompts of each, where to."""
+
+    focus: list[str] = Field(
+        description="comma-separated instruction types, e.g. change_case:english_capital"
+    )
+    per_focus: int = Field(ge=0, description="prompts per focus type")
+    per_other: int = Field(ge=0, description="prompts per other instruction type")
+    seed: int = Field(0, description="which prompts are drawn")
+    data: str | None = Field(
+        None, description="IFEval JSONL or hub id, else the 541 prompts shipped in the package"
+    )
+    out: Path = Field(description="the JSONL file to write")
+
+    @field_validator("focus")
+    @classmethod
+    def _stripped(cls, focus: list[str]) -> list[str]:
+        return [kind.strip() for kind in focus if kind.strip()]
+
+
+def add_subset_command(commands: Commands) -> None:
+    add_command(
+        commands,
         "ifeval-subset",
+        SubsetConfig,
+        _run_subset,
         help="write a fixed, stratified subset of IFEval (prompts of chosen instruction types, then others)",
         description="Write OUT: PER_FOCUS prompts carrying each --focus instruction type, then PER_OTHER "
         "prompts of every other type among prompts with no focus type, drawn with --seed, in IFEval's order "
         "and input format (for `bench --suite ifeval --data OUT`). The same arguments give the same subset.",
     )
-    parser.add_argument(
-        "--focus", required=True, help="comma-separated instruction types, e.g. change_case:english_capital"
-    )
-    parser.add_argument("--per-focus", type=int, required=True, help="prompts per focus type")
-    parser.add_argument("--per-other", type=int, required=True, help="prompts per other instruction type")
-    parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn (default: 0)")
-    parser.add_argument(
-        "--data", help="IFEval JSONL or hub id (default: the 541 prompts shipped in the package)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
-    parser.set_defaults(run=_run_subset, parser=parser)
 
 
-def _run_subset(args: argparse.Namespace) -> int:
+def _run_subset(config: SubsetConfig) -> int:
+    from client.ifeval.evaluation import select_subset, write_items
     from client.suites import default_data
 
-    parser: argparse.ArgumentParser = args.parser
-    if args.per_focus < 0 or args.per_other < 0:
-        parser.error("--per-focus and --per-other must be >= 0")
-    focus = [kind.strip() for kind in args.focus.split(",") if kind.strip()]
     try:
-        items = load_items(args.data or default_data("ifeval"))
+        items = load_items(config.data or default_data("ifeval"))
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        raise UsageError(str(error)) from error
     known = {kind for item in items for kind in item.instruction_id_list}
-    unknown = [kind for kind in focus if kind not in known]
+    unknown = [kind for kind in config.focus if kind not in known]
     if unknown:
-        parser.error(f"--focus: no prompt carries {unknown}; types: {', '.join(sorted(known))}")
-    subset = select_subset(items, focus, args.per_focus, args.per_other, seed=args.seed)
-    print(f"IFEval subset: {len(subset)} of {len(items)} prompts -> {write_items(subset, args.out)}")
+        raise UsageError(f"--focus: no prompt carries {unknown}; types: {', '.join(sorted(known))}")
+    subset = select_subset(items, config.focus, config.per_focus, config.per_other, seed=config.seed)
+    print(f"IFEval subset: {len(subset)} of {len(items)} prompts -> {write_items(subset, config.out)}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -158,13 +159,22 @@ def test_write_distilled_lays_out_families_mix_and_stats(tmp_path: Path) -> None
     assert json.loads((tmp_path / "stats.json").read_text()) == stats
 
 
-def test_cli_refuses_unknown_families(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        client_main(
-            ["distill", "--base-url", "http://x/v1", "--model", "m", "--out", "o", "--families", "nope"]
-        )
-    assert exit_info.value.code == 2
-    assert "unknown constraint families ['nope']" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--families", "nope"], "--families: unknown constraint families ['nope']; choose from: uppercase"),
+        (["--n-train", "0"], "--n-train: Input should be greater than or equal to 1 (got 0)"),
+        (["--concurrency", "0"], "--concurrency: Input should be greater than or equal to 1 (got 0)"),
+        (["--questions", "100000"], "--questions must be between 1 and "),
+        (["--n-train", "1000"], "--questions must be between 1 and "),  # 1000 + a third is too many
+    ],
+)
+def test_cli_names_the_bad_flag(
+    argv: list[str], message: str, usage_error: Callable[[list[str]], str]
+) -> None:
+    assert message in usage_error(
+        ["distill", "--base-url", "http://x/v1", "--model", "m", "--out", "o", *argv]
+    )
 
 
 @pytest.mark.slow

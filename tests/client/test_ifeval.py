@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -663,6 +663,41 @@ def test_score_command_reports_a_missing_response(tmp_path: Path, capsys: pytest
         _run_score(["score", "--suite", "ifeval", "--data", str(data), "--responses", str(responses)])
     assert exit_info.value.code == 2
     assert "missing keys: [2]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--limit", "0"], "--limit: Input should be greater than or equal to 1 (got 0)"),
+        (["--responses", "nowhere.jsonl"], "--responses: Path does not point to a file (got nowhere.jsonl)"),
+        (["--suite", "tasks"], "--suite: Input should be 'ifeval' (got tasks)"),
+    ],
+)
+def test_score_command_names_the_bad_flag(
+    tmp_path: Path, usage_error: Callable[[list[str]], str], argv: list[str], message: str
+) -> None:
+    responses = _write_jsonl(tmp_path / "responses.jsonl", [{"prompt": "a", "response": "x"}])
+    argv = ["score", "--suite", "ifeval", "--data", "d", "--responses", str(responses), *argv]
+    assert message in usage_error(argv)
+
+
+def test_subset_command_writes_the_subset_and_names_a_bad_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], usage_error: Callable[[list[str]], str]
+) -> None:
+    from client.__main__ import main as client_main
+    from client.ifeval import select_subset
+
+    out = tmp_path / "subset.jsonl"
+    argv = ["ifeval-subset", "--focus", "startend:quotation", "--per-focus", "3", "--per-other", "0"]
+    assert client_main([*argv, "--seed", "2", "--out", str(out)]) == 0
+    expected = select_subset(load_items(IFEVAL_JSONL), ["startend:quotation"], 3, 0, seed=2)
+    assert load_items(out) == expected and "3 of 541 prompts" in capsys.readouterr().out
+    error = usage_error([*argv, "--out", str(out), "--per-focus", "-1"])
+    assert "--per-focus: Input should be greater than or equal to 0 (got -1)" in error
+    error = usage_error(
+        ["ifeval-subset", "--focus", "nope", "--per-focus", "1", "--per-other", "1", "--out", str(out)]
+    )
+    assert "--focus: no prompt carries ['nope']; types: " in error
 
 
 # --- the packaged prompts and the reference implementation --------------------------------------

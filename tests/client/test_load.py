@@ -13,17 +13,17 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.endpoint import EndpointError
 from client.load import (
     Distribution,
     LoadConfig,
-    LoadError,
     RequestResult,
     add_load_command,
     compute_metrics,
@@ -268,7 +268,7 @@ def test_token_prompts_are_vllms_random_dataset(tiny_tokenizer) -> None:  # type
 def test_unreachable_endpoint_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     started = time.monotonic()
-    with pytest.raises(LoadError, match=r"cannot reach .*/v1/models"):
+    with pytest.raises(EndpointError, match=r"cannot reach .*/v1/models"):
         asyncio.run(run_load(LoadConfig(base_url=url, models=["m"])))
     assert run_cli("--base-url", url, "--models", "m") == 2
     assert "error: cannot reach" in capsys.readouterr().err
@@ -278,22 +278,42 @@ def test_unreachable_endpoint_fails_fast(capsys: pytest.CaptureFixture[str]) -> 
 def test_unknown_model_fails_fast(stub: tuple[str, list[dict[str, Any]]]) -> None:
     url, bodies = stub
     config = LoadConfig(base_url=url, models=["a", "nope"], api_key=STUB_KEY)
-    with pytest.raises(LoadError, match=r"--models names nope, .* it serves: base, a, b, broken"):
+    with pytest.raises(
+        EndpointError, match=r"--models: nope not served at .*/v1/models; it serves: base, a, b, broken"
+    ):
         asyncio.run(run_load(config))
     assert bodies == []  # nothing was sent
 
 
 def test_wrong_api_key_fails_fast(stub: tuple[str, list[dict[str, Any]]]) -> None:
-    with pytest.raises(LoadError, match="refused the API key"):
+    with pytest.raises(EndpointError, match="refused the API key"):
         asyncio.run(run_load(LoadConfig(base_url=stub[0], models=["a"], api_key="wrong")))
 
 
-def test_config_errors_name_the_option(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ValueError, match="concurrency levels must be >= 1"):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--output-len", "0"], "--output-len: Input should be greater than or equal to 1 (got 0)"),
+        (["--num-prompts", "0"], "--num-prompts: Input should be greater than or equal to 1"),
+        (["--input-len", "x"], "--input-len: Input should be a valid integer"),
+        (["--concurrency", "1,0"], "--concurrency: Input should be greater than or equal to 1 (got 0)"),
+        (["--endpoint", "embeddings"], "--endpoint: Input should be 'chat' or 'completions'"),
+        (["--base-url", "localhost:8000"], "--base-url: must start with http:// or https://"),
+    ],
+)
+def test_config_errors_name_the_flag(
+    argv: list[str], message: str, usage_error: Callable[[list[str]], str]
+) -> None:
+    assert message in usage_error(["load", "--base-url", "http://x", "--models", "m", *argv])
+
+
+def test_the_config_checks_python_callers_too() -> None:
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
         LoadConfig(base_url="http://x", models=["m"], concurrency=[0])
-    with pytest.raises(SystemExit):
-        run_cli("--base-url", "http://x", "--models", "m", "--output-len", "0")
-    assert "output_len must be >= 1" in capsys.readouterr().err
+    assert LoadConfig(base_url="http://x/v1/", models=[" m "]).model_dump(include={"base_url", "models"}) == {
+        "base_url": "http://x",
+        "models": ["m"],
+    }
 
 
 # ----- against the stub --------------------------------------------------------------------------------
@@ -392,5 +412,5 @@ def test_load_chat_against_the_server_and_unknown_adapter(server: Server, tmp_pa
     assert run_cli(*argv, "--models", "caps,words", "--out", str(tmp_path)) == 0
     (level,) = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert level["completed"] == 4 and level["output_lens"] == [8] * 4
-    with pytest.raises(LoadError, match="--models names nope"):
+    with pytest.raises(EndpointError, match="--models: nope not served"):
         asyncio.run(run_load(LoadConfig(base_url=server.url, models=["fmt", "nope"], api_key=API_KEY)))

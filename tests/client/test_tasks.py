@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -221,13 +222,25 @@ def test_cli_writes_the_suite(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     [("--group", "nope", ", ".join(GROUPS)), ("--families", "uppercase,nope", ", ".join(FAMILIES))],
 )
 def test_cli_rejects_unknown_names(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, listed: str
+    tmp_path: Path, usage_error: Callable[[list[str]], str], option: str, value: str, listed: str
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tasks", "--out", str(tmp_path), option, value])
-    assert exit_info.value.code == 2
-    assert listed in capsys.readouterr().err
+    assert listed in usage_error(["tasks", "--out", str(tmp_path), option, value])
     assert not (tmp_path / "train.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n-train", "-1"], "--n-train: Input should be greater than or equal to 0 (got -1)"),
+        (["--n-test", "many"], "--n-test: Input should be a valid integer"),
+        (["--group", "format", "--families", "uppercase"], "give --families or --group, not both"),
+        (["--families", "uppercase,uppercase"], "--families: lists one of the families more than once"),
+    ],
+)
+def test_cli_names_the_bad_flag(
+    tmp_path: Path, usage_error: Callable[[list[str]], str], argv: list[str], message: str
+) -> None:
+    assert message in usage_error(["tasks", "--out", str(tmp_path), *argv])
 
 
 def test_client_imports_nothing_heavy() -> None:
