@@ -21,15 +21,6 @@ GROUP_LABELS = {"tasks": "family", "ifeval": "instruction type", "mtbench": "cat
 COUNT = "count"  # a breakdown entry that counts items rather than scores them
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tuneserve")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _ordered_keys(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
     """Keys in order of first appearance across `dicts`."""
     return list(dict.fromkeys(key for each in dicts for key in each))

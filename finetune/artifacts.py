@@ -11,12 +11,12 @@ import os
 import shutil
 import time
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig
 from finetune.servable import file_sha256, folder_sha256
+from tuneserve import package_version
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ def set_adapter_base(adapter_dir: Path, base_model: str) -> None:
     adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     adapter_config["base_model_name_or_path"] = base_model
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def package_version() -> str:
-    try:
-        return version("tuneserve")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build_manifest(

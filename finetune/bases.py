@@ -21,8 +21,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from finetune.artifacts import package_version, publish
+from finetune.artifacts import publish
 from finetune.servable import file_sha256
+from tuneserve import package_version
 
 logger = logging.getLogger(__name__)
 
