@@ -13,9 +13,11 @@ from pipeline.__main__ import main as pipeline_main
 from pipeline.demo import (
     PACKAGED_SERVE_ARGS,
     REPO_ROOT,
+    Demo,
     DemoConfig,
     DemoError,
     _resolve_finetune_config,
+    _write_ifeval_subset,
     base_fingerprint,
     check_names,
     read_catalog,
@@ -106,6 +108,19 @@ def test_finetune_config_follows_the_base() -> None:
         _resolve_finetune_config(DemoConfig(base_model="org/unknown-7b"), "org/unknown-7b")
     explicit = DemoConfig(base_model="org/unknown-7b", finetune_config=Path("configs/tiny-demo.yaml"))
     assert _resolve_finetune_config(explicit, "org/unknown-7b") == (Path.cwd() / "configs/tiny-demo.yaml")
+
+
+def test_ifeval_subset_stage_runs_the_client_command_on_the_tasks_types(tmp_path: Path) -> None:
+    config = DemoConfig(out=tmp_path, tasks=("uppercase", "quotation"), ifeval_per_type=3, ifeval_others=0)
+    demo = Demo(config=config, catalog=read_catalog())
+    subset = _write_ifeval_subset(demo)
+    assert demo.commands == [
+        "python -m client ifeval-subset --focus change_case:english_capital,startend:quotation "
+        f"--per-focus 3 --per-other 0 --seed 0 --out {subset}"
+    ]
+    focus = {"change_case:english_capital", "startend:quotation"}
+    kinds = [json.loads(line)["instruction_id_list"] for line in subset.read_text().splitlines()]
+    assert len(kinds) == 6 and all(focus & set(each) for each in kinds)
 
 
 def test_full_ifeval_needs_the_adapters_of_a_finished_demo(tmp_path: Path) -> None:
