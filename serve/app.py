@@ -293,7 +293,7 @@ def build_app(
             from prometheus_client import start_http_server
 
             metrics_server, _ = start_http_server(
-                settings.metrics_port, addr=settings.host, registry=metrics.registry
+                settings.metrics_port, addr=settings.host, registry=metrics.served
             )
             log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
         starting = asyncio.create_task(

@@ -1,17 +1,28 @@
-"""Prometheus metrics of the server, labelled by model (the base or an adapter name)."""
+"""What GET /metrics serves: vLLM's own `vllm:*` series, as vLLM's OpenAI server serves them, plus the series
+vLLM lacks: vLLM labels everything with the base's name only, these tell the base and each adapter apart."""
 
 from __future__ import annotations
 
 import time
-from types import TracebackType
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from vllm.v1.metrics.buckets import histogram_buckets
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
 
 
 class ServerMetrics:
-    """One registry per app (tests start several apps in one process)."""
+    """Our per-model series, in a registry per app (tests start several apps in one process).
+
+    vLLM's engine records its series (scheduler queue, KV-cache use, latencies, tokens,
+    `vllm:lora_requests_info`) in prometheus_client's process-wide registry; `render` serves it, then ours.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -36,16 +47,16 @@ class ServerMetrics:
         )
         self.ttft = Histogram(
             "tuneserve_time_to_first_token_seconds",
-            "Time from request to first generated token.",
+            "vLLM's time to first token (vllm:time_to_first_token_seconds), per model.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=histogram_buckets("time_to_first_token"),  # vLLM's, so the two line up
             registry=self.registry,
         )
         self.e2e = Histogram(
             "tuneserve_e2e_request_latency_seconds",
-            "Time from request to last generated token.",
+            "From the request's arrival in vLLM to its last output reaching the API, per model.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=histogram_buckets("request_latency"),
             registry=self.registry,
         )
         self.aborted = Counter(
@@ -54,21 +65,11 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.running = Gauge(
-            "tuneserve_requests_running",
-            "Requests generating (first token produced).",
-            ["model"],
-            registry=self.registry,
-        )
-        self.waiting = Gauge(
-            "tuneserve_requests_waiting",
-            "Requests admitted but without a first token yet.",
-            ["model"],
-            registry=self.registry,
-        )
+        self.served = CollectorRegistry(auto_describe=False)
+        self.served.register(_VLLMThenOurs(self.registry))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.served)
 
     def track(self, model: str) -> GenerationTracker:
         return GenerationTracker(self, model)
@@ -79,25 +80,39 @@ class ServerMetrics:
             self.errors.labels(model, endpoint, str(status)).inc()
 
 
+class _VLLMThenOurs:
+    """vLLM's registry (the global one, or a multiprocess one under PROMETHEUS_MULTIPROC_DIR), then ours.
+
+    Read at each scrape: every engine's stat logger replaces the `vllm:*` collectors of the one before it
+    (vLLM's `unregister_vllm_metrics`), so several engines in one process never clash.
+    """
+
+    def __init__(self, ours: CollectorRegistry) -> None:
+        self.ours = ours
+
+    def collect(self) -> Iterable[Metric]:
+        vllm: Collector = get_prometheus_registry()
+        yield from vllm.collect()
+        yield from self.ours.collect()
+
+
 class GenerationTracker:
-    """Moves one request from waiting to running to done, recording its latencies and token counts."""
+    """Records one engine request's per-model series from vLLM's own request stats (`RequestOutput.metrics`,
+    which the engine fills since this server keeps vLLM's stats on)."""
 
     def __init__(self, metrics: ServerMetrics, model: str) -> None:
         self.metrics = metrics
         self.model = model
-        self.started = time.monotonic()
-        self.first_token_at: float | None = None
+        self.first_token_seen = False
 
-    def __enter__(self) -> GenerationTracker:
-        self.metrics.waiting.labels(self.model).inc()
-        return self
+    def first_token(self, output: RequestOutput) -> None:
+        if not self.first_token_seen and output.metrics is not None:
+            self.first_token_seen = True
+            self.metrics.ttft.labels(self.model).observe(output.metrics.first_token_latency)
 
-    def first_token(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-            self.metrics.ttft.labels(self.model).observe(self.first_token_at - self.started)
-            self.metrics.waiting.labels(self.model).dec()
-            self.metrics.running.labels(self.model).inc()
+    def finished(self, output: RequestOutput) -> None:
+        if output.metrics is not None:
+            self.metrics.e2e.labels(self.model).observe(time.time() - output.metrics.arrival_time)
 
     def aborted(self) -> None:
         self.metrics.aborted.labels(self.model).inc()
@@ -105,13 +120,3 @@ class GenerationTracker:
     def tokens(self, prompt: int, generated: int) -> None:
         self.metrics.prompt_tokens.labels(self.model).inc(prompt)
         self.metrics.generation_tokens.labels(self.model).inc(generated)
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        if self.first_token_at is None:
-            self.metrics.waiting.labels(self.model).dec()
-        else:
-            self.metrics.running.labels(self.model).dec()
-            if kind is None:
-                self.metrics.e2e.labels(self.model).observe(time.monotonic() - self.started)

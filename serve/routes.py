@@ -235,7 +235,7 @@ async def docs(request: Request) -> Response:
     dependencies=[Depends(require_metrics_access)],
     response_class=PlainTextResponse,
     responses={
-        200: {"description": "Prometheus text format"},
+        200: {"description": "Prometheus text: vLLM's `vllm:*` series, then tuneserve's per-model ones"},
         **errors(401, 404),
     },
 )

@@ -351,33 +351,35 @@ class TrackedStream:
             raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
         self.serving.models.request_started(self.lora, self.model)
         try:
-            with self.serving.metrics.track(self.model) as tracker:
-                generated: dict[int, int] = {}
-                delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
-                finished = False
-                outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
-                try:
-                    async for output in outputs:
-                        for completion in output.outputs:
-                            count = len(completion.token_ids)  # FINAL_ONLY outputs: the whole sequence
-                            generated[completion.index] = (
-                                generated.get(completion.index, 0) + count if delta else count
-                            )
-                        if any(generated.values()):
-                            tracker.first_token()
-                        finished = output.finished
-                        yield output
-                except (ValueError, VLLMClientError) as exc:  # vLLM's input validation: the request never ran
-                    finished = True
-                    raise OpenAIError(str(exc), param=self._refused_param(exc)) from exc
-                finally:
-                    if not finished:
-                        # The consumer went away (closed stream, cancelled task): closing vLLM's generator
-                        # aborts the request in the engine, so nothing keeps generating for nobody.
-                        await outputs.aclose()
-                        tracker.aborted()
-                    self.completion_tokens = sum(generated.values())
-                    tracker.tokens(self.prompt_tokens, self.completion_tokens)
+            tracker = self.serving.metrics.track(self.model)
+            generated: dict[int, int] = {}
+            delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
+            finished = False
+            outputs = engine.generate(self.prompt, self.params, self.request_id, lora_request=self.lora)
+            try:
+                async for output in outputs:
+                    for completion in output.outputs:
+                        count = len(completion.token_ids)  # FINAL_ONLY outputs: the whole sequence
+                        generated[completion.index] = (
+                            generated.get(completion.index, 0) + count if delta else count
+                        )
+                    if any(generated.values()):
+                        tracker.first_token(output)
+                    if output.finished:
+                        tracker.finished(output)
+                    finished = output.finished
+                    yield output
+            except (ValueError, VLLMClientError) as exc:  # vLLM's input validation: the request never ran
+                finished = True
+                raise OpenAIError(str(exc), param=self._refused_param(exc)) from exc
+            finally:
+                if not finished:
+                    # The consumer went away (closed stream, cancelled task): closing vLLM's generator
+                    # aborts the request in the engine, so nothing keeps generating for nobody.
+                    await outputs.aclose()
+                    tracker.aborted()
+                self.completion_tokens = sum(generated.values())
+                tracker.tokens(self.prompt_tokens, self.completion_tokens)
         finally:
             # After the engine request ended or was aborted: an unload waiting on this adapter may go on.
             self.serving.models.request_finished(self.lora)

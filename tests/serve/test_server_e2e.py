@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e import (
     ADAPTERS,
@@ -54,11 +55,59 @@ def _common_prefix(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def metric(server: Server, name: str, model: str) -> float:
-    """Sum of a Prometheus series' samples for one model (all other labels summed)."""
-    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    pattern = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.M)
-    return sum(float(value) for labels, value in pattern.findall(text) if f'model="{model}"' in labels)
+# The series vLLM's Grafana dashboard queries: examples/observability/prometheus_grafana/grafana.json in
+# vllm-project/vllm, as published at docs.vllm.ai/en/latest/examples/observability/prometheus_grafana/
+# (2026-09-23), every one selected by `model_name`.
+VLLM_DASHBOARD_SERIES = (
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:inter_token_latency_seconds_sum",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:request_time_per_output_token_seconds_bucket",
+    "vllm:request_time_per_output_token_seconds_sum",
+    "vllm:request_time_per_output_token_seconds_count",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total",
+    "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum",
+    "vllm:request_decode_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+)
+
+
+def scrape(server: Server, url: str | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample /metrics serves, by sample name: [(labels, value)]."""
+    response = httpx.get(url or f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+    samples = collections.defaultdict(list)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def metric(server: Server, name: str, model: str, label: str = "model") -> float:
+    """Sum of a series' samples for one model (other labels summed); vLLM's series name it by `model_name`."""
+    return sum(value for labels, value in scrape(server)[name] if labels.get(label) == model)
+
+
+def vllm_scheduler_idle(server: Server) -> bool:
+    """vLLM's scheduler has no request running or waiting (its gauges move with the engine's steps)."""
+    return all(
+        metric(server, name, server.base_model, label="model_name") == 0
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    )
 
 
 def admin(server: Server, path: str, body: dict[str, object], key: str | None = ADMIN_KEY) -> httpx.Response:
@@ -378,6 +427,37 @@ def test_metrics_move(client: openai.OpenAI, server: Server) -> None:
     assert 'endpoint="/v1/chat/completions"' in text and 'endpoint="unknown"' in text
 
 
+def test_metrics_serve_vllms_dashboard_series_and_ours_per_model(
+    client: openai.OpenAI, server: Server
+) -> None:
+    def ttft_sums() -> tuple[float, float]:
+        samples = scrape(server)
+        ours = sum(value for _, value in samples["tuneserve_time_to_first_token_seconds_sum"])
+        return metric(server, "vllm:time_to_first_token_seconds_sum", server.base_model, "model_name"), ours
+
+    vllm_before, ours_before = ttft_sums()
+    caps_before = metric(server, "tuneserve_time_to_first_token_seconds_count", "caps")
+    chat(client, server.base_model, "Say anything.")
+    chat(client, "caps", "Say anything.")
+    samples = scrape(server)
+    missing = [
+        name
+        for name in VLLM_DASHBOARD_SERIES
+        if not any(labels.get("model_name") == server.base_model for labels, _ in samples[name])
+    ]
+    assert not missing, f"series of vLLM's dashboard missing from /metrics: {missing}"
+    # The LoRA gauge routers read: one series per (running, waiting) adapter set seen, valued at when.
+    lora_info = [labels for labels, _ in samples["vllm:lora_requests_info"]]
+    assert any(labels["running_lora_adapters"] == "caps" for labels in lora_info), lora_info
+    assert all({"max_lora", "waiting_lora_adapters"} <= set(labels) for labels in lora_info)
+    # Ours tell the models apart, with vLLM's own measure: the two requests' TTFTs sum to vLLM's.
+    assert metric(server, "tuneserve_time_to_first_token_seconds_count", "caps") == caps_before + 1
+    vllm_after, ours_after = ttft_sums()
+    assert ours_after - ours_before == pytest.approx(vllm_after - vllm_before, rel=1e-6)
+    assert metric(server, "tuneserve_e2e_request_latency_seconds_count", server.base_model) >= 1
+    assert not any(name.startswith("tuneserve_requests_running") for name in samples)
+
+
 def test_aborted_stream_frees_its_request(server: Server) -> None:
     aborted = metric(server, "tuneserve_requests_aborted_total", "words")
     body = {
@@ -398,8 +478,9 @@ def test_aborted_stream_frees_its_request(server: Server) -> None:
     while metric(server, "tuneserve_requests_aborted_total", "words") == aborted:
         assert time.monotonic() < deadline, "the disconnected stream was never aborted"
         time.sleep(0.1)
-    assert metric(server, "tuneserve_requests_running", "words") == 0
-    assert metric(server, "tuneserve_requests_waiting", "words") == 0
+    while not vllm_scheduler_idle(server):
+        assert time.monotonic() < deadline, "vLLM still counts the aborted request as running or waiting"
+        time.sleep(0.1)
 
 
 def test_disconnected_non_streaming_request_is_aborted(server: Server) -> None:
@@ -549,11 +630,9 @@ def test_soak_of_mixed_traffic_leaves_nothing_behind(server: Server, engine_refe
     assert not wrong, wrong[:3]
     assert set(health) == {200}, health
     deadline = time.monotonic() + 30
-    for model in [server.base_model, *ADAPTERS]:
-        for gauge in ("tuneserve_requests_running", "tuneserve_requests_waiting"):
-            while metric(server, gauge, model) != 0:
-                assert time.monotonic() < deadline, f"{gauge} of {model} stayed above 0"
-                time.sleep(0.2)
+    while not vllm_scheduler_idle(server):
+        assert time.monotonic() < deadline, "vLLM's running or waiting requests stayed above 0"
+        time.sleep(0.2)
     # The second half of the load must not have kept memory the first half did not (the 10 MB request that
     # froze the server also kept 1 GB after it).
     assert rss[1] - rss[0] < 0.25 * rss[0], rss
@@ -651,7 +730,8 @@ def test_stop_signal_with_a_request_in_flight_ends_the_server_and_its_engine(
         # --metrics-port: /metrics on its own port (for a scraper on a private network), not on the API's.
         assert httpx.get(f"{running.url}/metrics").status_code == 404
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert scraped.status_code == 200 and "tuneserve_requests_running" in scraped.text
+        assert scraped.status_code == 200
+        assert "vllm:num_requests_waiting" in scraped.text and "tuneserve_requests_total" in scraped.text
         children = psutil.Process(running.process.pid).children(recursive=True)
         body = {"model": "caps", "prompt": "Once", "max_tokens": 480, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=120) as stream:
