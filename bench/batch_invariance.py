@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, int_list, start_run, write_json
-from bench.report import header_markdown, markdown_table, publish_section
+from bench.report import header_markdown, publish_section
 from bench.servers import SERVED_BASE_NAME, EngineSettings, server_command
 from pipeline.bases import built_base_dir
 from pipeline.launch import ServerProcess, free_port, running
+from tuneserve.tables import markdown_table
 
 log = logging.getLogger("bench.batch_invariance")
 
@@ -529,7 +530,7 @@ def condition_table(servers: dict[str, Any]) -> list[str]:
             counts = [str(summary["requests"]), f"{summary['divergent']} ({split})"]
             rows.append([dtype, server_label, condition, *counts, *_agreement_cells(summary)])
     header = ["dtype", "server", "condition", "probe answers", "divergent (caps / base)", *AGREEMENT_COLUMNS]
-    return markdown_table(header, "lllrrrrr", rows)
+    return markdown_table(header, rows, "lllrrrrr")
 
 
 def cross_table(cross: dict[str, Any]) -> list[str]:
@@ -540,7 +541,7 @@ def cross_table(cross: dict[str, Any]) -> list[str]:
             [dtype, SERVER_LABELS[server_name], str(summary["divergent"]), *_agreement_cells(summary)]
         )
     header = ["dtype", "server, solo, against vLLM's server solo", "divergent", *AGREEMENT_COLUMNS]
-    return markdown_table(header, "llrrrr", rows)
+    return markdown_table(header, rows, "llrrrr")
 
 
 def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
@@ -557,7 +558,7 @@ def kernel_markdown(kernels: dict[str, Any]) -> list[str]:
         for path, diffs in found["lora_max_abs_diff_vs_alone"].items():
             rows.append([dtype, linear, path, *(f"{value:.2g}" for value in diffs.values())])
     header = ["dtype", "linear: rows differing", "LoRA through", "decode, 4 adapters", "prefill run of 48"]
-    return lines + markdown_table([*header, "prefill run + other adapters"], "lllrrr", rows)
+    return lines + markdown_table([*header, "prefill run + other adapters"], rows, "lllrrr")
 
 
 def examples_markdown(document: dict[str, Any], limit: int = 6) -> list[str]:

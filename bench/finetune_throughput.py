@@ -27,7 +27,8 @@ from typing import Any
 
 from bench.common import REPO_ROOT, results_dir, start_run, write_json
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document
-from bench.report import header_markdown, markdown_table, publish_section
+from bench.report import header_markdown, publish_section
+from tuneserve.tables import markdown_table
 
 log = logging.getLogger("bench.finetune_throughput")
 
@@ -1055,7 +1056,7 @@ def results_table(document: dict[str, Any]) -> list[str]:
                 else [f"{100 * mfu['mfu']:.1f}%", f"{100 * mfu['mfu_lora']:.1f}%"]
             )
         rows.append(cells)
-    return markdown_table(header, "l" * len(header), rows)
+    return markdown_table(header, rows, "l" * len(header))
 
 
 def bins(count: int) -> str:

@@ -29,7 +29,7 @@ from bench.common import (
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, add_base_option, base_for_document, make_adapters
-from bench.report import header_markdown, markdown_table, publish_section
+from bench.report import header_markdown, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     SERVED_BASE_NAME,
@@ -42,6 +42,7 @@ from bench.servers import (
     warm_up,
 )
 from pipeline.launch import ServerProcess, free_port, running, tail_lines
+from tuneserve.tables import markdown_table
 
 log = logging.getLogger("bench.lora_scaling")
 
@@ -267,7 +268,7 @@ def table(runs: Sequence[dict[str, Any]]) -> list[str]:
             )
     header = [CONFIG_COLUMN, "requests on", "output tok/s", "x base", "tok/s per round", "req/s"]
     header += ["TTFT p50 (ms)", "x base", "TTFT p99 (ms)", "TPOT p50 (ms)", "API CPU ms/req"]
-    return markdown_table(header, "ll" + "r" * 9, rows)
+    return markdown_table(header, rows, "ll" + "r" * 9)
 
 
 def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
@@ -292,7 +293,7 @@ def engine_table(runs: Sequence[dict[str, Any]]) -> list[str]:
                 ]
             )
     header = [CONFIG_COLUMN, "requests on", "engine-only tok/s", "x base, engine only", "tok/s per round"]
-    return markdown_table([*header, "x base, served"], "llrrrr", rows) if rows else []
+    return markdown_table([*header, "x base, served"], rows, "llrrrr") if rows else []
 
 
 def engine_section(runs: Sequence[dict[str, Any]]) -> list[str]:

@@ -8,14 +8,12 @@ a section, on what its figures mean, is written by hand.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT
 
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
-ALIGN = {"l": "---", "r": "---:"}
 
 
 def header_markdown(header: dict[str, Any]) -> list[str]:
@@ -27,15 +25,6 @@ def header_markdown(header: dict[str, Any]) -> list[str]:
         f"- software: torch {machine['torch']}, vLLM {machine['vllm']}, tuneserve {machine['tuneserve']}",
         f"- date: {header['date']}",
     ]
-
-
-def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
-    """A table's lines: `header`, the alignment row (`align`: one letter a column, l or r) and `rows`."""
-
-    def line(cells: Sequence[str]) -> str:
-        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
-
-    return [line(header), "|" + "|".join(ALIGN[letter] for letter in align) + "|", *map(line, rows)]
 
 
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:

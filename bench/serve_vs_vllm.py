@@ -28,7 +28,7 @@ from bench.common import (
     write_json,
 )
 from bench.fixtures import BASES, DEFAULT_BASE, BenchBase, add_base_option, base_for_document, make_adapters
-from bench.report import header_markdown, markdown_table, publish_section
+from bench.report import header_markdown, publish_section
 from bench.servers import (
     DEFAULT_WORK_DIR,
     METRICS,
@@ -41,6 +41,7 @@ from bench.servers import (
     warm_up,
 )
 from pipeline.launch import ServerProcess, free_port, running
+from tuneserve.tables import markdown_table
 
 log = logging.getLogger("bench.serve_vs_vllm")
 
@@ -119,7 +120,7 @@ def comparison_table(comparison: Comparison, drivers: Sequence[str], concurrency
                 cells = [f"**{ratio(ours.get(k, nan), theirs.get(k, nan)):.2f}**" for k, _, _ in METRICS]
                 rows.append([DRIVER_LABELS[driver], str(level), "ratio ours/vLLM", *cells])
     header = ["load generator", "concurrency", "server", *(label for _, label, _ in METRICS)]
-    return markdown_table(header, "lrl" + "r" * len(METRICS), rows)
+    return markdown_table(header, rows, "lrl" + "r" * len(METRICS))
 
 
 def verdict(comparison: Comparison) -> list[str]:

@@ -71,7 +71,7 @@ def paired_section(results: Mapping[str, SuiteResult]) -> list[str]:
         "(instructions for instruction_strict); gained: the baseline failed and the model passed; lost: "
         "the baseline passed and the model failed.",
         "",
-        *markdown_table(header, body, right_aligned_from=2),
+        *markdown_table(header, body, "llr"),
         "",
     ]
 
@@ -107,7 +107,7 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
                 ["finished", str(meta.get("finished"))],
                 ["tuneserve", str(meta.get("tuneserve_version"))],
             ],
-            right_aligned_from=2,
+            "llr",
         ),
         "",
         f"`{models[0]}` is the baseline; other columns show the score and, in brackets, its difference "

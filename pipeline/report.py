@@ -364,7 +364,7 @@ def _paired_table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
             ]
             for (model, what, test), p in zip(rows, adjusted, strict=True)
         ],
-        right_aligned_from=2,
+        "llr",
     )
 
 
@@ -426,7 +426,7 @@ def _real_sections(demo: Demo, summary: dict[str, Any]) -> list[str]:
                 ]
                 for task, counts in data["families"].items()
             ],
-            right_aligned_from=2,
+            "llr",
         ),
         "",
         f"No IFEval prompt in the training data: {overlap['sharing']} of {overlap['prompts']} training "
@@ -532,7 +532,7 @@ def _markdown(demo: Demo, summary: dict[str, Any], sections: list[str]) -> str:
                 ]
                 for name, t in summary["training"].items()
             ],
-            right_aligned_from=1,
+            "lr",
         ),
         "",
         "Loss curves: "
@@ -569,7 +569,7 @@ def _markdown(demo: Demo, summary: dict[str, Any], sections: list[str]) -> str:
                 ]
                 for level in summary["load"]
             ],
-            right_aligned_from=0,
+            "r",
         ),
         "",
         "![load](load/load.png) Full report: [load/load.md](load/load.md)",
@@ -577,7 +577,7 @@ def _markdown(demo: Demo, summary: dict[str, Any], sections: list[str]) -> str:
         "## Stages",
         "",
         *markdown_table(
-            ["stage", "seconds"], [[stage, f"{s:.0f}"] for stage, s in summary["timings_s"].items()], 1
+            ["stage", "seconds"], [[stage, f"{s:.0f}"] for stage, s in summary["timings_s"].items()], "lr"
         ),
         "",
         "## Commands run",

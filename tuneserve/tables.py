@@ -7,7 +7,9 @@ Used by the `bench` report and the pipeline's report.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+
+ALIGN = {"l": "---", "r": "---:"}
 
 
 def format_value(value: float | None) -> str:
@@ -21,9 +23,16 @@ def _cell(value: float | None, baseline: float | None, is_baseline: bool) -> str
     return f"{format_value(value)} ({value - baseline:+.3f})"
 
 
-def markdown_table(header: list[str], rows: list[list[str]], right_aligned_from: int) -> list[str]:
-    align = ["---" if i < right_aligned_from else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(cells) + " |" for cells in (header, align, *rows)]
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> list[str]:
+    """A table's lines: `header`, the alignment row and `rows`. `align` has a letter a column, l or r; when
+    it is shorter than the header its last letter stands for the remaining columns ("lr": the first column
+    left, the others right)."""
+    letters = align + align[-1] * (len(header) - len(align))
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    return [line(header), "|" + "|".join(ALIGN[letter] for letter in letters) + "|", *map(line, rows)]
 
 
 def side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], models: list[str]) -> list[str]:
@@ -33,4 +42,4 @@ def side_by_side(label: str, rows: Mapping[str, Mapping[str, float | None]], mod
         baseline = values.get(models[0])
         cells = [_cell(values.get(model), baseline, i == 0) for i, model in enumerate(models)]
         body.append([row, *cells])
-    return markdown_table([label, *[f"`{model}`" for model in models]], body, right_aligned_from=1)
+    return markdown_table([label, *[f"`{model}`" for model in models]], body, "lr")

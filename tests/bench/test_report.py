@@ -11,11 +11,12 @@ import pytest
 
 from bench import batch_invariance, finetune_throughput, lora_scaling, serve_vs_vllm
 from bench.common import RESULTS_DIR
-from bench.report import BENCHMARKS_MD, markdown_table
+from bench.report import BENCHMARKS_MD
+from tuneserve.tables import markdown_table
 
 
 def test_markdown_table_aligns_columns_and_keeps_empty_cells_empty() -> None:
-    assert markdown_table(["a", "b", "c"], "lrr", [["x", "1", ""], ["y", "2", "3"]]) == [
+    assert markdown_table(["a", "b", "c"], [["x", "1", ""], ["y", "2", "3"]], "lrr") == [
         "| a | b | c |",
         "|---|---:|---:|",
         "| x | 1 | |",
