@@ -47,6 +47,7 @@ def test_the_tree_keeps_its_boundaries() -> None:
         ("serve/app.py", "import finetune.recipe", "serve imports from finetune only the prompt renderer"),
         ("tuneserve/hub.py", "import serve.adapters", "tuneserve, the shared leaf, imports none"),
         ("pipeline/demo.py", "from client.tasks import FAMILIES", "the pipeline imports none of finetune"),
+        ("serve/models.py", "from starlette.requests import Request", "serve's serving layer, models and"),
     ],
 )
 def test_a_forbidden_import_fails_the_lint(tmp_path: Path, module: str, line: str, contract: str) -> None:
