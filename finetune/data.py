@@ -12,13 +12,13 @@ import json
 import logging
 import math
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.config import DataConfig
+from tuneserve.hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
 MAX_BAD_EXAMPLES = 5
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # A missing path ending like a data file is a typo'd local path, never a hub id.
 _FILE_LIKE_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow")
 _SHAPES = (
@@ -301,8 +300,7 @@ def _rows(path: str, split: str) -> Iterator[tuple[str, Any]]:
             f"{', '.join(SUPPORTED_EXTENSIONS)}, a folder saved with datasets' save_to_disk, "
             "or a hub dataset id"
         )
-    looks_local = path.startswith(("/", ".", "~")) or path.lower().endswith(_FILE_LIKE_SUFFIXES)
-    if looks_local or not _HUB_ID.match(path):
+    if path.lower().endswith(_FILE_LIKE_SUFFIXES) or not is_hub_id(path, owner_required=True):
         raise DataError(
             f"{path}: not found; give an existing .jsonl/.json/.parquet file or folder, or a hub dataset id "
             "such as owner/name"
