@@ -228,6 +228,14 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def _bound_allowed_token_ids(schema: dict[str, Any], vocabulary: int) -> None:
+    """vLLM's allowed_token_ids must be ids of this base's vocabulary (vLLM refuses others)."""
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        for option in schema["components"]["schemas"][request]["properties"]["allowed_token_ids"]["anyOf"]:
+            if option.get("type") == "array":
+                option["items"].update(maximum=vocabulary - 1)
+
+
 def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
     """FastAPI's OpenAPI schema, made to tell the truth: no 422 (validation errors are 400s in OpenAI's
     shape, declared per route) and bearer security only where this server asks for a key."""
@@ -255,6 +263,7 @@ def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
         if serving is None:
             return schema  # the token-id bound is known once the engine is up; cache from then on
         _bound_token_ids(schema, len(serving.tokenizer))
+        _bound_allowed_token_ids(schema, len(serving.tokenizer))
         app.openapi_schema = schema
     return app.openapi_schema
 

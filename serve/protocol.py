@@ -12,8 +12,13 @@ Decisions worth knowing:
   model's generation_config, so a request means the same on every model.
 - OpenAI allows n>1 at temperature 0 (n identical greedy answers); vLLM refuses n>1 with greedy
   sampling, so that case samples at temperature 1 from top_k=1, which is the same argmax.
-- Unknown fields are accepted and ignored, except the ones that would change the answer if ignored
-  (tools, logit_bias, suffix, ...): those are refused with a 400 naming them.
+- Unknown fields are accepted and ignored (as OpenAI and vLLM do), except the ones that would change the
+  answer if ignored (tools, logit_bias, suffix, ...): those are refused with a 400 naming them.
+- vLLM's own extras are vLLM's names, bounds and meanings: the sampling ones (top_k, min_p,
+  repetition_penalty, min_tokens, stop_token_ids, bad_words, ...) are modelled, published and applied as
+  vLLM's server applies them; the rest (`_UNSERVED_EXTRAS`: beam search, chat-template overrides, prompt
+  truncation, returned token ids, ...) are accepted at their "off" value and otherwise refused with a 400
+  that names the field and says why.
 - vLLM finish reasons map as stop->stop, length->length, abort->stop (the client went away, nobody
   reads it), repetition->stop; error -> a 500 `OpenAIError`.
 - Token strings in logprobs are vLLM's decoded tokens; `bytes` are their UTF-8 encoding, so a token
@@ -51,6 +56,11 @@ MAX_SCHEMA_BYTES = 64 << 10
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # JSON has no -inf; OpenAI-compatible servers clamp to this floor.
 MIN_LOGPROB = -9999.0
+# vLLM leaves these unbounded above; its sampler holds them in int32 / float32 tensors.
+MAX_INT32 = 2**31 - 1
+MAX_FLOAT32 = 3.4028234663852886e38
+# vLLM refuses over 128 bad-word token sequences (VLLM_MAX_NUM_BAD_WORDS); a word counts once or twice.
+MAX_BAD_WORDS = 64
 
 # ------------------------------------------------------------------------------------------------ errors
 
@@ -171,6 +181,7 @@ JsonInt = Annotated[int, Field(strict=True), BeforeValidator(_integral)]
 # str also changes how lone surrogates are reported).
 NonEmptyText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
 TokenIds = Annotated[list[int], Field(json_schema_extra={"minItems": 1})]
+TokenId = Annotated[JsonInt, Field(json_schema_extra={"minimum": 0, "maximum": MAX_INT32})]
 
 
 def _range(low: int, high: int) -> dict[str, Any]:
@@ -253,7 +264,24 @@ class _GenerationRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False  # vLLM extension (its serving benchmark sends it): generate exactly max_tokens
+    # vLLM's sampling extras, with vLLM's defaults and meanings (its serving benchmark sends ignore_eos).
+    top_k: JsonInt | None = Field(None, json_schema_extra=_range(-1, MAX_INT32))
+    min_p: float | None = Field(None, json_schema_extra=_range(0, 1))
+    repetition_penalty: float | None = Field(
+        None, json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_FLOAT32}
+    )
+    min_tokens: JsonInt = Field(0, json_schema_extra=_range(0, MAX_INT32))
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[TokenId] | None = Field(None, json_schema_extra={"minItems": 1})
+    # vLLM refuses a word that is only whitespace (it strips it to nothing).
+    bad_words: list[Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]] | None = Field(
+        None, json_schema_extra={"maxItems": MAX_BAD_WORDS}
+    )
+    stream_interval: JsonInt | None = Field(None, json_schema_extra=_range(1, MAX_INT32))
 
     @property
     def include_usage(self) -> bool:
@@ -278,6 +306,7 @@ class _GenerationRequest(_Request):
         _check_range("n", self.n, 1, MAX_N)
         _check_range("presence_penalty", presence_penalty, -2, 2)
         _check_range("frequency_penalty", frequency_penalty, -2, 2)
+        self._check_vllm_sampling(max_tokens)
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise OpenAIError(
                 f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}; got {self.seed}",
@@ -285,7 +314,7 @@ class _GenerationRequest(_Request):
             )
         stop = _stop(self.stop)
 
-        top_k = 0
+        top_k = 0 if self.top_k is None else self.top_k
         if temperature == 0 and self.n > 1:
             temperature, top_k = 1.0, 1
 
@@ -299,8 +328,18 @@ class _GenerationRequest(_Request):
                 frequency_penalty=frequency_penalty,
                 seed=self.seed,
                 stop=stop,
+                stop_token_ids=self.stop_token_ids,
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                min_p=0.0 if self.min_p is None else self.min_p,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                stream_interval=self.stream_interval,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 structured_outputs=structured,
@@ -308,6 +347,134 @@ class _GenerationRequest(_Request):
             )
         except VLLMValidationError as exc:
             raise OpenAIError(str(exc), param=exc.parameter) from exc
+
+    def _check_vllm_sampling(self, max_tokens: int) -> None:
+        """vLLM's own bounds on its sampling extras, as 400s naming the field (vLLM's messages name none)."""
+        if self.top_k is not None and not -1 <= self.top_k <= MAX_INT32:
+            raise OpenAIError(
+                f"top_k must be -1 or 0 (off) or a positive integer; got {self.top_k}", param="top_k"
+            )
+        if self.min_p is not None:
+            _check_range("min_p", self.min_p, 0, 1)
+        if self.repetition_penalty is not None:
+            _check_range("repetition_penalty", self.repetition_penalty, 0, MAX_FLOAT32, low_open=True)
+        if not 0 <= self.min_tokens <= max_tokens:
+            raise OpenAIError(
+                f"min_tokens must be at least 0 and at most the request's max_tokens ({max_tokens}); "
+                f"got {self.min_tokens}",
+                param="min_tokens",
+            )
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and any(not 0 <= token <= MAX_INT32 for token in ids):
+                raise OpenAIError(f"{name} must hold token ids from 0 to {MAX_INT32}", param=name)
+        if self.allowed_token_ids == []:
+            raise OpenAIError("allowed_token_ids must not be empty", param="allowed_token_ids")
+        if self.bad_words is not None and any(not word.strip() for word in self.bad_words):
+            raise OpenAIError("bad_words must not hold empty or whitespace-only strings", param="bad_words")
+        if self.bad_words is not None and len(self.bad_words) > MAX_BAD_WORDS:
+            raise OpenAIError(
+                f"bad_words may hold at most {MAX_BAD_WORDS} words; got {len(self.bad_words)}",
+                param="bad_words",
+            )
+        if self.stream_interval is not None and not 1 <= self.stream_interval <= MAX_INT32:
+            raise OpenAIError(
+                f"stream_interval must be at least 1; got {self.stream_interval}", param="stream_interval"
+            )
+
+
+_BEAM = "beam search is not served"
+_TEMPLATE = "every chat is rendered by the base model's own chat template, as in training"
+_NO_REASONING = "no reasoning parser is configured"
+_RETURNED = "responses carry OpenAI's fields only"
+# vLLM's request extras that change nothing on these endpoints (vLLM ignores them there too: a routing hint,
+# no tools, no reasoning parser, render-endpoint and routed-expert options): ignored like any unknown field.
+VLLM_IGNORED_EXTRAS = (
+    "session_id",
+    "parallel_tool_calls",
+    "include_reasoning",
+    "return_token_offsets",
+    "mm_payload",
+    "return_mm_kwargs",
+    "routed_experts_prompt_start",
+)
+# vLLM's request extras this server does not serve: name -> (values that change nothing, why others are
+# refused with a 400 naming the field).
+_UNSERVED_EXTRAS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "use_beam_search": ((False,), _BEAM),
+    "length_penalty": ((1,), f"it applies to beam search only, and {_BEAM}"),
+    "watermarking": ((False,), "no watermark is configured"),
+    "truncate_prompt_tokens": ((), "prompts are never truncated; shorten the prompt"),
+    "truncation_side": (("left", "right"), "prompts are never truncated"),
+    "prompt_logprobs": ((), f"{_RETURNED} (/v1/completions with echo and logprobs scores the prompt)"),
+    "logprob_token_ids": ((), f"{_RETURNED}; use logprobs"),
+    "return_tokens_as_token_ids": ((False,), _RETURNED),
+    "return_token_ids": ((False,), _RETURNED),
+    "return_prompt_text": ((False,), _RETURNED),
+    "repetition_detection": ((), "repetition detection is not served"),
+    "structured_outputs": ((), "use response_format"),
+    "priority": ((0,), "requests are scheduled first come, first served"),
+    "request_id": ((), "response ids are the server's own"),
+    "cache_salt": ((), "prefix-cache salting is not served"),
+    "kv_transfer_params": (({},), "disaggregated serving is not configured"),
+    "ec_transfer_params": (({},), "disaggregated serving is not configured"),
+    "vllm_xargs": (({},), "no custom extensions are installed"),
+    "thinking_token_budget": ((), _NO_REASONING),
+    "reasoning_effort": ((), _NO_REASONING),
+    "echo": ((False,), "the reply is never prefixed with the last message"),
+    "add_generation_prompt": ((True,), _TEMPLATE),
+    "continue_final_message": ((False,), _TEMPLATE),
+    "add_special_tokens": ((False,), _TEMPLATE),
+    "chat_template": ((), _TEMPLATE),
+    "chat_template_kwargs": (({},), _TEMPLATE),
+    "documents": ((), _TEMPLATE),
+    "media_io_kwargs": (({},), "multimodal input is not served"),
+    "mm_processor_kwargs": (({},), "multimodal input is not served"),
+    "prompt_embeds": ((), "prompts are text or token ids"),
+}
+_UNSERVED_COMMON = (
+    "use_beam_search",
+    "length_penalty",
+    "watermarking",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "prompt_logprobs",
+    "logprob_token_ids",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "repetition_detection",
+    "structured_outputs",
+    "priority",
+    "request_id",
+    "cache_salt",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "vllm_xargs",
+    "thinking_token_budget",
+)
+_UNSERVED_CHAT = (*_UNSERVED_COMMON, "return_prompt_text", "echo")
+# Checked wherever a chat is rendered (generation and /tokenize).
+_UNSERVED_TEMPLATE = (
+    "reasoning_effort",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "chat_template",
+    "chat_template_kwargs",
+    "documents",
+    "media_io_kwargs",
+    "mm_processor_kwargs",
+)
+# /v1/completions models echo; its add_special_tokens is True (a BOS on text prompts) as in vLLM, or refused.
+_UNSERVED_COMPLETION = (*_UNSERVED_COMMON, "prompt_embeds")
+
+
+def _check_unserved_extras(request: _Request, names: Iterable[str]) -> None:
+    for name in names:
+        off, why = _UNSERVED_EXTRAS[name]
+        value = (request.model_extra or {}).get(name)
+        if value is not None and value not in off:
+            raise OpenAIError(f"'{name}' is not supported by this server: {why}", param=name)
 
 
 def _requires(field: str, value: Any, needs: str, needed: Any) -> dict[str, Any]:
@@ -334,6 +501,7 @@ class ChatCompletionRequest(_GenerationRequest):
         """vLLM sampling parameters for this chat rendered as `prompt_tokens` tokens, or an `OpenAIError`
         (400) naming the bad field. Streams get DELTA outputs, other requests FINAL_ONLY."""
         _check_chat_supported(self)
+        _check_unserved_extras(self, _UNSERVED_CHAT)
         _check_room(prompt_tokens, max_model_len, "messages")
         # OpenAI deprecated max_tokens for max_completion_tokens; when both are sent the new one wins.
         requested, param = self.max_completion_tokens, "max_completion_tokens"
@@ -380,6 +548,8 @@ class CompletionRequest(_GenerationRequest):
         _refuse(self, "suffix", lambda value: value == "")
         _refuse(self, "logit_bias", lambda value: value == {})
         _refuse(self, "best_of", lambda value: value == self.n)
+        _check_unserved_extras(self, _UNSERVED_COMPLETION)
+        _refuse(self, "add_special_tokens", lambda value: value is True)
         _check_room(prompt_tokens, max_model_len, "prompt")
         if self.echo_only:
             max_tokens = 1
@@ -417,6 +587,7 @@ def _check_chat_supported(request: ChatCompletionRequest) -> None:
     _refuse(request, "audio", lambda value: False)
     _refuse(request, "prediction", lambda value: False)
     _refuse(request, "modalities", lambda value: value == ["text"])
+    _check_unserved_extras(request, _UNSERVED_TEMPLATE)
 
 
 def check_text(request: ChatCompletionRequest | CompletionRequest) -> None:

@@ -42,6 +42,10 @@ def map_body(context: schemathesis.HookContext, body: Any) -> Any:
             body[name] = MAX_FUZZ_TOKENS
     if _int(body.get("n")) and body["n"] > MAX_FUZZ_N:
         body["n"] = MAX_FUZZ_N
+    # min_tokens may not pass max_tokens, a rule between two fields that the schema cannot state.
+    budget = min((int(body[name]) for name in fields if _int(body.get(name)) and body[name] >= 0), default=0)
+    if _int(body.get("min_tokens")) and budget < body["min_tokens"]:
+        body["min_tokens"] = budget
     # The fuzzer checks integer bounds in floating point: near 2**63 or 2**64 it takes a seed past the
     # published bound for a valid one (-9223372036854775999 rounds to -2**63); such seeds get the bound.
     low, high = SEED_RANGE
