@@ -9,12 +9,14 @@ import contextlib
 import gc
 import logging
 import signal
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +29,7 @@ from serve.protocol import OpenAIError
 from serve.routes import error_response, router
 from serve.serving import Serving
 from serve.settings import ServeSettings
+from tuneserve import package_version
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,29 @@ class MetricsMiddleware:
             return "-"
         models = getattr(scope["app"].state, "models", None)
         return str(model) if models is not None and models.has_served(str(model)) else "unknown"
+
+
+class RequestIdMiddleware:
+    """Every response carries `X-Request-Id` (the openai SDK's `request_id`): the request's own, else a new
+    one (vLLM's XRequestIdMiddleware). Handlers find it as `request.state.request_id`, so a completion's id
+    is `cmpl-` or `chatcmpl-` and the same value, as vLLM names a request that sent the header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(raw=message.setdefault("headers", [])).append("X-Request-Id", request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodyLimitMiddleware:
@@ -269,13 +295,15 @@ def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
 
 
 def _bound_token_ids(schema: dict[str, Any], vocabulary: int) -> None:
-    """Token-id prompts must be ids of this base's vocabulary."""
-    prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    """Token-id prompts and the ids to detokenize must be ids of this base's vocabulary."""
+    schemas = schema["components"]["schemas"]
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
     for option in prompt["anyOf"]:
         items = option.get("items", {})
         ids = items.get("items", items)  # [[int]] or [int]
         if ids.get("type") == "integer":
             ids.update(minimum=0, maximum=vocabulary - 1)
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"].update(minimum=0, maximum=vocabulary - 1)
 
 
 def build_app(
@@ -325,12 +353,18 @@ def build_app(
 
     # /docs and /openapi.json are routes of ours (serve/routes.py), behind the API key unless --public-docs.
     app = FastAPI(
-        title="tuneserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="tuneserve",
+        version=package_version(),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.include_router(router)
     app.openapi = lambda: published_schema(app, settings)  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer has the header, a 413 too
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:

@@ -1,6 +1,7 @@
-"""OpenAI wire format for /v1/chat/completions, /v1/completions and /v1/models: request and response
-models, their validation, each request's mapping to `vllm.SamplingParams` (`to_sampling_params`), and
-OpenAI-shaped errors. Pydantic and vLLM's types only: no HTTP (serve/routes.py turns these into responses).
+"""OpenAI wire format for /v1/chat/completions, /v1/completions and /v1/models, and vLLM's for /tokenize,
+/detokenize and /version: request and response models, their validation, each request's mapping to
+`vllm.SamplingParams` (`to_sampling_params`), and OpenAI-shaped errors. Pydantic and vLLM's types only: no
+HTTP (serve/routes.py turns these into responses).
 
 Requests are parsed by pydantic for types only; every semantic check (ranges, context length,
 parameters we cannot honour) raises `OpenAIError` from `chat_messages` or `to_sampling_params`,
@@ -10,6 +11,9 @@ so the HTTP layer needs one exception handler for `OpenAIError` and one for pyda
 Decisions worth knowing:
 - Unset sampling fields take OpenAI's defaults (temperature 1, top_p 1, penalties 0), not the base
   model's generation_config, so a request means the same on every model.
+- max_tokens past the context is clamped to the room the prompt leaves, as vLLM's server does (the answer
+  stops there with finish_reason "length"); a prompt that fills the context, or max_tokens over the whole
+  context, is a 400 naming the lengths.
 - OpenAI allows n>1 at temperature 0 (n identical greedy answers); vLLM refuses n>1 with greedy
   sampling, so that case samples at temperature 1 from top_k=1, which is the same argmax.
 - Unknown fields are accepted and ignored (as OpenAI and vLLM do), except the ones that would change the
@@ -578,7 +582,7 @@ def _refuse(request: _Request, name: str, honourable: Callable[[Any], bool]) -> 
         raise OpenAIError(f"'{name}' is not supported by this server", param=name)
 
 
-def _check_chat_supported(request: ChatCompletionRequest) -> None:
+def _check_chat_supported(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
     for name in ("tools", "functions"):
         _refuse(request, name, lambda value: value == [])
     for name in ("tool_choice", "function_call"):
@@ -590,7 +594,7 @@ def _check_chat_supported(request: ChatCompletionRequest) -> None:
     _check_unserved_extras(request, _UNSERVED_TEMPLATE)
 
 
-def check_text(request: ChatCompletionRequest | CompletionRequest) -> None:
+def check_text(request: BaseModel) -> None:
     """400 naming the field if a string holds a lone surrogate: JSON's \\u escapes can write one, UTF-8
     cannot encode it, and the tokenizer failed on it with a 500."""
     found = _surrogate_at(request.model_dump(by_alias=True, exclude_none=True), "")
@@ -619,7 +623,7 @@ def _surrogate_at(value: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
-def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[dict[str, str]]:
     """The conversation as plain {"role", "content"} dicts for the shared prompt renderer.
 
     "developer" becomes "system"; text parts are joined with newlines (as vLLM does); `name` is
@@ -676,21 +680,23 @@ def _context_error(message: str, param: str) -> OpenAIError:
 def _max_tokens(
     requested: int | None, param: str, *, prompt_tokens: int, max_model_len: int, default: int | None
 ) -> int:
-    """The generation budget: `requested` if it fits, else a 400; unset -> `default` clamped to the room left
-    (no default -> all the room left)."""
+    """The generation budget, as vLLM's server computes it (vllm/entrypoints/serve/utils/api_utils.py,
+    get_max_tokens): `requested` (unset: `default`, no default: all the room) clamped to the room the prompt
+    leaves, so generation stops at the context with finish_reason "length". Only a `requested` that no
+    prompt could leave room for, more than the whole context, is a 400 (vLLM's TokenizeParams rule)."""
     room = max_model_len - prompt_tokens
     if requested is None:
         return room if default is None else min(default, room)
     if requested < 1:
         raise OpenAIError(f"{param} must be at least 1; got {requested}", param=param)
-    if requested > room:
+    if requested > max_model_len:
         raise _context_error(
-            f"This model's maximum context length is {max_model_len} tokens; your prompt has {prompt_tokens} "
-            f"tokens and {param} asks for {requested} more ({prompt_tokens + requested} in all). "
-            f"Lower {param} to at most {room} or shorten the prompt.",
+            f"This model's maximum context length is {max_model_len} tokens; {param} asks for {requested}, "
+            f"more than the whole context. Lower {param} to at most {room} for this prompt "
+            f"of {prompt_tokens} tokens.",
             param,
         )
-    return requested
+    return min(requested, room)
 
 
 def _stop(stop: str | list[str] | None) -> list[str]:
@@ -884,6 +890,58 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+# vLLM's /tokenize, /detokenize and /version (vllm/entrypoints/serve/tokenize/protocol.py and
+# vllm/entrypoints/serve/instrumentator/basic.py in vLLM 0.32): same fields, defaults and answers.
+
+
+class TokenizeCompletionRequest(_Request):
+    """A text prompt's tokens, as /v1/completions tokenizes it (special tokens such as BOS added)."""
+
+    model: str | None = None  # None: the base; an adapter's name works too (adapters share its tokenizer)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(_Request):
+    """A conversation's tokens, rendered by the chat template as /v1/chat/completions renders it."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    # The template writes the special tokens; true adds the tokenizer's own (BOS) on top, as in vLLM.
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+
+
+# vLLM's union: a body with `messages` is a chat, one with `prompt` a text prompt.
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    """`version` is this server's (tuneserve's); vLLM's server puts its own there, here `vllm_version`."""
+
+    version: str
+    vllm_version: str
 
 
 def finish_reason(vllm_reason: str | None) -> FinishReason | None:

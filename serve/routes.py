@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from vllm.version import __version__ as vllm_version
 
 from serve import protocol
 from serve.adapters import NAME_PATTERN
@@ -22,6 +23,7 @@ from serve.models import ServedModels
 from serve.protocol import OpenAIError
 from serve.serving import Serving
 from serve.settings import ServeSettings
+from tuneserve import package_version
 
 router = APIRouter()
 P = ParamSpec("P")
@@ -271,7 +273,7 @@ async def chat_completions(
     body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
     request.state.model = body.model
-    return respond(await serving.chat(body))
+    return respond(await serving.chat(body, request.state.request_id))
 
 
 @router.post(
@@ -283,7 +285,38 @@ async def chat_completions(
 @with_cancellation
 async def completions(body: protocol.CompletionRequest, request: Request, serving: ServingDep) -> Response:
     request.state.model = body.model
-    return respond(await serving.completions(body))
+    return respond(await serving.completions(body, request.state.request_id))
+
+
+# vLLM's tokenizer routes, outside /v1 as in vLLM; unlike vLLM's (which its key does not guard), they need the
+# API key: they run on the tokenizer thread the generation routes wait for.
+@router.post(
+    "/tokenize",
+    dependencies=API_KEY,
+    response_model=protocol.TokenizeResponse,
+    responses=errors(400, 401, 404, 413, 503),
+)
+@with_cancellation
+async def tokenize(body: protocol.TokenizeRequest, request: Request, serving: ServingDep) -> Response:
+    """A prompt's token ids (`prompt`), or a chat's as the chat template renders it (`messages`)."""
+    return respond(await serving.tokenize(body))
+
+
+@router.post(
+    "/detokenize",
+    dependencies=API_KEY,
+    response_model=protocol.DetokenizeResponse,
+    responses=errors(400, 401, 404, 413, 503),
+)
+@with_cancellation
+async def detokenize(body: protocol.DetokenizeRequest, request: Request, serving: ServingDep) -> Response:
+    return respond(await serving.detokenize(body))
+
+
+@router.get("/version", response_model=protocol.VersionResponse)
+async def version() -> dict[str, str]:
+    """This server's version, and the vLLM it runs (vLLM's own server answers its version as `version`)."""
+    return protocol.VersionResponse(version=package_version(), vllm_version=vllm_version).model_dump()
 
 
 # The schema's copy of the rule serve.adapters enforces (with its own message).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from vllm.exceptions import VLLMClientError
 
-from finetune.prompting import PromptError, encode_prompt
+from finetune.prompting import PromptError, encode_prompt, encode_text, render_prompt
 from serve import protocol
 from serve.engine import EngineClient
 from serve.metrics import ServerMetrics
@@ -73,10 +73,11 @@ class Serving:
 
     # --------------------------------------------------------------------------------- generation
     async def chat(
-        self, request: protocol.ChatCompletionRequest
+        self, request: protocol.ChatCompletionRequest, request_id: str | None = None
     ) -> protocol.ChatCompletion | AsyncIterator[protocol.ChatCompletionChunk]:
         """The completion, or with stream=true its chunks; cancelling this (or closing the chunks) aborts
-        the engine request."""
+        the engine request. Its id is `chatcmpl-<request_id>` (the HTTP request's X-Request-Id, as in vLLM),
+        or a new one."""
         lora = self.models.resolve(request.model)
         protocol.check_text(request)
         try:
@@ -86,7 +87,7 @@ class Serving:
         except PromptError as exc:
             raise OpenAIError(str(exc), param="messages") from exc
         params = request.to_sampling_params(prompt_tokens=len(prompt_ids), max_model_len=self.max_model_len)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"chatcmpl-{request_id or uuid.uuid4().hex}"
         streams = self._start([prompt_ids], params, request_id, lora, request.model)
         if request.stream:
             return self._chat_chunks(streams, request, request_id, request.include_usage)
@@ -94,16 +95,16 @@ class Serving:
         return self._chat_response(finals, request, request_id, _usage(streams))
 
     async def completions(
-        self, request: protocol.CompletionRequest
+        self, request: protocol.CompletionRequest, request_id: str | None = None
     ) -> protocol.Completion | AsyncIterator[protocol.CompletionChunk]:
         """The completion, or with stream=true its chunks; cancelling this (or closing the chunks) aborts
-        the engine requests."""
+        the engine requests. Its id is `cmpl-<request_id>`, or a new one."""
         lora = self.models.resolve(request.model)
         protocol.check_text(request)
         prompts = await self._tokenizing(self._completion_prompts, request.prompt)
         longest = max(len(p) for p in prompts)
         params = request.to_sampling_params(prompt_tokens=longest, max_model_len=self.max_model_len)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"cmpl-{request_id or uuid.uuid4().hex}"
         streams = self._start(prompts, params, request_id, lora, request.model)
         if request.stream:
             return self._completion_chunks(streams, request, request_id, prompts, request.include_usage)
@@ -133,6 +134,50 @@ class Serving:
                 raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompts.append(ids)
         return prompts
+
+    # --------------------------------------------------------------------------------- tokenizer
+    async def tokenize(self, request: protocol.TokenizeRequest) -> protocol.TokenizeResponse:
+        """vLLM's /tokenize: a text prompt's ids as /v1/completions makes them, or a conversation's as
+        /v1/chat/completions renders it (finetune.prompting; with the defaults, exactly the ids it generates
+        from). `model` must be served (404 otherwise); the base and its adapters share one tokenizer."""
+        if request.model is not None:
+            self.models.resolve(request.model)
+        protocol.check_text(request)
+        if isinstance(request, protocol.TokenizeChatRequest):
+            try:
+                messages = protocol.chat_messages(request)
+                ids = await self._tokenizing(
+                    self._chat_tokens, messages, request.add_generation_prompt, request.add_special_tokens
+                )
+            except PromptError as exc:
+                raise OpenAIError(str(exc), param="messages") from exc
+        else:
+            ids = await self._tokenizing(self._text_tokens, request.prompt, request.add_special_tokens)
+        strings = list(self.tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
+        return protocol.TokenizeResponse(
+            count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strings
+        )
+
+    async def detokenize(self, request: protocol.DetokenizeRequest) -> protocol.DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids (special tokens kept, as vLLM decodes them)."""
+        if request.model is not None:
+            self.models.resolve(request.model)
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise OpenAIError(f"tokens must be token ids in [0, {vocab})", param="tokens")
+        text = await self._tokenizing(self.tokenizer.decode, request.tokens)
+        return protocol.DetokenizeResponse(prompt=str(text))
+
+    def _chat_tokens(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, add_special_tokens: bool
+    ) -> list[int]:
+        text = render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        if add_special_tokens:
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode_text(self.tokenizer, text)
+
+    def _text_tokens(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def _start(
         self,

@@ -33,7 +33,9 @@ class ServeSettings(BaseSettings):
     lora: list[str] = Field(default_factory=list, description="Extra adapter NAME=PATH (repeatable).")
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
-    api_key: SecretStr | None = Field(None, description="Bearer key required on /v1/* (none: open).")
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key required on /v1/*, /tokenize, /detokenize (none: open)."
+    )
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for loading/unloading adapters at runtime (none: disabled)."
     )

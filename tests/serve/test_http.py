@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import vllm
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,13 +27,15 @@ from serve import app as app_module
 from serve.__main__ import main
 from serve.app import EXIT_ENGINE_DIED, EXIT_START_FAILED, build_app
 from serve.settings import ServeSettings
+from tuneserve import package_version
 
 ANSWER = b"hello"
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class FakeTokenizer:
-    """Bytes are tokens (256 of them); `gate`, when set, holds every tokenization until it opens."""
+    """Bytes are tokens (256 of them), after `bos` where set and special tokens are asked for; `gate`, when
+    set, holds every tokenization until it opens."""
 
     chat_template = "{{ messages }}"
     eos_token_id = 0
@@ -40,6 +43,7 @@ class FakeTokenizer:
     def __init__(self) -> None:
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
+        self.bos: int | None = None
 
     def __len__(self) -> int:
         return 256
@@ -47,17 +51,24 @@ class FakeTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {chr(i): i for i in range(256)}
 
-    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, **_: Any
+    ) -> str:
+        header = "<assistant>" if add_generation_prompt else ""
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + header
 
-    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+    def __call__(self, text: str, *, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10), "the test never opened the tokenizer's gate"
-        return {"input_ids": list(text.encode("latin-1"))}
+        special = [self.bos] if self.bos is not None and add_special_tokens else []
+        return {"input_ids": special + list(text.encode("latin-1"))}
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("latin-1")
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [f"<{i}>" for i in ids]
 
 
 @dataclass
@@ -71,12 +82,14 @@ class FakeEngine:
     refuse: Exception | None = None
     started: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    received: list[tuple[list[int], Any]] = field(default_factory=list)  # (prompt ids, sampling params)
     model_config: Any = field(default_factory=lambda: SimpleNamespace(hf_config=None, max_model_len=256))
 
     async def generate(
         self, prompt: Any, params: Any, request_id: str, *, lora_request: Any
     ) -> AsyncGenerator[Any, None]:
         self.started.append(request_id)
+        self.received.append((list(prompt["prompt_token_ids"]), params))
         if self.refuse is not None:
             raise self.refuse
         delta = params.output_kind.name == "DELTA"
@@ -143,11 +156,13 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_app(engine_factory: Callable[[ServeSettings], Any] | None = None) -> AsyncIterator[Running]:
+async def running_app(
+    engine_factory: Callable[[ServeSettings], Any] | None = None, settings: ServeSettings | None = None
+) -> AsyncIterator[Running]:
     """The app of `build_app` with its lifespan running, and an httpx client on it (no sockets)."""
     engine, tokenizer, stops = FakeEngine(), FakeTokenizer(), []
     app = build_app(
-        ServeSettings(base_model="base"),
+        settings or ServeSettings(base_model="base"),
         engine_factory=engine_factory or (lambda _: engine),
         tokenizer_factory=lambda _: tokenizer,
         request_stop=lambda: stops.append("stop"),
@@ -159,8 +174,8 @@ async def running_app(engine_factory: Callable[[ServeSettings], Any] | None = No
 
 
 @contextlib.asynccontextmanager
-async def serving_app() -> AsyncIterator[Running]:
-    async with running_app() as running:
+async def serving_app(settings: ServeSettings | None = None) -> AsyncIterator[Running]:
+    async with running_app(settings=settings) as running:
         await running.wait_until(lambda: running.app.state.serving is not None, "the app serves")
         yield running
 
@@ -409,5 +424,120 @@ def test_metrics_count_answers_and_tokens_by_model() -> None:
             assert metric(text, "tuneserve_requests_total", model="unknown", status="404") == 1
             assert metric(text, "tuneserve_prompt_tokens_total", model="base") == 2
             assert metric(text, "tuneserve_generation_tokens_total", model="base") == len(ANSWER)
+
+    asyncio.run(scenario())
+
+
+def test_max_tokens_past_the_context_stop_at_the_context_as_in_vllm() -> None:
+    # vLLM answers 200 and stops generating at the context; lm-eval sends such requests.
+    async def scenario() -> None:
+        async with serving_app() as running:
+            body = {"model": "base", "prompt": "x" * 250, "max_tokens": 100}
+            assert (await running.client.post("/v1/completions", json=body)).status_code == 200
+            chat = {**CHAT, "max_completion_tokens": 256}
+            assert (await running.client.post("/v1/chat/completions", json=chat)).status_code == 200
+            room = [256 - len(prompt) for prompt, _ in running.engine.received]
+            assert [params.max_tokens for _, params in running.engine.received] == room
+            assert room[0] == 6
+            # Still 400s, naming the lengths: a prompt that fills the context, and max_tokens over all of it.
+            for too_long in ({**body, "prompt": "x" * 256}, {**body, "max_tokens": 257}):
+                refused = await running.client.post("/v1/completions", json=too_long)
+                assert refused.status_code == 400, refused.text
+                assert "maximum context length is 256 tokens" in refused.json()["error"]["message"]
+
+    asyncio.run(scenario())
+
+
+# -- vLLM's tokenizer routes, /version and X-Request-Id ------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_answer_as_vllm_does() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            running.tokenizer.bos = 1
+            text = await running.client.post("/tokenize", json={"model": "base", "prompt": "ab"})
+            assert text.json() == {
+                "count": 3,
+                "max_model_len": 256,
+                "tokens": [1, 97, 98],
+                "token_strs": None,
+            }
+            plain = {"prompt": "ab", "add_special_tokens": False, "return_token_strs": True}
+            without = (await running.client.post("/tokenize", json=plain)).json()  # no model: the base
+            assert without["tokens"] == [97, 98] and without["token_strs"] == ["<97>", "<98>"]
+            back = await running.client.post(
+                "/detokenize", json={"model": "base", "tokens": without["tokens"]}
+            )
+            assert back.json() == {"prompt": "ab"}
+            # A chat's tokens are the ones the chat route gives the engine (the template's own, no BOS added).
+            chat = (await running.client.post("/tokenize", json=CHAT)).json()
+            assert (await running.client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            assert chat["tokens"] == running.engine.received[-1][0] == list(b"<user>hi<assistant>")
+            no_header = {**CHAT, "add_generation_prompt": False, "add_special_tokens": True}
+            assert (await running.client.post("/tokenize", json=no_header)).json()["tokens"] == [
+                1,
+                *b"<user>hi",
+            ]
+
+    asyncio.run(scenario())
+
+
+def test_tokenizer_routes_refuse_as_the_generation_routes_do() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            chat_404 = await running.client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+            for path, body in (
+                ("/tokenize", {"prompt": "a"}),
+                ("/tokenize", CHAT),
+                ("/detokenize", {"tokens": []}),
+            ):
+                missing = await running.client.post(path, json={**body, "model": "nope"})
+                assert missing.status_code == 404 and missing.json() == chat_404.json()
+            for path, body, param in (
+                ("/detokenize", {"tokens": [256]}, "tokens"),
+                ("/tokenize", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+                ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+            ):
+                # Raw JSON: a lone surrogate only travels as a \u escape.
+                raw = json.dumps(body).encode()
+                refused = await running.client.post(
+                    path, content=raw, headers={"Content-Type": "application/json"}
+                )
+                assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+            assert (await running.client.post("/tokenize", json={"model": "base"})).status_code == 400
+
+    asyncio.run(scenario())
+
+
+def test_tokenizer_routes_need_the_api_key_and_version_does_not() -> None:
+    async def scenario() -> None:
+        async with serving_app(ServeSettings(base_model="base", api_key="k")) as running:
+            key = {"Authorization": "Bearer k"}
+            for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [97]})):
+                assert (await running.client.post(path, json=body)).status_code == 401
+                assert (await running.client.post(path, json=body, headers=key)).status_code == 200
+            version = await running.client.get("/version")
+            assert version.json() == {"version": package_version(), "vllm_version": vllm.__version__}
+            schema = (await running.client.get("/openapi.json", headers=key)).json()
+            assert {"/tokenize", "/detokenize", "/version"} <= set(schema["paths"])
+            ids = schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]
+            assert (ids["minimum"], ids["maximum"]) == (0, 255)
+
+    asyncio.run(scenario())
+
+
+def test_every_answer_carries_x_request_id_and_completions_are_named_by_it() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            echoed = await running.client.post(
+                "/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "r1"}
+            )
+            assert echoed.headers["x-request-id"] == "r1" and echoed.json()["id"] == "chatcmpl-r1"
+            made = await running.client.post("/v1/completions", json={"model": "base", "prompt": "a"})
+            assert made.json()["id"] == f"cmpl-{made.headers['x-request-id']}"
+            other = await running.client.post("/v1/completions", json={"model": "base", "prompt": "a"})
+            assert other.headers["x-request-id"] != made.headers["x-request-id"]
+            for answer in (await running.client.get("/health"), await running.client.get("/v1/models/nope")):
+                assert answer.headers["x-request-id"]
 
     asyncio.run(scenario())

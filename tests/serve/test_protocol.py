@@ -99,14 +99,21 @@ def test_prompt_longer_than_context(make: Any, param: str) -> None:
     assert refused(make(), prompt_tokens=MAX_LEN).param == param
 
 
-def test_max_tokens_past_context_states_the_numbers() -> None:
-    error = refused(chat(max_tokens=100), prompt_tokens=500)
-    assert error.param == "max_tokens"
-    assert all(number in error.message for number in ("512", "500", "100"))
-    error = refused(chat(max_completion_tokens=100), prompt_tokens=500)
-    assert error.param == "max_completion_tokens"
-    assert refused(completion(max_tokens=13), prompt_tokens=500).param == "max_tokens"
-    assert params_of(completion(max_tokens=12), prompt_tokens=500).max_tokens == 12
+def test_max_tokens_past_the_context_stop_at_the_context_as_in_vllm() -> None:
+    # vLLM's get_max_tokens: min(max_tokens, max_model_len - prompt); lm-eval and other harnesses rely on it.
+    assert params_of(chat(max_tokens=100), prompt_tokens=500).max_tokens == 12
+    assert params_of(chat(max_completion_tokens=100), prompt_tokens=500).max_tokens == 12
+    assert params_of(completion(max_tokens=13), prompt_tokens=500).max_tokens == 12
+    assert params_of(completion(max_tokens=MAX_LEN), prompt_tokens=1).max_tokens == MAX_LEN - 1
+
+
+def test_max_tokens_over_the_whole_context_states_the_numbers() -> None:
+    # vLLM refuses these too (its TokenizeParams: max_tokens cannot be greater than max_model_len).
+    error = refused(chat(max_tokens=MAX_LEN + 1), prompt_tokens=500)
+    assert error.param == "max_tokens" and error.code == "context_length_exceeded"
+    assert all(number in error.message for number in ("512", "513", "500", "at most 12"))
+    assert refused(chat(max_completion_tokens=MAX_LEN + 1)).param == "max_completion_tokens"
+    assert refused(completion(max_tokens=MAX_LEN + 1)).param == "max_tokens"
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -396,6 +397,68 @@ def test_errors_have_openai_shape_and_status(client: openai.OpenAI, server: Serv
         anonymous.models.list()
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_max_tokens_past_the_context_stop_at_the_context_as_in_vllm(client: openai.OpenAI) -> None:
+    # vLLM 0.32 answers these 200 (max_tokens clamped to the room left); lm-eval's requests rely on it.
+    prompt = [5] * 500
+    done = client.completions.create(
+        model="fmt", prompt=prompt, max_tokens=100, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens) == (500, 12)
+    with pytest.raises(
+        openai.BadRequestError, match="maximum context length is 512 tokens; your prompt has 512"
+    ):
+        client.completions.create(model="fmt", prompt=[5] * 512, max_tokens=1)
+
+
+def test_tokenize_and_detokenize_as_vllm(client: openai.OpenAI, server: Server, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from finetune.prompting import encode_prompt
+
+    key = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(path: str, body: dict[str, object]) -> Any:
+        response = httpx.post(f"{server.url}{path}", json=body, headers=key, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    # A chat's tokens are exactly what the chat route generates from: same ids, same answer from them.
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    chat_ids = post("/tokenize", {"model": "fmt", "messages": messages})
+    assert chat_ids["tokens"] == encode_prompt(tiny_tokenizer, messages)
+    assert chat_ids["count"] == len(chat_ids["tokens"]) and chat_ids["max_model_len"] == 512
+    chat = client.chat.completions.create(
+        model="fmt", messages=[{"role": "user", "content": QUESTIONS[1]}], temperature=0, max_tokens=12
+    )
+    from_ids = client.completions.create(model="fmt", prompt=chat_ids["tokens"], temperature=0, max_tokens=12)
+    assert chat.usage is not None and chat.usage.prompt_tokens == chat_ids["count"]
+    assert from_ids.choices[0].text == chat.choices[0].message.content
+
+    text = "Tokenize me, then give me back."
+    ids = post("/tokenize", {"model": server.base_model, "prompt": text, "return_token_strs": True})
+    assert ids["tokens"] == tiny_tokenizer(text)["input_ids"]
+    assert ids["token_strs"] == tiny_tokenizer.convert_ids_to_tokens(ids["tokens"])
+    plain = post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+    assert plain == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert post("/detokenize", {"model": "caps", "tokens": plain}) == {"prompt": text}
+
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": text}).status_code == 401
+    missing = httpx.post(f"{server.url}/detokenize", json={"model": "nope", "tokens": [1]}, headers=key)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    version = httpx.get(f"{server.url}/version").json()  # no key, as /health
+    assert set(version) == {"version", "vllm_version"} and version["vllm_version"] == "0.32.0"
+
+
+def test_request_id_header_is_the_sdks_request_id(client: openai.OpenAI, server: Server) -> None:
+    chat = client.chat.completions.create(
+        model="caps", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert chat._request_id and chat.id == f"chatcmpl-{chat._request_id}"
+    text = client.completions.create(
+        model="caps", prompt="hi", max_tokens=2, extra_headers={"X-Request-Id": "mine-1"}
+    )
+    assert text._request_id == "mine-1" and text.id == "cmpl-mine-1"  # vLLM's naming of a sent id
 
 
 def test_docs_schema_and_metrics_need_the_key_unless_made_public(server: Server) -> None:
