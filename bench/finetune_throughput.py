@@ -1195,7 +1195,9 @@ def cpu_heading(document: dict[str, Any]) -> str:
     bench_base = base_for_document(document)
     if bench_base.name == DEFAULT_BASE:
         return "embedded tiny base (4 layers, hidden 256)"
-    return f"{bench_base.title} (`{Path(document['plan']['settings']['config']).relative_to(REPO_ROOT)}`)"
+    # The config as the repo names it (configs/NAME.yaml), whichever checkout recorded the absolute path.
+    config = Path(document["plan"]["settings"]["config"])
+    return f"{bench_base.title} (`{config.parent.name}/{config.name}`)"
 
 
 def cpu_markdown(document: dict[str, Any], chart: str | None) -> list[str]:
