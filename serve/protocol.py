@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.sampling_params import (
@@ -902,8 +902,8 @@ class TokenizeCompletionRequest(_Request):
 
     model: str | None = None  # None: the base; an adapter's name works too (adapters share its tokenizer)
     prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool | None = False
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
 
 
 class TokenizeChatRequest(_Request):
@@ -911,10 +911,10 @@ class TokenizeChatRequest(_Request):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
     # The template writes the special tokens; true adds the tokenizer's own (BOS) on top, as in vLLM.
-    add_special_tokens: bool = False
-    return_token_strs: bool | None = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = False
 
 
 # vLLM's union: a body with `messages` is a chat, one with `prompt` a text prompt.
@@ -930,7 +930,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[JsonInt]
 
 
 class DetokenizeResponse(BaseModel):

@@ -35,7 +35,7 @@ def fuzzed_server(
     root = tmp_path_factory.mktemp("fuzz")
     shutil.copytree(adapters_dir, root / "adapters")
     keys = ["--api-key", API_KEY, "--admin-api-key", ADMIN_KEY]
-    running = start_server(tiny_base, root / "adapters", root / "server.log", *keys, "--max-model-len", "128")
+    running = start_server(tiny_base, root / "adapters", root / "server.log", *keys, "--max-model-len", "512")
     try:
         wait_healthy(running)
         yield running

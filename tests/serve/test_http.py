@@ -504,7 +504,14 @@ def test_tokenizer_routes_refuse_as_the_generation_routes_do() -> None:
                     path, content=raw, headers={"Content-Type": "application/json"}
                 )
                 assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
-            assert (await running.client.post("/tokenize", json={"model": "base"})).status_code == 400
+            # Types as the schema publishes them (the fuzzer caught "1" taken for 1 and "yes" for true).
+            for path, body in (
+                ("/tokenize", {"model": "base"}),
+                ("/detokenize", {"tokens": ["1"]}),
+                ("/tokenize", {"prompt": "a", "return_token_strs": "yes"}),
+                ("/tokenize", {**CHAT, "add_generation_prompt": "true"}),
+            ):
+                assert (await running.client.post(path, json=body)).status_code == 400, body
 
     asyncio.run(scenario())
 
