@@ -129,9 +129,7 @@ class Serving:
             ids = list(self.tokenizer(item)["input_ids"]) if isinstance(item, str) and item else list(item)
             if not ids:
                 raise OpenAIError("prompt must not be empty", param="prompt")
-            vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in ids):
-                raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            self._check_token_ids(ids, "prompt")
             prompts.append(ids)
         return prompts
 
@@ -162,11 +160,14 @@ class Serving:
         """vLLM's /detokenize: the text of token ids (special tokens kept, as vLLM decodes them)."""
         if request.model is not None:
             self.models.resolve(request.model)
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in request.tokens):
-            raise OpenAIError(f"tokens must be token ids in [0, {vocab})", param="tokens")
+        self._check_token_ids(request.tokens, "tokens")
         text = await self._tokenizing(self.tokenizer.decode, request.tokens)
         return protocol.DetokenizeResponse(prompt=str(text))
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise OpenAIError(f"{param} token ids must be in [0, {vocab})", param=param)
 
     def _chat_tokens(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, add_special_tokens: bool
