@@ -21,6 +21,9 @@ from serve import protocol
 from serve.adapters import NAME_PATTERN
 from serve.models import ServedModels
 from serve.protocol import OpenAIError
+from serve.responses_protocol import Response as ResponseObject
+from serve.responses_protocol import ResponseEvent, ResponsesRequest
+from serve.responses_serving import ResponsesServing
 from serve.serving import Serving
 from serve.settings import ServeSettings
 from tuneserve import package_version
@@ -89,6 +92,19 @@ async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def respond_events(result: BaseModel | AsyncIterator[ResponseEvent]) -> Response:
+    """A response object as JSON; Responses API events as server-sent events named by their type (OpenAI's
+    framing for /v1/responses: `event:` and `data:` lines, no `[DONE]`)."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(_named_events(result), media_type="text/event-stream")
+
+
+async def _named_events(events: AsyncIterator[ResponseEvent]) -> AsyncIterator[str]:
+    async for event in events:
+        yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
 # Dependencies are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
 # dependency per request for work that never blocks.
 async def get_settings(request: Request) -> ServeSettings:
@@ -107,6 +123,10 @@ async def get_serving(request: Request) -> Serving:
     if serving.engine.errored:
         raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
     return serving
+
+
+async def get_responses(serving: Annotated[Serving, Depends(get_serving)]) -> ResponsesServing:
+    return ResponsesServing(serving)
 
 
 async def get_models(serving: Annotated[Serving, Depends(get_serving)]) -> ServedModels:
@@ -175,6 +195,7 @@ async def require_docs_access(
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
 ModelsDep = Annotated[ServedModels, Depends(get_models)]
+ResponsesDep = Annotated[ResponsesServing, Depends(get_responses)]
 API_KEY = [Depends(require_api_key), Security(HTTPBearer(scheme_name="apiKey", auto_error=False))]
 ADMIN_KEY = [Depends(require_admin_key), Security(HTTPBearer(scheme_name="adminKey", auto_error=False))]
 
@@ -182,7 +203,7 @@ _ERROR_MEANING = {
     400: "Invalid request; `error.param` names the field",
     401: "Missing or wrong bearer key",
     403: "Adapter management is disabled (no --admin-api-key), or the path is outside the adapters dir",
-    404: "Unknown model or adapter, or no adapter folder of that name",
+    404: "Unknown model or adapter, no adapter folder of that name, or a response id (none is stored)",
     409: "Adapter name taken, or an unload still waiting for requests",
     413: "Body over --max-request-bytes",
     503: "Engine starting, failed or stopped",
@@ -195,14 +216,26 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": model, "description": _ERROR_MEANING[status]} for status in statuses}
 
 
-def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """A generation endpoint's responses: JSON, or with stream=true server-sent events."""
+def generation_responses(
+    model: type[BaseModel], *, named_events: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """A generation endpoint's responses: JSON, or with stream=true server-sent events (`named_events`: each
+    with an `event` line naming its type, as /v1/responses sends them)."""
     # OpenAPI 3.2's itemSchema: one server-sent event (a `schema` would describe the whole stream).
-    event = {
+    event: dict[str, Any] = {
         "type": "object",
         "required": ["data"],
         "properties": {"data": {"type": "string", "description": "a chunk as JSON, or `[DONE]` last"}},
     }
+    if named_events:
+        event = {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "description": "the event's type, as in its `type` field"},
+                "data": {"type": "string", "description": "the event as JSON"},
+            },
+        }
     stream = {"itemSchema": event}
     return {
         200: {"model": model, "content": {"text/event-stream": stream}, "description": "The completion"},
@@ -286,6 +319,30 @@ async def chat_completions(
 async def completions(body: protocol.CompletionRequest, request: Request, serving: ServingDep) -> Response:
     request.state.model = body.model
     return respond(await serving.completions(body, request.state.request_id))
+
+
+@router.post(
+    "/v1/responses",
+    dependencies=API_KEY,
+    response_model=None,
+    responses=generation_responses(ResponseObject, named_events=True),
+)
+@with_cancellation
+async def create_response(body: ResponsesRequest, request: Request, responses: ResponsesDep) -> Response:
+    """OpenAI's Responses API for text, made by the chat path (the same prompt, sampling and checks)."""
+    request.state.model = body.model
+    return respond_events(await responses.create(body, request.state.request_id))
+
+
+@router.get(
+    "/v1/responses/{response_id}",
+    dependencies=API_KEY,
+    response_model=ResponseObject,
+    responses=errors(401, 404, 503),
+)
+async def retrieve_response(response_id: str, responses: ResponsesDep) -> dict[str, Any]:
+    """Always 404: responses are not stored (as in vLLM without VLLM_ENABLE_RESPONSES_API_STORE)."""
+    return (await responses.retrieve(response_id)).model_dump()
 
 
 # vLLM's tokenizer routes, outside /v1 as in vLLM; unlike vLLM's (which its key does not guard), they need the

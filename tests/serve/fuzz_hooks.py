@@ -17,6 +17,7 @@ from serve.protocol import SEED_RANGE
 TOKEN_FIELDS = {
     "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
     "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
 }
 MAX_FUZZ_TOKENS, MAX_FUZZ_N = 8, 2
 
@@ -63,9 +64,19 @@ MAX_FUZZ_MESSAGES, MAX_FUZZ_CHAT_CHARACTERS = 8, 100
 
 @schemathesis.hook
 def filter_body(context: schemathesis.HookContext, body: Any) -> bool:
-    if context.operation is None or context.operation.path != "/v1/chat/completions":
+    if context.operation is None or not isinstance(body, dict):
         return True
-    messages = body.get("messages") if isinstance(body, dict) else None
+    if context.operation.path == "/v1/responses":
+        # A response is a chat: `instructions`, then `input` (a string or messages).
+        messages = body.get("input")
+        if isinstance(messages, str):
+            messages = [{"content": messages}]
+        if isinstance(messages, list):
+            messages = [*messages, {"content": body.get("instructions")}]
+    elif context.operation.path == "/v1/chat/completions":
+        messages = body.get("messages")
+    else:
+        return True
     if not isinstance(messages, list):
         return True
     texts = [str(message.get("content") or "") for message in messages if isinstance(message, dict)]
