@@ -1,17 +1,26 @@
 """Prompt rendering through the base tokenizer's chat template: one code path for training and serving.
 
 Training calls `encode_conversation` (ids + labels on assistant turns); the server calls `encode_prompt`.
+Both take OpenAI-shaped chats, tools included (see `template_messages`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 IGNORE_INDEX = -100
 
-Message = dict[str, str]
+Message = Mapping[str, Any]
+"""An OpenAI chat message: {role, content}; an assistant's may carry `tool_calls`
+([{id, type: "function", function: {name, arguments: JSON string}}], content then None or text), and a
+`tool` message answers one with {role: "tool", tool_call_id, content}."""
+
+Tool = Mapping[str, Any]
+"""An OpenAI function tool, {"type": "function", "function": {name, description?, parameters?}}, passed to the
+chat template as it is (the template decides how to show it, e.g. Qwen2.5's JSON in <tools></tools>)."""
 
 
 class ChatTokenizer(Protocol):
@@ -26,7 +35,12 @@ class ChatTokenizer(Protocol):
 
 
 class PromptError(ValueError):
-    """A conversation that the base model's chat template cannot render for training."""
+    """A conversation that the base model's chat template cannot render; `param` names the offending field
+    (e.g. "messages[2].tool_calls[0].function.arguments") when one is to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -41,17 +55,87 @@ class EncodedSample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The messages as chat templates take them: the one place OpenAI's shape is adapted.
+
+    OpenAI sends a tool call's `arguments` as a JSON string, while transformers' tool-use templates
+    (Qwen2.5's, Llama 3.1's, Hermes') render them from a mapping (`arguments | tojson`); as vLLM does
+    (vllm/renderers/chat_utils.py, _postprocess_messages), the string is parsed into a dict here, a dict is
+    kept, and None or "" become {}. Unlike vLLM, which turns malformed arguments into {} with a warning, an
+    argument string that is not a JSON object raises PromptError naming the field: training on a silently
+    emptied call would teach the wrong call. An empty `tool_calls` list is dropped (vLLM too), so the turn
+    renders as plain text. Other fields pass through unchanged; the input is not modified.
+    """
+    rendered: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        copy = dict(message)
+        tool_calls = copy.get("tool_calls")
+        if tool_calls is not None and copy.get("role") == "assistant":
+            if not isinstance(tool_calls, list):
+                raise PromptError(
+                    f"messages[{index}].tool_calls must be a list, not {type(tool_calls).__name__}",
+                    f"messages[{index}].tool_calls",
+                )
+            if tool_calls:
+                copy["tool_calls"] = [
+                    _template_tool_call(call, f"messages[{index}].tool_calls[{n}]")
+                    for n, call in enumerate(tool_calls)
+                ]
+            else:
+                del copy["tool_calls"]
+        rendered.append(copy)
+    return rendered
+
+
+def _template_tool_call(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, Mapping):
+        raise PromptError(
+            f"{where} must be an object {{id, type, function}}, not {type(call).__name__}", where
+        )
+    if call.get("type", "function") != "function" or not isinstance(call.get("function"), Mapping):
+        raise PromptError(
+            f'{where} must be a function call: {{type: "function", function: {{name, arguments}}}}', where
+        )
+    function = dict(call["function"])
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise PromptError(f"{where}.function.name must be a non-empty string", f"{where}.function.name")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str) and arguments:
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise PromptError(
+                f"{where}.function.arguments is not valid JSON ({exc.msg} at column {exc.colno}); "
+                'it must be a JSON object as a string, e.g. \'{"city": "Paris"}\'',
+                f"{where}.function.arguments",
+            ) from None
+    elif arguments is None or arguments == "":
+        arguments = {}
+    if not isinstance(arguments, Mapping):
+        raise PromptError(
+            f"{where}.function.arguments must hold a JSON object, not {type(arguments).__name__}",
+            f"{where}.function.arguments",
+        )
+    return {**call, "function": {**function, "arguments": dict(arguments)}}
+
+
 def render_prompt(
-    tokenizer: ChatTokenizer, messages: Sequence[Message], *, add_generation_prompt: bool
+    tokenizer: ChatTokenizer,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool,
+    tools: Sequence[Tool] | None = None,
 ) -> str:
-    """Render messages with the tokenizer's own chat template, as text."""
+    """Render messages (and the tools the model may call, if any) with the tokenizer's own chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(
             "the base model's tokenizer has no chat_template; use an instruction-tuned base "
             "(e.g. Qwen/Qwen2.5-7B-Instruct) or one whose tokenizer_config.json defines chat_template"
         )
+    # An empty list is no tools: templates test `if tools`, and vLLM drops tools=[] the same way.
+    extra: dict[str, Any] = {"tools": [dict(tool) for tool in tools]} if tools else {}
     text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
     assert isinstance(text, str)
     return text
@@ -62,9 +146,11 @@ def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_prompt(tokenizer: ChatTokenizer, messages: Sequence[Message]) -> list[int]:
-    """Prompt ids for generation: the conversation so far plus the assistant header."""
-    return encode_text(tokenizer, render_prompt(tokenizer, messages, add_generation_prompt=True))
+def encode_prompt(
+    tokenizer: ChatTokenizer, messages: Sequence[Message], tools: Sequence[Tool] | None = None
+) -> list[int]:
+    """Prompt ids for generation: the conversation (and the tools, if any), then the assistant header."""
+    return encode_text(tokenizer, render_prompt(tokenizer, messages, add_generation_prompt=True, tools=tools))
 
 
 def end_of_turn_ids(tokenizer: ChatTokenizer, generation_eos: int | Iterable[int] | None = None) -> set[int]:
@@ -82,22 +168,28 @@ def end_of_turn_ids(tokenizer: ChatTokenizer, generation_eos: int | Iterable[int
 
 
 def encode_conversation(
-    tokenizer: ChatTokenizer, messages: Sequence[Message], stop_ids: set[int]
+    tokenizer: ChatTokenizer,
+    messages: Sequence[Message],
+    stop_ids: set[int],
+    tools: Sequence[Tool] | None = None,
 ) -> EncodedSample:
     """Ids of the whole rendered conversation, with labels on every assistant turn and its end-of-turn token.
+
+    An assistant turn's tool calls are part of its reply, so they are trained as its text is; `tool`
+    messages (the results) are context, as user turns are.
 
     Each assistant turn's span is found by rendering the conversation up to the turn with the generation
     prompt (where the reply starts) and through the turn (where it ends), so it works for any chat template
     whose renderings extend each other. Labels cover the reply and the first end-of-turn token after it, so
     the model learns to stop; whatever the template puts after that token (a newline, say) is not trained.
     """
-    full = render_prompt(tokenizer, messages, add_generation_prompt=False)
+    full = render_prompt(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans: list[tuple[int, int]] = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_prompt(tokenizer, messages[:turn], add_generation_prompt=True)
-        through = render_prompt(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        before = render_prompt(tokenizer, messages[:turn], add_generation_prompt=True, tools=tools)
+        through = render_prompt(tokenizer, messages[: turn + 1], add_generation_prompt=False, tools=tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise PromptError(
                 f"the chat template renders assistant turn {turn} differently depending on what follows it; "

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 VOCAB_SIZE = 2048
-"""Tokenizer and embedding size: 256 byte symbols + 3 special tokens + learned merges."""
+"""The BPE vocabulary's size: 256 byte symbols + 3 special tokens + learned merges (the two tool-call tokens
+come on top)."""
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump whenever the build recipe changes, so cached builds from older code are not reused."""
 
 MARKER_FILE = "tiny_base.json"
@@ -46,18 +47,60 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
 
+# Hermes-style tool calling, as Qwen2.5-Instruct has it (vLLM's `--tool-call-parser hermes` reads it): the
+# tool-call tags are single tokens, appended to the vocabulary after pre-training (see _add_tool_tokens).
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+TOOL_TOKENS = (TOOL_CALL_START, TOOL_CALL_END)
+
+DEFAULT_TOOLS_SYSTEM_PROMPT = "You are a helpful assistant."
+"""The system turn's text when a chat has tools but no system message (Qwen2.5 puts its own there)."""
+
 # ChatML. The `generation` block marks the assistant tokens the model must learn to produce (its reply
 # and the closing <|im_end|>), so `apply_chat_template(..., return_assistant_tokens_mask=True)` works.
+# With `tools`, it renders them as Qwen2.5-Instruct's template does (the same bytes): their JSON schemas in
+# the system turn, an assistant's `tool_calls` as <tool_call> JSON blocks (arguments a mapping, as
+# transformers' tool-use templates expect), and `tool` messages as <tool_response> blocks in a user turn.
+# A chat without tools renders exactly as the plain ChatML template of build version 1.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('Unsupported role ' + message['role'] + '; use system, user or assistant.') }}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}"
+    "{%- else -%}{{ '" + DEFAULT_TOOLS_SYSTEM_PROMPT + "' }}{%- endif -%}"
+    "{{ '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{ message['content'] + '<|im_end|>' }}{%- endgeneration -%}{{ '\\n' }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
+    "{{ raise_exception('Unsupported role ' + message['role'] + '; use system, user, assistant or tool.') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' and loop.first and tools -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- generation -%}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{%- if message['content'] -%}{{ message['content'] + '\\n' }}{%- endif -%}"
+    "{%- for tool_call in message['tool_calls'] -%}"
+    "{%- if tool_call['function'] is defined -%}{%- set tool_call = tool_call['function'] -%}{%- endif -%}"
+    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + tool_call['name'] + '\", \"arguments\": ' }}"
+    "{{ tool_call['arguments'] | tojson }}{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>' }}"
+    "{%- else -%}{{ message['content'] + '<|im_end|>' }}{%- endif -%}"
+    "{%- endgeneration -%}{{ '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
+    "{{ '<|im_start|>user' }}"
+    "{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
     "{%- else -%}"
-    "{{ message['content'] + '<|im_end|>\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
@@ -261,6 +304,7 @@ def _build_into(build_dir: Path, spec: TinyBaseSpec) -> None:
             stream.extend(ids)
             stream.append(pad_id)
         _pretrain(model, torch.tensor(stream, dtype=torch.long), spec, rng)
+    _add_tool_tokens(tokenizer, model, spec)
 
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(build_dir)
@@ -292,6 +336,26 @@ def _train_tokenizer(documents: list[str], spec: TinyBaseSpec) -> PreTrainedToke
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+def _add_tool_tokens(tokenizer: PreTrainedTokenizerFast, model: LlamaForCausalLM, spec: TinyBaseSpec) -> None:
+    """Append <tool_call> and </tool_call> to the vocabulary, as Qwen2.5 has them: single, non-special tokens.
+
+    They come after pre-training, so every other token's weights are those of a build without them (the
+    base answers a chat without tools as before). Their embedding rows are drawn per dimension from the
+    trained rows' mean and spread, so they look like any other token: transformers' mean resizing would put
+    them at the mean, whose logit is the average logit and can never be the largest, so no adapter could
+    learn to start a tool call.
+    """
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TOOL_TOKENS])
+    embeddings = model.model.embed_tokens.weight.detach()  # (V, C), tied to the output layer
+    mean, std = embeddings.mean(dim=0), embeddings.std(dim=0)
+    generator = torch.Generator().manual_seed(spec.seed)
+    new_rows = mean + std * torch.randn(len(TOOL_TOKENS), embeddings.shape[1], generator=generator)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[-len(TOOL_TOKENS) :] = new_rows
+    logger.info("Added the tool-call tokens %s", ", ".join(TOOL_TOKENS))
 
 
 def _pretrain(model: LlamaForCausalLM, stream: torch.Tensor, spec: TinyBaseSpec, rng: random.Random) -> None:
