@@ -76,6 +76,34 @@ VLLM_EXTRAS = (
 NOT_STORED = "responses are not stored on this server (as in vLLM without VLLM_ENABLE_RESPONSES_API_STORE)"
 _NO_TOOLS = "tools are not served on /v1/responses"
 _NO_REASONING = "no reasoning parser is configured"
+# Fields of OpenAI's or vLLM's request refused unless off, and why.
+REFUSED_EXTRAS = {
+    "conversation": NOT_STORED,
+    "prompt": "prompt templates are not served (vLLM refuses them too)",
+    "context_management": "context compaction is not served; prompts are never truncated",
+    "previous_input_messages": _NO_REASONING,
+    "enable_response_messages": "responses carry OpenAI's fields only",
+    "moderation": "moderation is not served",
+}
+# Fields of OpenAI's or vLLM's request that change nothing here (no tools, reasoning, images or background
+# runs; hints for caching, scheduling tiers, routing, access programs and obfuscation padding): ignored like
+# any unknown field, as vLLM ignores them.
+IGNORED_FIELDS = (
+    "max_tool_calls",
+    "include_reasoning",
+    "image",
+    "background_options",
+    "access_programs",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "safety_identifier",
+    "session_id",
+    "stream_options",
+    "mm_payload",
+    "return_mm_kwargs",
+)
 
 
 class _Item(BaseModel):
@@ -253,14 +281,7 @@ class ResponsesRequest(_Item):
                 param="text.verbosity",
             )
         extra = self.model_extra or {}
-        refused = {
-            "conversation": NOT_STORED,
-            "prompt": "prompt templates are not served (vLLM refuses them too)",
-            "context_management": "context compaction is not served; prompts are never truncated",
-            "previous_input_messages": _NO_REASONING,
-            "enable_response_messages": "responses carry OpenAI's fields only",
-        }
-        for name, why in refused.items():
+        for name, why in REFUSED_EXTRAS.items():
             if extra.get(name) not in (None, False, [], {}):
                 raise OpenAIError(f"'{name}' is not supported by this server: {why}", param=name)
 

@@ -15,6 +15,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from serve import protocol, responses_protocol
+from serve.responses_protocol import ResponsesRequest
 from serve.settings import ServeSettings
 from tests.serve.test_http import (
     ANSWER,
@@ -197,6 +199,7 @@ def test_json_and_stream_report_the_same_usage_and_text() -> None:
         ({"text": {"verbosity": "low"}}, 400, "text.verbosity", "verbosity"),
         ({"conversation": "conv_1"}, 400, "conversation", "not stored"),
         ({"prompt": {"id": "pmpt_1"}}, 400, "prompt", "prompt templates"),
+        ({"moderation": {"enabled": True}}, 400, "moderation", "moderation"),
         ({"include": ["nonsense"]}, 400, "include[0]", "include"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata", "16"),
         ({"temperature": 3}, 400, "temperature", "temperature"),
@@ -353,3 +356,26 @@ def test_published_schema_has_the_routes() -> None:
             assert request["required"] == ["model", "input"]
 
     asyncio.run(scenario())
+
+
+def test_every_field_of_vllms_and_openais_request_has_a_policy() -> None:
+    # A vLLM or openai upgrade that adds a request field fails here until it is served, refused or ignored.
+    from openai.types.responses.response_create_params import ResponseCreateParamsBase
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as VLLMResponsesRequest
+
+    placed = (
+        set(ResponsesRequest.model_fields)
+        | set(responses_protocol.VLLM_EXTRAS)
+        | set(responses_protocol.REFUSED_EXTRAS)
+        | set(responses_protocol.IGNORED_FIELDS)
+    )
+    assert set(VLLMResponsesRequest.model_fields) - placed == set()
+    assert set(ResponseCreateParamsBase.__annotations__) - placed == set()
+
+
+def test_every_vllm_extra_handed_to_the_chat_is_applied_or_refused_there() -> None:
+    # A forwarded name the chat request did not know would be dropped without a word.
+    chat_known = (
+        set(protocol.ChatCompletionRequest.model_fields) | set(protocol._UNSERVED_EXTRAS) | {"logit_bias"}
+    )
+    assert set(responses_protocol.VLLM_EXTRAS) - chat_known == set()
