@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         for error in exc.errors():
-            field = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
-            print(f"error: {field}: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:  # a rule between flags (a model validator) names them in its message
+                message = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-") + ": " + message
+            print(f"error: {message}", file=sys.stderr)
         return 2
     refusal = missing_base_folder(settings)
     if refusal is not None:

@@ -27,7 +27,7 @@ from serve.metrics import ServerMetrics
 from serve.models import ServedModels
 from serve.protocol import OpenAIError
 from serve.routes import error_response, router
-from serve.serving import Serving
+from serve.serving import Serving, ToolCalling
 from serve.settings import ServeSettings
 from tuneserve import package_version
 
@@ -202,6 +202,7 @@ async def start_serving(
             models=models,
             metrics=app.state.metrics,
             max_model_len=max_model_len,
+            tool_calling=ToolCalling.from_settings(settings, tokenizer),
         )
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
@@ -285,6 +286,8 @@ def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
             components.get("schemas", {}).pop(name, None)
         for name in unused:
             components.get("securitySchemes", {}).pop(name, None)
+        if not settings.enable_auto_tool_choice:
+            _tools_without_parser(schema)
         serving = getattr(app.state, "serving", None)
         if serving is None:
             return schema  # the token-id bound is known once the engine is up; cache from then on
@@ -292,6 +295,22 @@ def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
         _bound_allowed_token_ids(schema, len(serving.tokenizer))
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _tools_without_parser(schema: dict[str, Any]) -> None:
+    """Without --enable-auto-tool-choice tools are rendered, never called: tool_choice can only be "none",
+    and tools need it (vLLM's default for a request with tools is "auto", which such a server refuses)."""
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]
+    request["properties"]["tool_choice"] = {
+        "anyOf": [{"const": "none"}, {"type": "null"}],
+        "title": "Tool Choice",
+    }
+    request.setdefault("allOf", []).append(
+        {
+            "if": {"required": ["tools"], "properties": {"tools": {"type": "array"}}},
+            "then": {"required": ["tool_choice"], "properties": {"tool_choice": {"const": "none"}}},
+        }
+    )
 
 
 def _bound_token_ids(schema: dict[str, Any], vocabulary: int) -> None:

@@ -17,7 +17,10 @@ Decisions worth knowing:
 - OpenAI allows n>1 at temperature 0 (n identical greedy answers); vLLM refuses n>1 with greedy
   sampling, so that case samples at temperature 1 from top_k=1, which is the same argmax.
 - Unknown fields are accepted and ignored (as OpenAI and vLLM do), except the ones that would change the
-  answer if ignored (tools, logit_bias, suffix, ...): those are refused with a 400 naming them.
+  answer if ignored (logit_bias, suffix, functions, ...): those are refused with a 400 naming them.
+- Tools are vLLM's: rendered by the chat template (also with tool_choice "none", vLLM's default), checked
+  by vLLM's rules (`check_tools`), and parsed by vLLM's tool parser in serve/serving.py; a call that
+  tool_choice forces is a grammar vLLM's parser builds (`ToolConstraint`).
 - vLLM's own extras are vLLM's names, bounds and meanings: the sampling ones (top_k, min_p,
   repetition_penalty, min_tokens, stop_token_ids, bad_words, ...) are modelled, published and applied as
   vLLM's server applies them; the rest (`_UNSERVED_EXTRAS`: beam search, chat-template overrides, prompt
@@ -37,6 +40,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
@@ -210,10 +214,55 @@ class ContentPart(_Request):
     text: str | None = Field(None, json_schema_extra={"type": "string"})
 
 
+# ------------------------------------------------------------------------------------------------ tools
+# OpenAI's function tools as vLLM's server takes them (vllm/entrypoints/openai/chat_completion/protocol.py).
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """tool_choice {"type": "function", "function": {"name": ...}}: call this function."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class MessageFunctionCall(_Request):
+    name: str
+    arguments: str = ""  # a JSON object, as text (OpenAI's shape)
+
+
+class MessageToolCall(_Request):
+    """A call the assistant made earlier in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # role assistant
+    tool_call_id: str | None = None  # role tool: the call this message answers
 
 
 class StreamOptions(_Request):
@@ -299,6 +348,7 @@ class _GenerationRequest(_Request):
         logprobs: int | None,
         prompt_logprobs: int | None = None,
         structured: StructuredOutputsParams | None = None,
+        skip_special_tokens: bool | None = None,
     ) -> SamplingParams:
         """The fields both request types share, checked, with what the request type worked out."""
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -317,6 +367,7 @@ class _GenerationRequest(_Request):
                 param="seed",
             )
         stop = _stop(self.stop)
+        skip_special = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
 
         top_k = 0 if self.top_k is None else self.top_k
         if temperature == 0 and self.n > 1:
@@ -339,7 +390,7 @@ class _GenerationRequest(_Request):
                 min_tokens=self.min_tokens,
                 min_p=0.0 if self.min_p is None else self.min_p,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                skip_special_tokens=self.skip_special_tokens,
+                skip_special_tokens=skip_special,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
@@ -392,10 +443,9 @@ _TEMPLATE = "every chat is rendered by the base model's own chat template, as in
 _NO_REASONING = "no reasoning parser is configured"
 _RETURNED = "responses carry OpenAI's fields only"
 # vLLM's request extras that change nothing on these endpoints (vLLM ignores them there too: a routing hint,
-# no tools, no reasoning parser, render-endpoint and routed-expert options): ignored like any unknown field.
+# no reasoning parser, render-endpoint and routed-expert options): ignored like any unknown field.
 VLLM_IGNORED_EXTRAS = (
     "session_id",
-    "parallel_tool_calls",
     "include_reasoning",
     "return_token_offsets",
     "mm_payload",
@@ -491,7 +541,19 @@ def _requires(field: str, value: Any, needs: str, needed: Any) -> dict[str, Any]
 
 class ChatCompletionRequest(_GenerationRequest):
     model_config = ConfigDict(
-        json_schema_extra={"allOf": [_requires("top_logprobs", {"type": "integer"}, "logprobs", True)]}
+        json_schema_extra={
+            "allOf": [
+                _requires("top_logprobs", {"type": "integer"}, "logprobs", True),
+                # tool_choice auto, required or a named function needs tools (vLLM's rule).
+                {
+                    "if": {
+                        "required": ["tool_choice"],
+                        "properties": {"tool_choice": {"not": {"enum": ["none", None]}}},
+                    },
+                    "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}},
+                },
+            ]
+        }
     )
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -500,10 +562,70 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: JsonInt | None = Field(None, json_schema_extra=_range(0, MAX_CHAT_TOP_LOGPROBS))
     response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, json_schema_extra={"minItems": 1})
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def to_sampling_params(self, *, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """vLLM's default: "auto" when tools are sent without a tool_choice, else "none"."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    def check_tools(self, *, auto_tools: bool) -> None:
+        """vLLM's rules for tools and tool_choice (ChatCompletionRequest.check_tool_usage and
+        OnlineRenderer.render_chat), as 400s naming the field; `auto_tools`: this server parses tool calls
+        (--enable-auto-tool-choice with a --tool-call-parser)."""
+        if self.tools == []:
+            raise OpenAIError(
+                "`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                "entirely.",
+                param="tools",
+            )
+        choice = self.effective_tool_choice
+        if choice == "none":
+            return
+        if self.tools is None:
+            raise OpenAIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            tool.function.name for tool in self.tools
+        }:
+            raise OpenAIError(
+                f"The tool specified in `tool_choice` ('{choice.function.name}') does not match any of the "
+                "specified `tools`",
+                param="tool_choice",
+            )
+        if auto_tools:
+            return
+        if choice == "auto":
+            raise OpenAIError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '
+                'on this server; send tool_choice "none" to render the tools without calling them',
+                param="tool_choice",
+            )
+        wanted = (
+            f'function "{choice.function.name}"' if isinstance(choice, NamedToolChoice) else f'"{choice}"'
+        )
+        raise OpenAIError(
+            f"tool_choice={wanted} requires --enable-auto-tool-choice and --tool-call-parser to be set on "
+            "this server",
+            param="tool_choice",
+        )
+
+    def prompt_tools(self, *, exclude_when_none: bool = False) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (OpenAI's shape); vLLM renders them even with
+        tool_choice "none" unless its --exclude-tools-when-tool-choice-none is set."""
+        if self.tools is None or (exclude_when_none and self.effective_tool_choice == "none"):
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def to_sampling_params(
+        self, *, prompt_tokens: int, max_model_len: int, tool_constraint: ToolConstraint | None = None
+    ) -> SamplingParams:
         """vLLM sampling parameters for this chat rendered as `prompt_tokens` tokens, or an `OpenAIError`
-        (400) naming the bad field. Streams get DELTA outputs, other requests FINAL_ONLY."""
+        (400) naming the bad field. Streams get DELTA outputs, other requests FINAL_ONLY. `tool_constraint`
+        is what vLLM's tool parser asks of sampling for this request's tools."""
         _check_chat_supported(self)
         _check_unserved_extras(self, _UNSERVED_CHAT)
         _check_room(prompt_tokens, max_model_len, "messages")
@@ -523,7 +645,27 @@ class ChatCompletionRequest(_GenerationRequest):
             # vLLM returns the sampled token's logprob plus this many alternatives.
             logprobs = self.top_logprobs or 0
         structured = _structured_outputs(self.response_format)
-        return self._sampling_params(max_tokens=max_tokens, logprobs=logprobs, structured=structured)
+        skip_special_tokens = self.skip_special_tokens
+        if tool_constraint is not None:
+            # A forced call overrides response_format, as in vLLM (which logs that it is ignored).
+            structured = tool_constraint.structured or structured
+            skip_special_tokens = tool_constraint.skip_special_tokens
+        return self._sampling_params(
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            structured=structured,
+            skip_special_tokens=skip_special_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ToolConstraint:
+    """What vLLM's tool parser asks of sampling for a request with tools (its adjust_request): the grammar
+    that forces a call (tool_choice "required" or a named function; None for "auto"), and whether special
+    tokens stay in the text (they must where the call markup is special tokens, as Qwen2.5's <tool_call>)."""
+
+    structured: StructuredOutputsParams | None
+    skip_special_tokens: bool
 
 
 class CompletionRequest(_GenerationRequest):
@@ -583,10 +725,9 @@ def _refuse(request: _Request, name: str, honourable: Callable[[Any], bool]) -> 
 
 
 def _check_chat_supported(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
-    for name in ("tools", "functions"):
-        _refuse(request, name, lambda value: value == [])
-    for name in ("tool_choice", "function_call"):
-        _refuse(request, name, lambda value: value in ("none", "auto"))
+    # OpenAI's deprecated functions API: tools replaced it (vLLM does not serve it either).
+    _refuse(request, "functions", lambda value: value == [])
+    _refuse(request, "function_call", lambda value: value in ("none", "auto"))
     _refuse(request, "logit_bias", lambda value: value == {})
     _refuse(request, "audio", lambda value: False)
     _refuse(request, "prediction", lambda value: False)
@@ -623,28 +764,43 @@ def _surrogate_at(value: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
-def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[dict[str, str]]:
-    """The conversation as plain {"role", "content"} dicts for the shared prompt renderer.
+def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[dict[str, Any]]:
+    """The conversation as OpenAI-shaped dicts for the shared prompt renderer (finetune.prompting, which
+    adapts tool calls for the chat template): {"role", "content"}, plus "tool_calls" on assistant turns that
+    called tools and "tool_call_id" on tool results.
 
     "developer" becomes "system"; text parts are joined with newlines (as vLLM does); `name` is
     dropped (chat templates do not render it). Non-text parts are refused.
     """
     _check_chat_supported(request)
-    rendered: list[dict[str, str]] = []
+    rendered: list[dict[str, Any]] = []
     for index, message in enumerate(request.messages):
-        extra = message.model_extra or {}
-        for name in ("tool_calls", "function_call"):
-            if extra.get(name):
-                raise OpenAIError(
-                    f"'messages[{index}].{name}' is not supported by this server",
-                    param=f"messages[{index}].{name}",
-                )
-        rendered.append(
-            {
-                "role": "system" if message.role == "developer" else message.role,
-                "content": _message_text(message.content, index),
-            }
-        )
+        if (message.model_extra or {}).get("function_call"):
+            raise OpenAIError(
+                f"'messages[{index}].function_call' is not supported by this server; use tool_calls",
+                param=f"messages[{index}].function_call",
+            )
+        turn: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": _message_text(message.content, index),
+        }
+        if message.tool_calls and message.role == "assistant":
+            turn["tool_calls"] = [
+                {
+                    **({"id": call.id} if call.id is not None else {}),
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in message.tool_calls
+            ]
+        elif message.tool_calls:
+            raise OpenAIError(
+                f"messages[{index}].tool_calls: only assistant messages carry tool calls",
+                param=f"messages[{index}].tool_calls",
+            )
+        if message.role == "tool" and message.tool_call_id is not None:
+            turn["tool_call_id"] = message.tool_call_id
+        rendered.append(turn)
     return rendered
 
 
@@ -771,7 +927,7 @@ class Usage(BaseModel):
         return cls.of(sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts))
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TopLogprob(BaseModel):
@@ -788,10 +944,37 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first of each call brings its id and name, the rest pieces of
+    its arguments (joined, a JSON object)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -813,6 +996,7 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):
@@ -915,6 +1099,7 @@ class TokenizeChatRequest(_Request):
     # The template writes the special tokens; true adds the tokenizer's own (BOS) on top, as in vLLM.
     add_special_tokens: StrictBool = False
     return_token_strs: StrictBool | None = False
+    tools: list[ChatTool] | None = Field(None, json_schema_extra={"minItems": 1})  # rendered, as in vLLM
 
 
 # vLLM's union: a body with `messages` is a chat, one with `prompt` a text prompt.

@@ -8,6 +8,7 @@ serve/models.py's; the engine is anything with AsyncLLM's generate (serve.engine
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -26,8 +27,12 @@ from serve.models import ServedModels
 from serve.protocol import OpenAIError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
     from vllm import RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
+    from vllm.parser.abstract_parser import Parser
+
+    from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +47,7 @@ class Serving:
     models: ServedModels
     metrics: ServerMetrics
     max_model_len: int
+    tool_calling: ToolCalling | None = None  # None: tools are rendered, never parsed (ToolCalling.none)
     _longest_token: int | None = None  # characters of the vocabulary's longest token
     _tokenizer_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
@@ -80,19 +86,26 @@ class Serving:
         or a new one."""
         lora = self.models.resolve(request.model)
         protocol.check_text(request)
+        tool_calling = self.tool_calling or ToolCalling.none(self.tokenizer)
+        tools = tool_calling.start(request)
+        prompt_tools = request.prompt_tools(exclude_when_none=tool_calling.exclude_tools_when_none)
         try:
             messages = protocol.chat_messages(request)
-            self._refuse_surely_too_long(sum(len(m["content"]) for m in messages), "messages")
-            prompt_ids = await self._tokenizing(encode_prompt, self.tokenizer, messages)
+            self._refuse_surely_too_long(_chat_characters(messages, prompt_tools), "messages")
+            prompt_ids = await self._tokenizing(encode_prompt, self.tokenizer, messages, prompt_tools)
         except PromptError as exc:
-            raise OpenAIError(str(exc), param="messages") from exc
-        params = request.to_sampling_params(prompt_tokens=len(prompt_ids), max_model_len=self.max_model_len)
+            raise OpenAIError(str(exc), param=exc.param or "messages") from exc
+        params = request.to_sampling_params(
+            prompt_tokens=len(prompt_ids),
+            max_model_len=self.max_model_len,
+            tool_constraint=tools.constraint if tools is not None else None,
+        )
         request_id = f"chatcmpl-{request_id or uuid.uuid4().hex}"
         streams = self._start([prompt_ids], params, request_id, lora, request.model)
         if request.stream:
-            return self._chat_chunks(streams, request, request_id, request.include_usage)
+            return self._chat_chunks(streams, request, request_id, request.include_usage, tools)
         finals = await _collect(streams)
-        return self._chat_response(finals, request, request_id, _usage(streams))
+        return self._chat_response(finals, request, request_id, _usage(streams), tools)
 
     async def completions(
         self, request: protocol.CompletionRequest, request_id: str | None = None
@@ -142,13 +155,20 @@ class Serving:
             self.models.resolve(request.model)
         protocol.check_text(request)
         if isinstance(request, protocol.TokenizeChatRequest):
+            if request.tools == []:
+                raise OpenAIError("`tools` must not be an empty array", param="tools")
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()] or None
             try:
                 messages = protocol.chat_messages(request)
                 ids = await self._tokenizing(
-                    self._chat_tokens, messages, request.add_generation_prompt, request.add_special_tokens
+                    self._chat_tokens,
+                    messages,
+                    tools,
+                    request.add_generation_prompt,
+                    request.add_special_tokens,
                 )
             except PromptError as exc:
-                raise OpenAIError(str(exc), param="messages") from exc
+                raise OpenAIError(str(exc), param=exc.param or "messages") from exc
         else:
             ids = await self._tokenizing(self._text_tokens, request.prompt, request.add_special_tokens)
         strings = list(self.tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
@@ -170,9 +190,15 @@ class Serving:
             raise OpenAIError(f"{param} token ids must be in [0, {vocab})", param=param)
 
     def _chat_tokens(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, add_special_tokens: bool
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+        add_special_tokens: bool,
     ) -> list[int]:
-        text = render_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        text = render_prompt(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
         if add_special_tokens:
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         return encode_text(self.tokenizer, text)
@@ -209,10 +235,15 @@ class Serving:
         request: protocol.ChatCompletionRequest,
         request_id: str,
         usage: protocol.Usage,
+        tools: ChatToolCalls | None,
     ) -> protocol.ChatCompletion:
         (final,) = finals
         choices = []
         for output in sorted(final.outputs, key=lambda o: o.index):
+            message = {"role": "assistant", "content": output.text}
+            finish = protocol.finish_reason(output.finish_reason)
+            if tools is not None:
+                message, finish = tools.message(output, final.prompt_token_ids)
             logprobs = None
             if request.logprobs and output.logprobs is not None:
                 logprobs = protocol.chat_logprobs(
@@ -224,9 +255,9 @@ class Serving:
             choices.append(
                 {
                     "index": output.index,
-                    "message": {"role": "assistant", "content": output.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": protocol.finish_reason(output.finish_reason),
+                    "finish_reason": finish,
                 }
             )
         return protocol.ChatCompletion(
@@ -239,10 +270,12 @@ class Serving:
         request: protocol.ChatCompletionRequest,
         request_id: str,
         include_usage: bool,
+        tools: ChatToolCalls | None,
     ) -> AsyncIterator[protocol.ChatCompletionChunk]:
         (stream,) = streams
         created = int(time.time())
         started: set[int] = set()
+        parsers: dict[int, StreamedToolCalls] = {}  # one per choice: vLLM's parsers keep state
 
         def chunk(
             index: int, delta: protocol.ChatDelta, finish: protocol.FinishReason | None, logprobs: Any = None
@@ -269,10 +302,16 @@ class Serving:
                         self._decode_token,
                         top_logprobs=request.top_logprobs or 0,
                     )
-                if completion.text or logprobs:
-                    yield chunk(completion.index, protocol.ChatDelta(content=completion.text), None, logprobs)
-                if completion.finish_reason is not None:
+                if tools is None:
+                    delta = protocol.ChatDelta(content=completion.text) if completion.text else None
                     finish = protocol.finish_reason(completion.finish_reason)
+                else:
+                    if completion.index not in parsers:
+                        parsers[completion.index] = tools.streamed()
+                    delta, finish = parsers[completion.index].delta(completion, output.prompt_token_ids)
+                if delta is not None or logprobs:
+                    yield chunk(completion.index, delta or protocol.ChatDelta(), None, logprobs)
+                if finish is not None:
                     yield chunk(completion.index, protocol.ChatDelta(), finish)
         if include_usage and last is not None:
             yield protocol.ChatCompletionChunk(
@@ -368,6 +407,167 @@ class Serving:
 
     def _decode_token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
+
+
+class ToolCalling:
+    """Tool calls as vLLM's OpenAI server makes them, with vLLM's own parser (--enable-auto-tool-choice
+    --tool-call-parser NAME): its ParserManager composes the parser class once; each request gets its own
+    parser, which also builds the grammar that forces a call for tool_choice "required" or a named function
+    (vLLM's adjust_request). Without a parser, tools are only rendered (tool_choice "none")."""
+
+    def __init__(
+        self, tokenizer: Any, parser_cls: type[Parser] | None, *, exclude_tools_when_none: bool = False
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.parser_cls = parser_cls
+        self.exclude_tools_when_none = exclude_tools_when_none
+
+    @classmethod
+    def none(cls, tokenizer: Any) -> ToolCalling:
+        return cls(tokenizer, None)
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings, tokenizer: Any) -> ToolCalling:
+        """The server's tool calling; vLLM's check that the parser works with this tokenizer fails start-up
+        (a TypeError naming the flag), as it does vLLM's."""
+        parser_cls = None
+        if settings.enable_auto_tool_choice:
+            from vllm.parser import ParserManager
+
+            parser_cls = ParserManager.get_parser(
+                tool_parser_name=settings.tool_call_parser,
+                enable_auto_tools=True,
+                model_name=settings.base_model,
+                tokenizer=tokenizer,
+            )
+        return cls(
+            tokenizer, parser_cls, exclude_tools_when_none=settings.exclude_tools_when_tool_choice_none
+        )
+
+    def start(self, request: protocol.ChatCompletionRequest) -> ChatToolCalls | None:
+        """Check the request's tools against vLLM's rules (400s naming the field); the tool calls to parse
+        out of its answer, or None where there are none to parse (no tools, or tool_choice "none", whose
+        answer vLLM's parser passes through as text)."""
+        request.check_tools(auto_tools=self.parser_cls is not None)
+        if self.parser_cls is None or request.effective_tool_choice == "none":
+            return None
+        return ChatToolCalls(self.tokenizer, self.parser_cls, request)
+
+
+class ChatToolCalls:
+    """One request's tool calls: vLLM's ChatCompletionRequest for its parser (which reads tools, tool_choice
+    and parallel_tool_calls from it), adjusted by the parser, and the answers parsed as vLLM's
+    OpenAIServingChat parses them (vllm/entrypoints/openai/chat_completion/serving.py)."""
+
+    def __init__(
+        self, tokenizer: Any, parser_cls: type[Parser], request: protocol.ChatCompletionRequest
+    ) -> None:
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionNamedToolChoiceParam,
+            ChatCompletionRequest,
+        )
+
+        self.tokenizer = tokenizer
+        self.parser_cls = parser_cls
+        body = request.model_dump(
+            include={"model", "messages", "tools", "parallel_tool_calls", "skip_special_tokens", "stream"},
+            exclude_none=True,
+        )
+        body["tool_choice"] = _dumped(request.effective_tool_choice)
+        vllm_request = ChatCompletionRequest.model_validate(body)
+        # The parser sets the grammar of a forced call (structured_outputs) and keeps special tokens where its
+        # markup is made of them; a parser instance is stateful, so each choice gets its own later.
+        self.vllm_request = parser_cls(tokenizer, list(vllm_request.tools or ())).adjust_request(vllm_request)
+        self.named = isinstance(self.vllm_request.tool_choice, ChatCompletionNamedToolChoiceParam)
+        self.required = self.vllm_request.tool_choice == "required"
+        self.constraint = protocol.ToolConstraint(
+            structured=self.vllm_request.structured_outputs,
+            skip_special_tokens=bool(self.vllm_request.skip_special_tokens),
+        )
+
+    def parser(self) -> Parser:
+        return self.parser_cls(self.tokenizer, list(self.vllm_request.tools or ()))
+
+    def message(
+        self, output: Any, prompt_ids: list[int] | None
+    ) -> tuple[dict[str, Any], protocol.FinishReason | None]:
+        """One choice's message and finish_reason: "tool_calls" when the model called a tool on its own or
+        as tool_choice "required" asked ("stop" for a named function, as OpenAI)."""
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+        from vllm.renderers.chat_utils import make_tool_call_id
+
+        parser = self.parser()
+        if prompt_ids is not None:
+            parser.set_prompt_token_ids(prompt_ids)
+        _, content, calls = parser.parse(
+            output.text, self.vllm_request, enable_auto_tools=True, model_output_token_ids=output.token_ids
+        )
+        calls = maybe_filter_parallel_tool_calls(list(calls or []), self.vllm_request)
+        tool_calls = [
+            {"id": call.id or make_tool_call_id(), "type": "function", "function": call.model_dump()}
+            for call in calls
+        ]
+        finish = protocol.finish_reason(output.finish_reason)
+        message: dict[str, Any]
+        if self.named or self.required:
+            message = {"role": "assistant", "content": content or "", "tool_calls": tool_calls}
+        else:
+            message = {"role": "assistant", "content": content, "tool_calls": tool_calls or None}
+        if (tool_calls and not self.named) or (self.required and output.finish_reason == "stop"):
+            finish = "tool_calls"
+        return message, finish
+
+    def streamed(self) -> StreamedToolCalls:
+        return StreamedToolCalls(self, self.parser())
+
+
+class StreamedToolCalls:
+    """One streamed choice through vLLM's parser: content deltas, then tool-call deltas (the call's id and
+    name first, then pieces of its arguments) as vLLM's server streams them."""
+
+    def __init__(self, calls: ChatToolCalls, parser: Parser) -> None:
+        self.calls = calls
+        self.parser = parser
+        self.called = False
+
+    def delta(
+        self, completion: Any, prompt_ids: list[int] | None
+    ) -> tuple[protocol.ChatDelta | None, protocol.FinishReason | None]:
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+
+        finished = completion.finish_reason is not None
+        message = self.parser.parse_delta(
+            delta_text=completion.text,
+            delta_token_ids=list(completion.token_ids),
+            request=self.calls.vllm_request,
+            prompt_token_ids=prompt_ids,
+            finished=finished,
+        )
+        delta = None
+        if message is not None:
+            message = maybe_filter_parallel_tool_calls(message, self.calls.vllm_request)
+            tool_calls = [
+                protocol.DeltaToolCall.model_validate(call.model_dump()) for call in message.tool_calls
+            ]
+            self.called = self.called or bool(tool_calls)
+            if message.content or tool_calls:
+                delta = protocol.ChatDelta(content=message.content, tool_calls=tool_calls or None)
+        finish = protocol.finish_reason(completion.finish_reason)
+        if self.called and not self.calls.named and completion.finish_reason == "stop":
+            finish = "tool_calls"
+        return delta, finish
+
+
+def _dumped(choice: str | BaseModel) -> Any:
+    return choice if isinstance(choice, str) else choice.model_dump()
+
+
+def _chat_characters(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """The text a chat renders from: messages, their tool calls and the tools' definitions."""
+    characters = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
+    for message in messages:
+        characters += sum(len(json.dumps(call)) for call in message.get("tool_calls", ()))
+    return characters
 
 
 class TrackedStream:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune.servable import VLLM_LORA_RANKS
@@ -85,6 +85,22 @@ class ServeSettings(BaseSettings):
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start).")
     seed: int = Field(0, description="Engine seed.")
     log_level: str = Field("info", description="Log level of the server.")
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="Parse tool calls out of the model's answers (tool_choice auto, required or a named "
+        "function), as vLLM's flag does; needs --tool-call-parser.",
+    )
+    tool_parser_plugin: str | None = Field(
+        None, description="Python file registering a custom tool parser whose name --tool-call-parser takes."
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool parser for the base's tool-call format: hermes (Qwen2.5, Hermes), llama3_json "
+        "(Llama 3.1/3.2), mistral, pythonic, ... (vLLM's ToolParserManager names).",
+    )
+    exclude_tools_when_tool_choice_none: bool = Field(
+        False, description="Leave the tools out of the prompt when tool_choice is none (default: rendered)."
+    )
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -97,6 +113,32 @@ class ServeSettings(BaseSettings):
     def _cpu_loras(self) -> ServeSettings:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _registered_parser(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # vLLM's start-up check (vllm/entrypoints/launchers/launcher.py), at load time: a typo fails here, not
+        # at the first request.
+        if value is None:
+            return value
+        from vllm.tool_parsers import ToolParserManager
+
+        plugin = info.data.get("tool_parser_plugin")
+        if plugin:
+            ToolParserManager.import_tool_parser(plugin)
+        names = ToolParserManager.list_registered()
+        if value not in names:
+            raise ValueError(
+                f"unknown tool call parser '{value}'; choose from {', '.join(names)} "
+                "(or register one with --tool-parser-plugin)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _auto_tools_need_parser(self) -> ServeSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (as in vLLM)")
         return self
 
     @property

@@ -52,10 +52,20 @@ class FakeTokenizer:
         return {chr(i): i for i in range(256)}
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, **_: Any
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        **_: Any,
     ) -> str:
         header = "<assistant>" if add_generation_prompt else ""
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + header
+        shown = f"<tools>{json.dumps(tools)}</tools>" if tools else ""
+        turns = "".join(
+            f"<{m['role']}>{m['content']}" + (json.dumps(m["tool_calls"]) if "tool_calls" in m else "")
+            for m in messages
+        )
+        return shown + turns + header
 
     def __call__(self, text: str, *, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         self.entered.set()
@@ -83,6 +93,8 @@ class FakeEngine:
     started: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     received: list[tuple[list[int], Any]] = field(default_factory=list)  # (prompt ids, sampling params)
+    answer: bytes = ANSWER
+    finish_reason: str = "length"
     model_config: Any = field(default_factory=lambda: SimpleNamespace(hf_config=None, max_model_len=256))
 
     async def generate(
@@ -95,13 +107,13 @@ class FakeEngine:
         delta = params.output_kind.name == "DELTA"
         finished = False
         try:
-            for count in range(1, len(ANSWER) + 1):
+            for count in range(1, len(self.answer) + 1):
                 if self.hold is not None and count > self.hold_after:
                     await self.hold.wait()
-                finished = count == len(ANSWER)
+                finished = count == len(self.answer)
                 if delta or finished:
-                    tokens = list(ANSWER[count - 1 : count] if delta else ANSWER)
-                    yield _output(prompt["prompt_token_ids"], tokens, params.n, finished)
+                    tokens = list(self.answer[count - 1 : count] if delta else self.answer)
+                    yield _output(prompt["prompt_token_ids"], tokens, params.n, finished, self.finish_reason)
         finally:
             if not finished:
                 self.aborted.append(request_id)
@@ -119,14 +131,14 @@ class FakeEngine:
         pass
 
 
-def _output(prompt_ids: list[int], tokens: list[int], n: int, finished: bool) -> Any:
+def _output(prompt_ids: list[int], tokens: list[int], n: int, finished: bool, finish_reason: str) -> Any:
     completions = [
         SimpleNamespace(
             index=index,
             text=bytes(tokens).decode("latin-1"),
             token_ids=tokens,
             logprobs=None,
-            finish_reason="length" if finished else None,
+            finish_reason=finish_reason if finished else None,
         )
         for index in range(n)
     ]
@@ -495,7 +507,7 @@ def test_tokenizer_routes_refuse_as_the_generation_routes_do() -> None:
                 assert missing.status_code == 404 and missing.json() == chat_404.json()
             for path, body, param in (
                 ("/detokenize", {"tokens": [256]}, "tokens"),
-                ("/tokenize", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+                ("/tokenize", {**CHAT, "tools": []}, "tools"),
                 ("/tokenize", {"prompt": "\ud800"}, "prompt"),
             ):
                 # Raw JSON: a lone surrogate only travels as a \u escape.
@@ -510,6 +522,7 @@ def test_tokenizer_routes_refuse_as_the_generation_routes_do() -> None:
                 ("/detokenize", {"tokens": ["1"]}),
                 ("/tokenize", {"prompt": "a", "return_token_strs": "yes"}),
                 ("/tokenize", {**CHAT, "add_generation_prompt": "true"}),
+                ("/tokenize", {**CHAT, "tools": [{"type": "function"}]}),
             ):
                 assert (await running.client.post(path, json=body)).status_code == 400, body
 
@@ -546,5 +559,215 @@ def test_every_answer_carries_x_request_id_and_completions_are_named_by_it() -> 
             assert other.headers["x-request-id"] != made.headers["x-request-id"]
             for answer in (await running.client.get("/health"), await running.client.get("/v1/models/nope")):
                 assert answer.headers["x-request-id"]
+
+    asyncio.run(scenario())
+
+
+# -- tools ---------------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_CHAT = {**CHAT, "tools": [WEATHER]}
+CALL = b'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOL_SETTINGS = ServeSettings(base_model="base", enable_auto_tool_choice=True, tool_call_parser="hermes")
+
+
+def _sdk(running: Running) -> Any:
+    import openai
+
+    transport = httpx.ASGITransport(app=running.app)
+    http_client = httpx.AsyncClient(transport=transport, base_url="http://test/v1")
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http_client)
+
+
+def test_tools_without_a_parser_are_rendered_for_tool_choice_none_only() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            answer = await running.client.post(
+                "/v1/chat/completions", json={**TOOL_CHAT, "tool_choice": "none"}
+            )
+            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hello"
+            prompt = bytes(running.engine.received[-1][0]).decode("latin-1")
+            assert (
+                prompt.startswith("<tools>") and "get_weather" in prompt
+            )  # vLLM renders them for "none" too
+            assert running.engine.received[-1][1].structured_outputs is None
+            for choice in (
+                None,
+                "auto",
+                "required",
+                {"type": "function", "function": {"name": "get_weather"}},
+            ):
+                body = TOOL_CHAT if choice is None else {**TOOL_CHAT, "tool_choice": choice}
+                refused = await running.client.post("/v1/chat/completions", json=body)
+                error = refused.json()["error"]
+                assert refused.status_code == 400 and error["param"] == "tool_choice", refused.text
+                assert "--enable-auto-tool-choice and --tool-call-parser" in error["message"]
+            schema = (await running.client.get("/openapi.json")).json()["components"]["schemas"]
+            assert schema["ChatCompletionRequest"]["properties"]["tool_choice"]["anyOf"][0] == {
+                "const": "none"
+            }
+
+    asyncio.run(scenario())
+
+
+def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_prompt() -> None:
+    settings = ServeSettings(base_model="base", exclude_tools_when_tool_choice_none=True)
+
+    async def scenario() -> None:
+        async with serving_app(settings) as running:
+            answer = await running.client.post(
+                "/v1/chat/completions", json={**TOOL_CHAT, "tool_choice": "none"}
+            )
+            assert answer.status_code == 200
+            assert not bytes(running.engine.received[-1][0]).startswith(b"<tools>")
+
+    asyncio.run(scenario())
+
+
+def test_a_tool_call_is_parsed_by_vllms_parser_plain_and_streamed() -> None:
+    async def scenario() -> None:
+        async with serving_app(TOOL_SETTINGS) as running:
+            running.engine.answer, running.engine.finish_reason = CALL, "stop"
+            client = _sdk(running)
+            completion = await client.chat.completions.create(**TOOL_CHAT)
+            (choice,) = completion.choices
+            assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+            (call,) = choice.message.tool_calls or []
+            assert call.id.startswith("chatcmpl-tool-") and call.type == "function"
+            assert (call.function.name, json.loads(call.function.arguments)) == (
+                "get_weather",
+                {"city": "Paris"},
+            )
+            # auto: the parser keeps the <tool_call> markup in the text (special tokens are not skipped).
+            params = running.engine.received[-1][1]
+            assert params.skip_special_tokens is False and params.structured_outputs is None
+
+            chunks = [chunk async for chunk in await client.chat.completions.create(**TOOL_CHAT, stream=True)]
+            deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+            content = "".join(delta.content or "" for delta in deltas)
+            streamed = [call for delta in deltas for call in delta.tool_calls or []]
+            assert content == "Let me check."
+            assert streamed[0].id and streamed[0].function and streamed[0].function.name == "get_weather"
+            arguments = "".join(c.function.arguments or "" for c in streamed if c.function)
+            assert json.loads(arguments) == {"city": "Paris"} and {c.index for c in streamed} == {0}
+            assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "tool_calls"
+
+    asyncio.run(scenario())
+
+
+def test_tool_choice_none_returns_the_text_with_a_parser() -> None:
+    async def scenario() -> None:
+        async with serving_app(TOOL_SETTINGS) as running:
+            running.engine.answer, running.engine.finish_reason = CALL, "stop"
+            answer = await running.client.post(
+                "/v1/chat/completions", json={**TOOL_CHAT, "tool_choice": "none"}
+            )
+            (choice,) = answer.json()["choices"]
+            assert choice["message"]["content"] == CALL.decode() and choice["message"]["tool_calls"] is None
+            assert choice["finish_reason"] == "stop"
+            assert running.engine.received[-1][1].skip_special_tokens is True
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("choice", "finish"),
+    [("required", "tool_calls"), ({"type": "function", "function": {"name": "get_weather"}}, "stop")],
+)
+def test_required_and_named_tool_choice_force_the_call_with_vllms_grammar(choice: Any, finish: str) -> None:
+    async def scenario() -> None:
+        async with serving_app(TOOL_SETTINGS) as running:
+            running.engine.answer, running.engine.finish_reason = CALL, "stop"
+            for stream in (False, True):
+                body = {**TOOL_CHAT, "tool_choice": choice, "stream": stream}
+                answer = await running.client.post("/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                params = running.engine.received[-1][1]
+                # vLLM's structural tag for Hermes calls: <tool_call>{"name": "get_weather", "arguments": ...
+                tag = json.loads(params.structured_outputs.structural_tag)
+                begins = [item["begin"] for item in tag["format"]["tags"]]
+                assert (
+                    all('"name": "get_weather"' in begin for begin in begins)
+                    and tag["format"]["at_least_one"]
+                )
+                assert params.skip_special_tokens is False
+                if stream:
+                    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line[6:7] == "{"]
+                    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
+                    calls = [
+                        c
+                        for e in events
+                        if e["choices"]
+                        for c in e["choices"][0]["delta"].get("tool_calls") or []
+                    ]
+                    assert calls[0]["function"]["name"] == "get_weather" and finishes[-1] == finish
+                else:
+                    (answered,) = answer.json()["choices"]
+                    assert answered["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+                    assert answered["finish_reason"] == finish
+
+    asyncio.run(scenario())
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    second = b'<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+
+    async def scenario() -> None:
+        async with serving_app(TOOL_SETTINGS) as running:
+            running.engine.answer, running.engine.finish_reason = CALL + second, "stop"
+            both = await running.client.post("/v1/chat/completions", json=TOOL_CHAT)
+            assert len(both.json()["choices"][0]["message"]["tool_calls"]) == 2
+            body = {**TOOL_CHAT, "parallel_tool_calls": False}
+            one = await running.client.post("/v1/chat/completions", json=body)
+            (call,) = one.json()["choices"][0]["message"]["tool_calls"]
+            assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+            streamed = await running.client.post("/v1/chat/completions", json={**body, "stream": True})
+            events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"]
+            indexes = {
+                c["index"]
+                for e in events
+                if e["choices"]
+                for c in e["choices"][0]["delta"].get("tool_calls") or []
+            }
+            assert indexes == {0}
+
+    asyncio.run(scenario())
+
+
+def test_a_follow_up_turn_renders_the_call_and_its_result() -> None:
+    async def scenario() -> None:
+        async with serving_app(TOOL_SETTINGS) as running:
+            call = {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+            messages = [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "18 C and sunny"},
+            ]
+            body = {**CHAT, "messages": messages}  # (the fake's context is too short for the tools too)
+            answer = await running.client.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hello"
+            prompt = bytes(running.engine.received[-1][0]).decode("latin-1")
+            assert "<tool>18 C and sunny" in prompt and '"city": "Paris"' in prompt
+            # /tokenize renders the same conversation and tools to the same ids.
+            tokens = await running.client.post("/tokenize", json={"messages": messages})
+            assert tokens.json()["tokens"] == running.engine.received[-1][0]
+            broken = {**call, "function": {**call["function"], "arguments": "{not json"}}
+            bad = await running.client.post(
+                "/v1/chat/completions",
+                json={**body, "messages": [messages[0], {**messages[1], "tool_calls": [broken]}]},
+            )
+            assert bad.status_code == 400 and bad.json()["error"]["param"].startswith(
+                "messages[1].tool_calls[0]"
+            )
 
     asyncio.run(scenario())

@@ -193,8 +193,6 @@ def test_response_format_mapping() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"),
         ("functions", [{"name": "f"}]),
         ("function_call", {"name": "f"}),
         ("logit_bias", {"50256": -100}),
@@ -212,15 +210,190 @@ def test_unsupported_chat_params_refused(field: str, value: Any) -> None:
 
 
 def test_harmless_extras_ignored() -> None:
-    params_of(
-        chat(logit_bias={}, tools=[], tool_choice="none", modalities=["text"], metadata={"k": "v"}, top_k=3)
-    )
+    params_of(chat(logit_bias={}, function_call="none", modalities=["text"], metadata={"k": "v"}, top_k=3))
     params_of(completion(suffix="", best_of=1, user="u"))
 
 
 @pytest.mark.parametrize(("field", "value"), [("suffix", "tail"), ("best_of", 3), ("logit_bias", {"1": 5})])
 def test_unsupported_completion_params_refused(field: str, value: Any) -> None:
     assert refused(completion(**{field: value})).param == field
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tool_choice_defaults_as_in_vllm() -> None:
+    assert chat().effective_tool_choice == "none"
+    assert chat(tools=[WEATHER]).effective_tool_choice == "auto"
+    assert chat(tools=[WEATHER], tool_choice="none").effective_tool_choice == "none"
+    # Tools are rendered even with tool_choice none, vLLM's default; its exclude flag leaves them out.
+    assert chat(tools=[WEATHER], tool_choice="none").prompt_tools() == [WEATHER]
+    assert chat(tools=[WEATHER], tool_choice="none").prompt_tools(exclude_when_none=True) is None
+    assert chat(tools=[WEATHER]).prompt_tools(exclude_when_none=True) == [WEATHER]
+    assert chat().prompt_tools() is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "auto_tools", "param", "message"),
+    [
+        ({"tools": []}, True, "tools", "`tools` must not be an empty array"),
+        ({"tool_choice": "auto"}, True, "tool_choice", "When using `tool_choice`, `tools` must be set."),
+        ({"tool_choice": "required"}, True, "tool_choice", "`tools` must be set"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+            True,
+            "tool_choice",
+            "The tool specified in `tool_choice` ('get_time') does not match any of the specified `tools`",
+        ),
+        # Without --enable-auto-tool-choice: tools sent alone default to "auto", which needs the parser.
+        (
+            {"tools": [WEATHER]},
+            False,
+            "tool_choice",
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": "required"},
+            False,
+            "tool_choice",
+            'tool_choice="required" requires --enable-auto-tool-choice and --tool-call-parser',
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            False,
+            "tool_choice",
+            'tool_choice=function "get_weather" requires --enable-auto-tool-choice',
+        ),
+    ],
+)
+def test_tool_rules_are_vllms(fields: dict[str, Any], auto_tools: bool, param: str, message: str) -> None:
+    with pytest.raises(OpenAIError) as caught:
+        chat(**fields).check_tools(auto_tools=auto_tools)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize("auto_tools", [True, False])
+def test_tool_choice_none_is_accepted_with_or_without_a_parser(auto_tools: bool) -> None:
+    chat(tools=[WEATHER], tool_choice="none").check_tools(auto_tools=auto_tools)
+    chat().check_tools(auto_tools=auto_tools)
+    if auto_tools:
+        for choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+            chat(tools=[WEATHER], tool_choice=choice).check_tools(auto_tools=True)
+
+
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        ("any", "tool_choice"),
+        ({"type": "function"}, "tool_choice"),
+        ({"function": {"name": 3}}, "tool_choice"),
+    ],
+)
+def test_malformed_tool_choice_is_a_400_naming_it(choice: Any, param: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        chat(tools=[WEATHER], tool_choice=choice)
+    error = protocol.validation_error(caught.value.errors())
+    assert error.param is not None and error.param.startswith(param)
+
+
+def test_tool_constraint_reaches_sampling() -> None:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    forced = StructuredOutputsParams(structural_tag='{"type": "structural_tag"}')
+    request = chat(
+        tools=[WEATHER],
+        tool_choice="required",
+        response_format={"type": "json_object"},
+        skip_special_tokens=True,
+    )
+    constraint = protocol.ToolConstraint(structured=forced, skip_special_tokens=False)
+    params = request.to_sampling_params(prompt_tokens=10, max_model_len=MAX_LEN, tool_constraint=constraint)
+    # The forced call wins over response_format, as in vLLM; the call's special tokens stay in the text.
+    assert params.structured_outputs == forced and params.skip_special_tokens is False
+    auto = protocol.ToolConstraint(structured=None, skip_special_tokens=False)
+    params = request.to_sampling_params(prompt_tokens=10, max_model_len=MAX_LEN, tool_constraint=auto)
+    assert params.structured_outputs is not None and params.structured_outputs.json_object
+    assert params_of(request).skip_special_tokens is True
+
+
+def test_tool_calls_and_results_in_the_conversation() -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "base",
+            "tools": [WEATHER],
+            "tool_choice": "none",
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18 C"}]},
+            ],
+        }
+    )
+    # OpenAI's shape, arguments as text: the shared renderer adapts them for the template.
+    assert protocol.chat_messages(request) == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+    ]
+
+
+def test_tool_calls_only_on_assistant_messages() -> None:
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    request = chat(messages=[{"role": "user", "content": "x", "tool_calls": [call]}])
+    with pytest.raises(OpenAIError) as caught:
+        protocol.chat_messages(request)
+    assert caught.value.param == "messages[0].tool_calls"
+    legacy = chat(messages=[{"role": "assistant", "content": "x", "function_call": {"name": "f"}}])
+    with pytest.raises(OpenAIError) as caught:
+        protocol.chat_messages(legacy)
+    assert caught.value.param == "messages[0].function_call"
+
+
+def test_sdk_parses_tool_call_responses() -> None:
+    message = protocol.AssistantMessage(
+        content=None,
+        tool_calls=[
+            protocol.ToolCall(
+                id="chatcmpl-tool-1", function=protocol.FunctionCall(name="f", arguments='{"a": 1}')
+            )
+        ],
+    )
+    body = protocol.ChatCompletion(
+        model="base",
+        choices=[protocol.ChatCompletionChoice(index=0, message=message, finish_reason="tool_calls")],
+        usage=protocol.Usage.of(3, 4),
+    ).model_dump()
+    parsed = SDKChatCompletion.model_validate(body)
+    assert parsed.choices[0].finish_reason == "tool_calls"
+    (call,) = parsed.choices[0].message.tool_calls or []
+    assert (call.id, call.function.name, call.function.arguments) == ("chatcmpl-tool-1", "f", '{"a": 1}')
+    delta = protocol.ChatDelta(
+        tool_calls=[
+            protocol.DeltaToolCall(
+                index=0, id="chatcmpl-tool-1", type="function", function=protocol.DeltaFunctionCall(name="f")
+            )
+        ]
+    )
+    chunk = protocol.ChatCompletionChunk(
+        id="c", created=0, model="base", choices=[protocol.ChatCompletionChunkChoice(index=0, delta=delta)]
+    )
+    (streamed,) = SDKChatCompletionChunk.model_validate(chunk.model_dump()).choices[0].delta.tool_calls or []
+    assert streamed.function is not None and streamed.function.name == "f"
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -270,7 +443,7 @@ def test_pydantic_errors_become_400_naming_the_field() -> None:
     base = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
     error = from_body({**base, "temperature": "hot"})
     assert (error.status, error.param) == (400, "temperature") and "'temperature'" in error.message
-    error = from_body({**base, "messages": [{"role": "tool", "content": "x"}]})
+    error = from_body({**base, "messages": [{"role": "function", "content": "x"}]})
     assert error.param == "messages[0].role" and "'messages[0].role'" in error.message
     error = from_body({**base, "messages": [{"role": "user", "content": 5}]})
     assert error.param == "messages[0].content"

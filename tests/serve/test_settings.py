@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -44,3 +46,32 @@ def test_cli_errors_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--lora" in capsys.readouterr().err
     assert main(["--base-model", "m", "--max-loras", "0"]) == 2
     assert "--max-loras: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_tool_call_parser_names_are_vllms(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = ServeSettings(base_model="m", enable_auto_tool_choice=True, tool_call_parser="hermes")
+    assert settings.tool_call_parser == "hermes"
+    # A typo fails at start-up with vLLM's list of parsers, as vLLM's server does (exit 2 like any bad flag).
+    assert main(["--base-model", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermez"]) == 2
+    error = capsys.readouterr().err
+    assert "--tool-call-parser: unknown tool call parser 'hermez'" in error
+    assert "hermes" in error and "llama3_json" in error and "mistral" in error
+    assert main(["--base-model", "m", "--enable-auto-tool-choice"]) == 2
+    assert "error: --enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
+
+
+def test_tool_parser_plugin_registers_a_parser(tmp_path: Path) -> None:
+    plugin = tmp_path / "my_parser.py"
+    plugin.write_text(
+        "from vllm.tool_parsers import ToolParserManager\n"
+        "from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser\n\n\n"
+        '@ToolParserManager.register_module("tuneserve_test_plugin")\n'
+        "class PluginParser(Hermes2ProToolParser):\n"
+        "    pass\n"
+    )
+    with pytest.raises(ValidationError, match="unknown tool call parser"):
+        ServeSettings(base_model="m", tool_call_parser="tuneserve_test_plugin")
+    settings = ServeSettings(
+        base_model="m", tool_parser_plugin=str(plugin), tool_call_parser="tuneserve_test_plugin"
+    )
+    assert settings.tool_call_parser == "tuneserve_test_plugin"
