@@ -214,6 +214,11 @@ class ResponsesRequest(_Item):
                 code="not_found",
             )
         self._check_metadata()
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise OpenAIError(
+                f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}; got {self.top_logprobs}",
+                param="top_logprobs",
+            )
         body: dict[str, Any] = {
             name: value for name, value in (self.model_extra or {}).items() if name in VLLM_EXTRAS
         }

@@ -44,6 +44,7 @@ class ResponsesServing:
             offset=0 if request.instructions is None else 1, text_input=isinstance(request.input, str)
         )
         response_id = f"resp_{request_id or uuid.uuid4().hex}"
+        self.serving.models.resolve(request.model)  # an unknown model is a 404 first, as on the other routes
         chat_request = request.to_chat_request()
         try:
             result = await self.serving.chat(chat_request, request_id)

@@ -20,6 +20,7 @@ from serve.responses_protocol import ResponsesRequest
 from serve.settings import ServeSettings
 from tests.serve.test_http import (
     ANSWER,
+    CHAT,
     Running,
     _no_heap_freeze,  # noqa: F401  (autouse fixture)
     metric,
@@ -203,6 +204,7 @@ def test_json_and_stream_report_the_same_usage_and_text() -> None:
         ({"include": ["nonsense"]}, 400, "include[0]", "include"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata", "16"),
         ({"temperature": 3}, 400, "temperature", "temperature"),
+        ({"top_logprobs": 21}, 400, "top_logprobs", "from 0 to 20"),
         ({"max_output_tokens": 0}, 400, "max_output_tokens", "max_output_tokens must be at least 1"),
         ({"max_output_tokens": 10**6}, 400, "max_output_tokens", "max_output_tokens asks for"),
         ({"top_k": "many"}, 400, "top_k", "top_k"),
@@ -379,3 +381,14 @@ def test_every_vllm_extra_handed_to_the_chat_is_applied_or_refused_there() -> No
         set(protocol.ChatCompletionRequest.model_fields) | set(protocol._UNSERVED_EXTRAS) | {"logit_bias"}
     )
     assert set(responses_protocol.VLLM_EXTRAS) - chat_known == set()
+
+
+def test_unknown_model_is_the_chats_404_before_any_other_refusal() -> None:
+    async def scenario() -> None:
+        async with serving_app() as running:
+            body = {"model": "nope", "input": [], "tools": [{"type": "web_search"}]}
+            response = await running.client.post("/v1/responses", json=body)
+            chat = await running.client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+            assert response.status_code == 404 and response.json() == chat.json()
+
+    asyncio.run(scenario())
