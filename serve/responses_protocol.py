@@ -246,11 +246,10 @@ class ResponsesRequest(_Item):
         return LOGPROBS_INCLUDE in (self.include or [])
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        """`instructions` as a system message first (OpenAI: instructions replace any earlier system
-        prompt for this turn), then `input` as chat messages; developer stays developer (the chat path
-        renders it as system)."""
+        """`instructions` as a system message first (as vLLM renders them), then `input` as chat messages;
+        developer stays developer (the chat path renders it as system)."""
         messages: list[dict[str, Any]] = []
-        if self.instructions is not None:
+        if self.instructions:  # an empty one adds no system message, as in vLLM
             messages.append({"role": "system", "content": self.instructions})
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})

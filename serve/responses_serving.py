@@ -40,9 +40,7 @@ class ResponsesServing:
     ) -> rp.Response | AsyncIterator[rp.ResponseEvent]:
         """The response, or with stream=true its events; cancelling this (or closing the events) aborts the
         engine request. Its id is `resp_<request_id>` (the HTTP request's X-Request-Id), or a new one."""
-        renamed = _Renamer(
-            offset=0 if request.instructions is None else 1, text_input=isinstance(request.input, str)
-        )
+        renamed = _Renamer(offset=1 if request.instructions else 0, text_input=isinstance(request.input, str))
         response_id = f"resp_{request_id or uuid.uuid4().hex}"
         self.serving.models.resolve(request.model)  # an unknown model is a 404 first, as on the other routes
         chat_request = request.to_chat_request()
