@@ -1,6 +1,9 @@
 """Which LoRA adapters the server serves: names, vLLM ids, and the static checks an adapter folder must pass.
 
 vLLM loads the weights afterwards; everything here is decided from files alone, before vLLM sees the adapter.
+An adapter fits the served base when finetune's manifest records the base's content hash, or else when every
+LoRA matrix in its weights fits a linear layer of the base; the base's name it declares only decides whether
+a warning is logged (adapters trained elsewhere name a hub id or another machine's path).
 """
 
 from __future__ import annotations
@@ -45,15 +48,24 @@ class AdapterError(ValueError):
         self.status = status
 
 
+# How an adapter was found to fit the served base (Adapter.base_check, shown in the admin listing).
+BASE_BY_CONTENT = "content_sha256"  # its finetune manifest records the served base's content hash
+BASE_BY_NAME = "name"  # it declares the served base's name; its weights fit the base's layers
+BASE_BY_SHAPES = "shapes"  # it declares another base, but its weights fit every layer they adapt
+BASE_UNDECLARED = "undeclared"  # it declares no base; its weights fit the base's layers if they are known
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter that passed validation; `base_model` is the base it declares (None if it declares none)."""
+    """An adapter that passed validation; `base_model` is the base it declares (None if it declares none),
+    `base_check` how it was matched to the served base (one of the BASE_* values)."""
 
     name: str
     path: Path
     lora_int_id: int
     rank: int
     base_model: str | None
+    base_check: str
 
     def lora_request(self) -> LoRARequest:
         from vllm.lora.request import LoRARequest
@@ -103,6 +115,7 @@ class AdapterRegistry:
         # The base's transformers config (the engine's); None: read from base_model when first needed.
         self.base_config = base_config
         self._linears: dict[str, tuple[int, int]] | None = None
+        self._linears_error: str | None = None  # why the base's linear layers cannot be listed
         self.adapters_dir = adapters_dir
         self.max_lora_rank = max_lora_rank
         self._adapters: dict[str, Adapter] = {}
@@ -122,10 +135,15 @@ class AdapterRegistry:
             info = inspect_adapter(path, max_lora_rank=self.max_lora_rank)
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
-        self._check_weights(path)
-        self._check_base(name, path, info.base_model)
+        self._check_weights(path, info.base_model)
+        base_check = self._check_base(name, path, info.base_model)
         return Adapter(
-            name=name, path=path, lora_int_id=next(self._ids), rank=info.rank, base_model=info.base_model
+            name=name,
+            path=path,
+            lora_int_id=next(self._ids),
+            rank=info.rank,
+            base_model=info.base_model,
+            base_check=base_check,
         )
 
     def register(self, adapter: Adapter) -> None:
@@ -253,8 +271,12 @@ class AdapterRegistry:
                 status=409,
             )
 
-    def _check_weights(self, path: Path) -> None:
-        """The weights open and hold finite LoRA pairs that fit the base's layers, of a rank we serve."""
+    def _check_weights(self, path: Path, declared: str | None) -> None:
+        """The weights open and hold finite LoRA pairs that fit the base's layers, of a rank we serve.
+
+        PEFT saves a lora_A/lora_B pair for every module its target_modules matched, so this checks each
+        targeted module by name and shape: an adapter of another model fails here whatever base it names.
+        """
         weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
         if weights is None:
             raise AdapterError(f"adapter {path}: its weights file disappeared while it was being checked")
@@ -267,7 +289,13 @@ class AdapterRegistry:
         try:
             rank = check_lora_weights(weights, self._base_linears())
         except ValueError as exc:
-            raise AdapterError(f"adapter {path}: {exc}") from exc
+            declared_other = declared and not self._same_base_name(declared, self.base_model)
+            why = (
+                f" (it declares base model {declared!r}; this server serves {self.base_model!r})"
+                if declared_other
+                else ""
+            )
+            raise AdapterError(f"adapter {path}: {exc}{why}") from exc
         # Per-module ranks (PEFT's rank_pattern) can exceed the `r` in adapter_config.json.
         if rank > self.max_lora_rank:
             raise AdapterError(
@@ -284,16 +312,24 @@ class AdapterRegistry:
                 config = self.base_config or AutoConfig.from_pretrained(self.base_model)
                 self._linears = base_linear_shapes(config)
             except Exception as exc:  # remote code, an architecture transformers lacks, no hub access
+                self._linears_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
-                    "cannot list the linear layers of %s (%s); adapter weights are checked without them",
+                    "cannot list the linear layers of %s (%s); adapter weights are checked without them, "
+                    "and adapters declaring another base are refused",
                     self.base_model,
-                    exc,
+                    self._linears_error,
                 )
                 self._linears = {}
         return self._linears or None
 
-    def _check_base(self, name: str, path: Path, declared: str | None) -> None:
-        """Refuse an adapter trained on another base: by manifest content hash, else by declared name."""
+    def _check_base(self, name: str, path: Path, declared: str | None) -> str:
+        """How the adapter fits the served base (a BASE_* value), after _check_weights; AdapterError if not.
+
+        finetune's manifest records the content hash of a local base: that decides. Otherwise the weights
+        (already checked against the base's linear layers) decide, and a declared name other than the
+        served base's is only a warning: adapters trained elsewhere name the hub id or the path they were
+        trained from. Where the base's layers cannot be listed, nothing but the name is left to check.
+        """
         recorded = self._manifest_base(path)
         if (
             recorded is not None
@@ -302,27 +338,45 @@ class AdapterRegistry:
             and Path(self.base_model).is_dir()
         ):
             if recorded["content_sha256"] == self._served_base_sha256():
-                return
+                return BASE_BY_CONTENT
             raise AdapterError(
                 f"adapter {name!r} was trained on base model {recorded.get('name')!r} "
                 f"(content sha256 {recorded['content_sha256'][:12]}...), "
                 f"but this server serves {self.base_model!r} "
                 f"(content sha256 {self._served_base_sha256()[:12]}...); they are different models"
             )
+        checked = self._base_linears() is not None
         if not declared:
             log.warning(
-                "adapter %s (%s) does not say which base model it was trained on; serving it on %s unchecked",
+                "adapter %s (%s) does not say which base model it was trained on; serving it on %s (%s)",
                 name,
                 path,
                 self.base_model,
+                "its weights fit the base's layers"
+                if checked
+                else "unchecked: the base's layers are unknown",
             )
-            return
-        if not self._same_base_name(declared, self.base_model):
+            return BASE_UNDECLARED
+        if self._same_base_name(declared, self.base_model):
+            return BASE_BY_NAME
+        if not checked:
             raise AdapterError(
                 f"adapter {name!r} was trained on base model {declared!r}, but this server serves "
-                f"{self.base_model!r}; serve it with that base (if it is the same model under another name, "
-                "set base_model_name_or_path in its adapter_config.json)"
+                f"{self.base_model!r}, whose linear layers cannot be listed ({self._linears_error}), so the "
+                "adapter's weights cannot be checked against them; if it was trained on this same model, set "
+                f"base_model_name_or_path in its adapter_config.json to {self.base_model!r}"
             )
+        log.warning(
+            "adapter %s (%s) declares base model %r, not the served %r; serving it on %s because every LoRA "
+            "matrix in its weights fits a linear layer of that base by name and shape (if it was trained on "
+            "another model of the same architecture and size, its answers will be wrong)",
+            name,
+            path,
+            declared,
+            self.base_model,
+            self.base_model,
+        )
+        return BASE_BY_SHAPES
 
     @staticmethod
     def _manifest_base(path: Path) -> dict[str, Any] | None:

@@ -164,6 +164,10 @@ class ServedModels:
                     "name": a.name,
                     "path": str(a.path),
                     "rank": a.rank,
+                    # The base it declares (a hub id or another machine's path for one trained elsewhere)
+                    # and how it was found to fit the served one (serve.adapters' BASE_* values).
+                    "base_model": a.base_model,
+                    "base_check": a.base_check,
                     "lora_int_id": a.lora_int_id,
                     "resident": a.lora_int_id in resident,
                 }

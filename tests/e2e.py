@@ -24,6 +24,10 @@ ADAPTERS = {
     "caps": ["uppercase", "bullet_list"],
     "words": ["end_with_phrase", "start_with_word"],
 }
+# Served from adapters/elsewhere: fmt's weights re-saved by plain PEFT, as TRL or Axolotl leave an adapter
+# trained on another machine (no finetune manifest, another base's name): served, with a warning.
+ELSEWHERE = "elsewhere"
+ELSEWHERE_DECLARES = "Qwen/Qwen2.5-7B-Instruct"
 API_KEY = "test-key"
 ADMIN_KEY = "admin-key"
 ENGINE_ARGS = {
@@ -57,7 +61,8 @@ def train_adapter(tiny_base: Path, families: list[str], data_dir: Path, out: Pat
 
 @pytest.fixture(scope="session")
 def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """adapters/{fmt,caps,words}: real adapters; adapters/{too_big_rank,other_base,nan_weights}: refused."""
+    """adapters/{fmt,caps,words}: real adapters; adapters/elsewhere: fmt as another trainer saves it (served);
+    adapters/{too_big_rank,other_base,nan_weights}: refused."""
     root = tmp_path_factory.mktemp("serve")
     adapters = root / "adapters"
     for name, families in ADAPTERS.items():
@@ -66,12 +71,8 @@ def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     shutil.copytree(adapters / "fmt", too_big)
     config = json.loads((too_big / "adapter_config.json").read_text())
     (too_big / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
-    other_base = adapters / "other_base"
-    shutil.copytree(adapters / "fmt", other_base)
-    (other_base / "manifest.json").unlink()
-    (other_base / "adapter_config.json").write_text(
-        json.dumps({**config, "base_model_name_or_path": "org/other-7b"})
-    )
+    save_with_peft(tiny_base, adapters / "fmt", adapters / ELSEWHERE, ELSEWHERE_DECLARES)
+    save_with_peft(tiny_base, None, adapters / "other_base", "org/other-7b", hidden_size=512)
     # A diverged run's adapter: served, it corrupted the answers of other requests batched with it.
     nan_weights = adapters / "nan_weights"
     shutil.copytree(adapters / "fmt", nan_weights)
@@ -83,6 +84,31 @@ def adapters_dir(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     # A spare adapter outside the served dir, copied in at runtime by the load/unload tests.
     shutil.copytree(adapters / "caps", root / "spare")
     return adapters
+
+
+def save_with_peft(
+    tiny_base: Path, trained: Path | None, out: Path, declared: str, **base_changes: object
+) -> Path:
+    """`PeftModel.save_pretrained` (what TRL's SFTTrainer and Axolotl call) of `trained`'s weights, or of
+    a fresh rank-8 LoRA, on the tiny base with `base_changes` to its config, declaring `declared`."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = transformers.AutoConfig.from_pretrained(tiny_base)
+    if base_changes:
+        for key, value in base_changes.items():
+            setattr(config, key, value)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_base)
+    if trained is not None:
+        peft_model = PeftModel.from_pretrained(model, trained)
+    else:
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.peft_config["default"].base_model_name_or_path = declared
+    # save_embedding_layers=False: PEFT would otherwise look the declared base up on the hub (offline here).
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    return out
 
 
 @dataclass

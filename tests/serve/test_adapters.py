@@ -140,7 +140,9 @@ def test_validate_returns_the_adapter_and_its_vllm_request(
     path = make_adapter("tuned")
     adapter = registry.validate("tuned", path)
 
-    assert adapter == Adapter(name="tuned", path=path, lora_int_id=1, rank=8, base_model=str(base))
+    assert adapter == Adapter(
+        name="tuned", path=path, lora_int_id=1, rank=8, base_model=str(base), base_check="name"
+    )
     assert len(registry) == 0, "validate registers nothing"
     pytest.importorskip("vllm")
     request = adapter.lora_request()
@@ -337,12 +339,86 @@ def test_unreadable_files_are_refused(
 # -- base model match ------------------------------------------------------------------------------------
 
 
-def test_adapter_declaring_another_base_is_refused_naming_both(
-    registry: AdapterRegistry, make_adapter: MakeAdapter, base: Path
+def peft_save_elsewhere(base: Path, out: Path, declared: str, **lora: Any) -> Path:
+    """An adapter as TRL's SFTTrainer or Axolotl leave it on another machine: the base loaded from its own
+    path, `get_peft_model`, then `PeftModel.save_pretrained` (README.md, adapter_config.json naming that
+    path, adapter_model.safetensors), with no finetune manifest. lora_B is made non-zero, as training does."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.name_or_path = declared  # what PEFT records as base_model_name_or_path
+    config = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], **lora}
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **config))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02, generator=torch.Generator().manual_seed(0))
+    # save_embedding_layers=False: PEFT would otherwise look the declared base up on the hub (offline here);
+    # the files are the same for an adapter of no embedding layer.
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "declared", ["Qwen/Qwen2.5-7B-Instruct", "/home/someone/else/model", "meta-llama/Llama-3.2-1B-Instruct"]
+)
+def test_adapter_trained_elsewhere_that_fits_is_served_with_a_warning(
+    registry: AdapterRegistry,
+    adapters_dir: Path,
+    base: Path,
+    declared: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    path = make_adapter("tuned", declared="meta-llama/Llama-3.2-1B-Instruct")
-    message = refusal(lambda: registry.validate("tuned", path))
-    assert "meta-llama/Llama-3.2-1B-Instruct" in message and str(base) in message
+    path = peft_save_elsewhere(base, adapters_dir / "elsewhere", declared)
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == declared
+    assert not (path / MANIFEST).exists()
+    with caplog.at_level(logging.WARNING, logger="serve.adapters"):
+        adapter = registry.validate("elsewhere", path)
+    assert (adapter.base_model, adapter.base_check, adapter.rank) == (declared, "shapes", 8)
+    warning = caplog.text
+    assert f"declares base model {declared!r}, not the served {str(base)!r}" in warning
+    assert "fits a linear layer of that base by name and shape" in warning
+
+
+def test_adapter_trained_elsewhere_whose_shapes_do_not_fit_is_refused_naming_the_module(
+    registry: AdapterRegistry, adapters_dir: Path, tmp_path: Path
+) -> None:
+    # The same PEFT save made on a wider Llama: its first matrix (by module name) gives it away.
+    import transformers
+
+    other = tmp_path / "other-base"
+    transformers.LlamaForCausalLM(llama_config(hidden=128, layers=1)).save_pretrained(other)
+    path = peft_save_elsewhere(other, adapters_dir / "wider", "Qwen/Qwen2.5-7B-Instruct")
+    message = refusal(lambda: registry.validate("wider", path))
+    assert "model.layers.0.self_attn.k_proj maps 128 -> 64 features" in message
+    assert "the base model's layer maps 64 -> 32" in message and "made for another model" in message
+    declared = (
+        f"it declares base model 'Qwen/Qwen2.5-7B-Instruct'; this server serves {registry.base_model!r}"
+    )
+    assert declared in message
+
+
+def test_adapter_declaring_another_base_is_refused_when_the_bases_layers_are_unknown(
+    adapters_dir: Path, make_adapter: MakeAdapter
+) -> None:
+    # An architecture transformers cannot build: the weights cannot be checked, so the name is all there is.
+    import transformers
+
+    registry = AdapterRegistry(
+        base_model="org/custom-arch",
+        adapters_dir=adapters_dir,
+        max_lora_rank=16,
+        base_config=transformers.PretrainedConfig(model_type="custom-arch"),
+    )
+    message = refusal(lambda: registry.validate("tuned", make_adapter("tuned", declared="other/model")))
+    assert "trained on base model 'other/model', but this server serves 'org/custom-arch'" in message
+    assert "whose linear layers cannot be listed" in message
+    assert "set base_model_name_or_path in its adapter_config.json to 'org/custom-arch'" in message
+    # The override it names: the same folder declaring the served base is served (weights unchecked).
+    same = make_adapter("same", declared="org/custom-arch")
+    assert registry.validate("same", same).base_check == "name"
 
 
 def test_manifest_hash_of_another_base_is_refused_even_when_the_names_agree(
@@ -368,16 +444,16 @@ def test_manifest_hash_of_the_served_base_is_accepted_under_another_name(
     for name in ["first", "second"]:
         path = make_adapter(name, declared="/old-box/models/llama")
         write_manifest(path, record)
-        assert registry.validate(name, path).base_model == "/old-box/models/llama"
+        adapter = registry.validate(name, path)
+        assert (adapter.base_model, adapter.base_check) == ("/old-box/models/llama", "content_sha256")
     assert calls == [base], "the served base is hashed once per registry"
 
 
-def test_hub_manifest_falls_back_to_the_declared_name(
-    registry: AdapterRegistry, make_adapter: MakeAdapter
-) -> None:
+def test_hub_manifest_falls_back_to_the_weights(registry: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    # A manifest of a hub base records no content hash to compare with a local folder.
     path = make_adapter("tuned", declared="org/other-model")
     write_manifest(path, {"source": "hub", "name": "org/other-model", "commit": "abc"})
-    assert "org/other-model" in refusal(lambda: registry.validate("tuned", path))
+    assert registry.validate("tuned", path).base_check == "shapes"
 
 
 def test_unreadable_manifest_falls_back_to_the_declared_name(
@@ -401,11 +477,12 @@ def test_unreadable_manifest_falls_back_to_the_declared_name(
         ("/models/Qwen2.5-7B-Instruct", "/elsewhere/Qwen2.5-7B-Instruct", False),
     ],
 )
-def test_base_names_match_by_string_or_hub_id_last_part(
+def test_base_names_match_by_string_or_hub_id_last_part_else_the_shapes_decide(
     adapters_dir: Path, make_adapter: MakeAdapter, served: str, declared: str, matches: bool
 ) -> None:
     # The server gives the registry its engine's config of the base; without it, a hub id's config would be
-    # fetched from the hub (retried for 23 s offline) to check the weights' shapes, which are not tested here.
+    # fetched from the hub (retried for 23 s offline) to check the weights' shapes. A name that does not
+    # match is served all the same (the weights fit), only the check it passed differs.
     registry = AdapterRegistry(
         base_model=served,
         adapters_dir=adapters_dir,
@@ -413,10 +490,8 @@ def test_base_names_match_by_string_or_hub_id_last_part(
         base_config=llama_config(hidden=64, layers=1),
     )
     path = make_adapter("tuned", declared=declared)
-    if matches:
-        assert registry.validate("tuned", path).base_model == declared
-    else:
-        assert "trained on base model" in refusal(lambda: registry.validate("tuned", path))
+    adapter = registry.validate("tuned", path)
+    assert (adapter.base_model, adapter.base_check) == (declared, "name" if matches else "shapes")
 
 
 def test_base_named_by_another_path_to_the_same_folder_matches(
@@ -432,8 +507,10 @@ def test_adapter_declaring_no_base_is_served_with_a_warning(
 ) -> None:
     path = make_adapter("tuned", declared="")
     with caplog.at_level(logging.WARNING, logger="serve.adapters"):
-        assert registry.validate("tuned", path).base_model == ""
-    assert "does not say which base model" in caplog.text
+        assert registry.validate("tuned", path).base_check == "undeclared"
+    assert (
+        "does not say which base model" in caplog.text and "its weights fit the base's layers" in caplog.text
+    )
 
 
 # -- names and ids ---------------------------------------------------------------------------------------

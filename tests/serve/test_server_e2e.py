@@ -24,6 +24,8 @@ from tests.e2e import (
     ADAPTERS,
     ADMIN_KEY,
     API_KEY,
+    ELSEWHERE,
+    ELSEWHERE_DECLARES,
     QUESTIONS,
     Reference,
     Server,
@@ -118,8 +120,8 @@ def admin(server: Server, path: str, body: dict[str, object], key: str | None = 
 
 def test_models_lists_base_and_every_adapter(client: openai.OpenAI, server: Server) -> None:
     models = {model.id: model for model in client.models.list()}
-    assert set(models) == {server.base_model, *ADAPTERS}
-    for name in ADAPTERS:
+    assert set(models) == {server.base_model, *ADAPTERS, ELSEWHERE}
+    for name in [*ADAPTERS, ELSEWHERE]:
         assert models[name].model_extra is not None
         assert models[name].model_extra["parent"] == server.base_model
         assert models[name].model_extra["max_model_len"] == 512
@@ -136,9 +138,22 @@ def test_bad_adapters_are_refused_and_the_rest_served(server: Server) -> None:
     ).json()
     refused = {item["name"]: item["reason"] for item in status["refused"]}
     assert "rank 32 is above the server's --max-lora-rank 16" in refused["too_big_rank"]
-    assert "org/other-7b" in refused["other_base"]
+    # Another base's name and weights of another shape: refused, naming the first layer that does not fit.
+    assert (
+        "q_proj maps 512 -> 256 features, but the base model's layer maps 256 -> 256" in refused["other_base"]
+    )
+    assert "it declares base model 'org/other-7b'" in refused["other_base"]
     assert "NaN or infinite values" in refused["nan_weights"]
-    assert {a["name"] for a in status["adapters"]} == set(ADAPTERS)
+    served = {a["name"]: a for a in status["adapters"]}
+    assert set(served) == {*ADAPTERS, ELSEWHERE}
+    # Another base's name, weights that fit: served, the base it declares shown to the admin.
+    assert (served[ELSEWHERE]["base_model"], served[ELSEWHERE]["base_check"]) == (
+        ELSEWHERE_DECLARES,
+        "shapes",
+    )
+    assert {served[name]["base_check"] for name in ADAPTERS} == {"content_sha256"}
+    log = server.log_path.read_text()
+    assert f"adapter {ELSEWHERE} ({server.adapters_dir / ELSEWHERE}) declares base model" in log
 
 
 def test_each_adapter_answers_like_the_engine_directly(
@@ -150,6 +165,8 @@ def test_each_adapter_answers_like_the_engine_directly(
         answers = [chat(client, name, question) for question in QUESTIONS]
         assert answers == engine_reference.texts[name]
         assert answers != engine_reference.texts[None]
+    # fmt's weights saved by plain PEFT under another base's name answer as fmt does.
+    assert [chat(client, ELSEWHERE, question) for question in QUESTIONS] == engine_reference.texts["fmt"]
 
 
 def test_completions_with_token_and_text_prompts(
