@@ -23,13 +23,13 @@ from tuneserve.hub import is_hub_id
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_BAD_EXAMPLES = 5
 
 # A missing path ending like a data file is a typo'd local path, never a hub id.
 _FILE_LIKE_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow")
 _SHAPES = (
-    "alpaca {instruction, input?, output}, chat {messages: [{role, content}, ...]}, "
+    "alpaca {instruction, input?, output}, chat {messages: [{role, content}, ...], tools?}, "
     "prompt_completion {prompt, completion}"
 )
 
@@ -42,21 +42,43 @@ class _BadRecord(Exception):
     """One record that fails validation; `load_data` raises it as a DataError or counts it."""
 
 
+Turn = tuple[str, str] | tuple[str, str, str]
+"""One message: (role, content); tool use adds a third item, the assistant's tool calls as JSON text
+(("assistant", content or "", calls)) or the call a tool message answers (("tool", content, tool_call_id))."""
+
+
 @dataclass(frozen=True)
 class Record:
-    """One normalized training example: a conversation, or a raw (prompt, completion) pair."""
+    """One normalized training example: a conversation (with the tools it may call), or a raw
+    (prompt, completion) pair."""
 
-    messages: tuple[tuple[str, str], ...]
+    messages: tuple[Turn, ...]
     raw: tuple[str, str] | None = None
     origin: str = ""
+    tools: str | None = None
+    """The OpenAI function tools offered in the conversation, as JSON text (hashable, order kept)."""
 
-    def to_messages(self) -> list[dict[str, str]]:
-        """The conversation in the chat-template shape; empty for raw records."""
-        return [{"role": role, "content": content} for role, content in self.messages]
+    def to_messages(self) -> list[dict[str, Any]]:
+        """The conversation as OpenAI chat messages (tool calls with JSON-string arguments); empty for raw
+        records. finetune.prompting adapts them to the chat template, as it does the server's."""
+        messages: list[dict[str, Any]] = []
+        for turn in self.messages:
+            role, content = turn[0], turn[1]
+            if len(turn) == 2:
+                messages.append({"role": role, "content": content})
+            elif role == "assistant":
+                messages.append({"role": role, "content": content or None, "tool_calls": json.loads(turn[2])})
+            else:
+                messages.append({"role": role, "tool_call_id": turn[2], "content": content})
+        return messages
 
-    def content_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools to render with the conversation, or None."""
+        return None if self.tools is None else list(json.loads(self.tools))
+
+    def content_key(self) -> tuple[tuple[Turn, ...], tuple[str, str] | None, str | None]:
         """What makes two records duplicates: their content, not where they came from."""
-        return (self.messages, self.raw)
+        return (self.messages, self.raw, self.tools)
 
 
 @dataclass
@@ -131,13 +153,16 @@ def _alpaca(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return (("user", prompt), ("assistant", output))
 
 
-def _chat(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _chat(row: dict[str, Any]) -> tuple[tuple[Turn, ...], str | None]:
     if not _present(row, "messages"):
         raise _BadRecord("field 'messages': is missing (it must be a list of {role, content} objects)")
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         raise _BadRecord("field 'messages': must be a non-empty list of {role, content} objects")
-    turns: list[tuple[str, str]] = []
+    tools = _tools(row["tools"]) if _present(row, "tools") else None
+    tool_names = None if tools is None else {tool["function"]["name"] for tool in tools}
+    turns: list[Turn] = []
+    unanswered: list[str] = []  # ids of the last assistant's tool calls that no tool message answered yet
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -147,25 +172,161 @@ def _chat(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
             raise _BadRecord(f"field '{where}.role': is missing (it must be one of {', '.join(ROLES)})")
         if role not in ROLES:
             raise _BadRecord(f"field '{where}.role': {role!r} is not one of {', '.join(ROLES)}")
-        content = _text(message, "content", f"{where}.content")
         if role == "system":
             if index != 0:
                 raise _BadRecord(f"field '{where}.role': a system message may only come first")
+        elif unanswered:
+            if role != "tool":
+                raise _BadRecord(
+                    f"field '{where}.role': expected 'tool' answering tool call {unanswered[0]!r} of the "
+                    f"assistant's tool calls, got '{role}' (every tool call needs its result before the "
+                    "conversation goes on)"
+                )
+        elif role == "tool":
+            raise _BadRecord(
+                f"field '{where}.role': a 'tool' message must answer a tool call of the assistant message "
+                "before it, and none is left unanswered"
+            )
         else:
             previous = turns[-1][0] if turns else "system"
-            expected = "assistant" if previous == "user" else "user"
+            expected = "user" if previous in ("system", "assistant") else "assistant"
             if role != expected:
                 raise _BadRecord(
                     f"field '{where}.role': expected '{expected}' after '{previous}', got '{role}' "
                     "(turns must alternate user/assistant, starting with user)"
                 )
-        turns.append((role, content))
+        if role == "tool":
+            content = _tool_content(message, where)
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _BadRecord(
+                    f"field '{where}.tool_call_id': must name the tool call this result answers, one of "
+                    f"{', '.join(repr(i) for i in unanswered)}"
+                )
+            if call_id not in unanswered:
+                raise _BadRecord(
+                    f"field '{where}.tool_call_id': {call_id!r} is not an unanswered tool call of the "
+                    f"assistant message before it ({', '.join(repr(i) for i in unanswered)})"
+                )
+            unanswered.remove(call_id)
+            turns.append((role, content, call_id))
+        elif role == "assistant" and _present(message, "tool_calls"):
+            calls = _tool_calls(message["tool_calls"], f"{where}.tool_calls", tool_names)
+            text = message.get("content")
+            if text is not None and not isinstance(text, str):
+                raise _BadRecord(
+                    f"field '{where}.content': must be a string or null beside tool_calls, "
+                    f"not {type(text).__name__}"
+                )
+            unanswered = [call["id"] for call in calls]
+            turns.append((role, text or "", json.dumps(calls, ensure_ascii=False)))
+        else:
+            turns.append((role, _text(message, "content", f"{where}.content")))
     if turns[-1][0] != "assistant":
         last = f"messages[{len(turns) - 1}]"
         raise _BadRecord(
             f"field '{last}.role': the conversation must end with an assistant turn, not '{turns[-1][0]}'"
         )
-    return tuple(turns)
+    return tuple(turns), None if tools is None else json.dumps(tools, ensure_ascii=False)
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    """OpenAI function tools: [{type: "function", function: {name, description?, parameters?}}]."""
+    if not isinstance(tools, list) or not tools:
+        raise _BadRecord(
+            'field \'tools\': must be a non-empty list of {"type": "function", "function": {name, '
+            "description, parameters}} objects (leave it out when the conversation offers no tools)"
+        )
+    names: set[str] = set()
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(tool.get("function"), dict)
+        ):
+            raise _BadRecord(
+                f'field \'{where}\': must be {{"type": "function", "function": {{name, description, '
+                "parameters}}}} (OpenAI's function tool)"
+            )
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _BadRecord(f"field '{where}.function.name': must be a non-empty string")
+        if name in names:
+            raise _BadRecord(f"field '{where}.function.name': {name!r} is offered twice")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _BadRecord(
+                f"field '{where}.function.parameters': must be a JSON Schema object, "
+                f"not {type(parameters).__name__}"
+            )
+    return tools
+
+
+def _tool_calls(calls: Any, where: str, tool_names: set[str] | None) -> list[dict[str, Any]]:
+    """An assistant's tool calls in OpenAI's shape, arguments kept as given (a JSON string or an object)."""
+    if not isinstance(calls, list) or not calls:
+        raise _BadRecord(
+            f"field '{where}': must be a non-empty list of "
+            '{"id", "type": "function", "function": {"name", "arguments"}} objects'
+        )
+    ids: set[str] = set()
+    for index, call in enumerate(calls):
+        at = f"{where}[{index}]"
+        if not isinstance(call, dict):
+            raise _BadRecord(
+                f"field '{at}': must be an object {{id, type, function}}, not {type(call).__name__}"
+            )
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise _BadRecord(
+                f"field '{at}.id': must be a non-empty string (tool messages answer it by this id)"
+            )
+        if call_id in ids:
+            raise _BadRecord(f"field '{at}.id': {call_id!r} is used by an earlier call of the same message")
+        ids.add(call_id)
+        if call.get("type", "function") != "function":
+            raise _BadRecord(f"field '{at}.type': {call.get('type')!r} is not 'function'")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _BadRecord(f"field '{at}.function': must be an object {{name, arguments}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _BadRecord(f"field '{at}.function.name': must be a non-empty string")
+        if tool_names is not None and name not in tool_names:
+            raise _BadRecord(
+                f"field '{at}.function.name': {name!r} is not one of the record's tools "
+                f"({', '.join(sorted(tool_names))})"
+            )
+        arguments = function.get("arguments")
+        parsed = arguments
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                raise _BadRecord(
+                    f"field '{at}.function.arguments': is not valid JSON ({exc.msg} at column {exc.colno}); "
+                    'it must be a JSON object, as a string (OpenAI\'s shape: "{\\"city\\": \\"Paris\\"}") or '
+                    "an object"
+                ) from None
+        if not isinstance(parsed, dict):
+            raise _BadRecord(
+                f"field '{at}.function.arguments': must be a JSON object (as a string or an object), "
+                f"not {type(parsed).__name__}"
+            )
+    return calls
+
+
+def _tool_content(message: dict[str, Any], where: str) -> str:
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise _BadRecord(
+            f"field '{where}.content': must be the tool's result as a string (JSON text, say), "
+            f"not {type(content).__name__}"
+        )
+    return content
 
 
 def _record(row: Any, origin: str, cfg: DataConfig) -> tuple[Record, str]:
@@ -174,10 +335,14 @@ def _record(row: Any, origin: str, cfg: DataConfig) -> tuple[Record, str]:
         raise _BadRecord(f"record must be a JSON object with named fields, not {type(row).__name__}")
     fmt = _detect_format(row) if cfg.format == "auto" else cfg.format
     raw: tuple[str, str] | None = None
+    tools: str | None = None
+    messages: tuple[Turn, ...]
+    if fmt != "chat" and _present(row, "tools"):
+        raise _BadRecord(f"field 'tools': only chat records ({{messages, tools}}) can offer tools, not {fmt}")
     if fmt == "alpaca":
         messages = _alpaca(row)
     elif fmt == "chat":
-        messages = _chat(row)
+        messages, tools = _chat(row)
     else:
         prompt, completion = _text(row, "prompt"), _text(row, "completion")
         if cfg.prompt_completion_style == "raw":
@@ -186,7 +351,7 @@ def _record(row: Any, origin: str, cfg: DataConfig) -> tuple[Record, str]:
             messages = (("user", prompt), ("assistant", completion))
     if cfg.system_prompt and messages and messages[0][0] != "system":
         messages = (("system", cfg.system_prompt), *messages)
-    return Record(messages=messages, raw=raw, origin=origin), fmt
+    return Record(messages=messages, raw=raw, origin=origin, tools=tools), fmt
 
 
 # ---------------------------------------------------------------- sources
@@ -373,7 +538,10 @@ def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Reco
 def _content(record: Record) -> dict[str, Any]:
     if record.raw is not None:
         return {"raw": list(record.raw)}
-    return {"messages": [list(turn) for turn in record.messages]}
+    content: dict[str, Any] = {"messages": [list(turn) for turn in record.messages]}
+    if record.tools is not None:  # only then, so the hash of data without tools stays what it was
+        content["tools"] = record.tools
+    return content
 
 
 def data_hash(train: list[Record], evaluation: list[Record]) -> str:

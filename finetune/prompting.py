@@ -184,6 +184,8 @@ def encode_conversation(
     the model learns to stop; whatever the template puts after that token (a newline, say) is not trained.
     """
     full = render_prompt(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    for tool in tools or ():
+        _require_rendered(full, str(tool["function"]["name"]), "the `tools` it is given")
     spans: list[tuple[int, int]] = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -194,6 +196,10 @@ def encode_conversation(
             raise PromptError(
                 f"the chat template renders assistant turn {turn} differently depending on what follows it; "
                 "per-turn label masking needs a template whose renderings are prefixes of each other"
+            )
+        for call in message.get("tool_calls") or ():
+            _require_rendered(
+                full[len(before) : len(through)], call["function"]["name"], "assistant `tool_calls`"
             )
         spans.append((len(before), len(through)))
 
@@ -216,6 +222,17 @@ def encode_conversation(
                 f"(looked for ids {sorted(stop_ids)}); the model would never learn to stop"
             )
     return EncodedSample(input_ids=input_ids, labels=labels)
+
+
+def _require_rendered(text: str, expected: str, what: str) -> None:
+    # A template without tool support drops what it does not know; training on that would teach replies
+    # to questions the model never saw, so it is refused (the server has to decide for itself).
+    if expected not in text:
+        raise PromptError(
+            f"the base model's chat template does not render {what} ({expected!r} is missing from the "
+            "rendered conversation); train tool use on a base whose template supports tools, such as "
+            "Qwen2.5-Instruct or the tiny base"
+        )
 
 
 def encode_raw(tokenizer: ChatTokenizer, prompt: str, completion: str, eos_id: int) -> EncodedSample:

@@ -106,7 +106,9 @@ def encode_records(
             if record.raw is not None:
                 sample = encode_raw(tokenizer, *record.raw, eos_id=eos_id)
             else:
-                sample = encode_conversation(tokenizer, record.to_messages(), stop_ids)
+                sample = encode_conversation(
+                    tokenizer, record.to_messages(), stop_ids, tools=record.tool_list()
+                )
         except PromptError as exc:
             raise PromptError(f"{record.origin}: {exc}") from None
         if len(sample.input_ids) > max_len:

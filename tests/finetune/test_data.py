@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -31,6 +32,114 @@ MULTI_TURN = {
     ]
 }
 PROMPT_COMPLETION = {"prompt": "The sky is", "completion": " blue."}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def call(call_id: str, arguments: Any, name: str = "get_weather") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# OpenAI's shape: two calls answered by two tool messages, then a final answer; then a turn ending in a call.
+TOOL_CHAT = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call("c1", '{"city": "Paris"}'), call("c2", {"city": "Oslo"})],
+        },
+        {"role": "tool", "tool_call_id": "c2", "content": '{"temperature": 3}'},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "21 degrees in Paris, 3 in Oslo."},
+        {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [call("c3", '{"city": "Rome"}')]},
+    ],
+}
+
+
+def tool_chat(*replace: tuple[int, dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """TOOL_CHAT with some messages replaced (index, message) and top-level fields set."""
+    messages = [dict(message) for message in TOOL_CHAT["messages"]]
+    for index, message in replace:
+        messages[index] = message
+    return {**TOOL_CHAT, "messages": messages, **fields}
+
+
+USER, CALLS = TOOL_CHAT["messages"][0], TOOL_CHAT["messages"][1]
+TOOL_BAD_CASES = [
+    (
+        "arguments not JSON",
+        tool_chat((1, {**CALLS, "tool_calls": [call("c1", '{"city": "Par'), call("c2", "{}")]})),
+        "field 'messages[1].tool_calls[0].function.arguments': is not valid JSON",
+    ),
+    (
+        "arguments not an object",
+        tool_chat((1, {**CALLS, "tool_calls": [call("c1", "{}"), call("c2", '["Oslo"]')]})),
+        "field 'messages[1].tool_calls[1].function.arguments': must be a JSON object (as a string or an "
+        "object), not list",
+    ),
+    (
+        "tool message without tool_call_id",
+        tool_chat((2, {"role": "tool", "content": "3"})),
+        "field 'messages[2].tool_call_id': must name the tool call this result answers, one of 'c1', 'c2'",
+    ),
+    (
+        "tool message answering an unknown call",
+        tool_chat((3, {"role": "tool", "tool_call_id": "c2", "content": "21"})),
+        "field 'messages[3].tool_call_id': 'c2' is not an unanswered tool call of the assistant message "
+        "before it ('c1')",
+    ),
+    (
+        "a call left unanswered",
+        tool_chat((3, {"role": "assistant", "content": "Done."})),
+        "field 'messages[3].role': expected 'tool' answering tool call 'c1'",
+    ),
+    (
+        "tool message without a call",
+        {"messages": [USER, {"role": "tool", "tool_call_id": "c1", "content": "x"}, CALLS]},
+        "field 'messages[1].role': a 'tool' message must answer a tool call",
+    ),
+    (
+        "tool result not a string",
+        tool_chat((2, {"role": "tool", "tool_call_id": "c2", "content": {"temperature": 3}})),
+        "field 'messages[2].content': must be the tool's result as a string",
+    ),
+    (
+        "call without id",
+        tool_chat((1, {**CALLS, "tool_calls": [{"type": "function", "function": {"name": "get_weather"}}]})),
+        "field 'messages[1].tool_calls[0].id': must be a non-empty string",
+    ),
+    (
+        "call of a tool not offered",
+        tool_chat((1, {**CALLS, "tool_calls": [call("c1", "{}", "get_wether"), call("c2", "{}")]})),
+        "field 'messages[1].tool_calls[0].function.name': 'get_wether' is not one of the record's tools "
+        "(get_weather)",
+    ),
+    (
+        "empty tool_calls",
+        tool_chat((1, {**CALLS, "tool_calls": []})),
+        "field 'messages[1].tool_calls': must be a non-empty list",
+    ),
+    ("tools not a list", tool_chat(tools={"get_weather": {}}), "field 'tools': must be a non-empty list"),
+    (
+        "tool not a function tool",
+        tool_chat(tools=[{"name": "get_weather"}]),
+        'field \'tools[0]\': must be {"type": "function"',
+    ),
+    (
+        "tool offered twice",
+        tool_chat(tools=[WEATHER_TOOL, WEATHER_TOOL]),
+        "field 'tools[1].function.name': 'get_weather' is offered twice",
+    ),
+]
 
 
 def numbered(count: int) -> list[dict[str, Any]]:
@@ -249,8 +358,8 @@ BAD_CASES: list[tuple[str, str, Any, str]] = [
     (
         "bad role",
         "chat",
-        {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
-        "field 'messages[1].role': 'tool' is not one of system, user, assistant",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "b"}]},
+        "field 'messages[1].role': 'function' is not one of system, user, assistant, tool",
     ),
     ("missing role", "chat", {"messages": [{"content": "a"}]}, "field 'messages[0].role': is missing"),
     (
@@ -314,6 +423,7 @@ BAD_CASES: list[tuple[str, str, Any, str]] = [
         "matches no known format (it has keys: question, answer); expected one of alpaca",
     ),
     ("not an object", "auto", ["a", "b"], "must be a JSON object"),
+    *[(f"tools: {name}", "chat", row, expected) for name, row, expected in TOOL_BAD_CASES],
 ]
 
 
@@ -548,3 +658,54 @@ def test_record_is_hashable_and_frozen() -> None:
     with pytest.raises(AttributeError):
         record.origin = "y"  # type: ignore[misc]
     assert record.to_messages()[1] == {"role": "assistant", "content": "b"}
+
+
+def test_tool_use_chats_keep_tools_calls_and_results(tmp_path: Path) -> None:
+    plain = write_jsonl(tmp_path / "plain.jsonl", [CHAT])
+    path = write_jsonl(tmp_path / "tools.jsonl", [TOOL_CHAT, CHAT])
+    records, n_bad, _, formats = read_records(str(path), cfg(path))
+    assert (n_bad, formats) == (0, {"chat": 2})
+    assert records[0].tool_list() == [WEATHER_TOOL]
+    assert records[1].tool_list() is None and records[1].tools is None
+    messages = records[0].to_messages()
+    # OpenAI's shape back, each call as given (finetune.prompting parses the JSON-string arguments).
+    assert messages[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": TOOL_CHAT["messages"][1]["tool_calls"],
+    }
+    assert messages[2] == {"role": "tool", "tool_call_id": "c2", "content": '{"temperature": 3}'}
+    assert messages[6]["content"] == "Checking."
+    assert messages == [{**message, "content": message.get("content")} for message in TOOL_CHAT["messages"]]
+    # A chat without tools hashes as it did before records could carry tools.
+    (record,) = read_records(str(plain), cfg(plain))[0]
+    canonical = json.dumps(
+        {"train": [{"messages": [list(turn) for turn in record.messages]}], "eval": []},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert load_data(cfg(plain), seed=0)[2].data_hash == hashlib.sha256(canonical.encode()).hexdigest()
+    # The tools are content: the same chat offering other tools is another record.
+    other_tools = tool_chat(tools=[WEATHER_TOOL, {"type": "function", "function": {"name": "get_time"}}])
+    both = write_jsonl(tmp_path / "both.jsonl", [TOOL_CHAT, other_tools, TOOL_CHAT])
+    train, _, report = load_data(cfg(both), seed=0)
+    assert (len(train), report.n_duplicates) == (2, 1)
+
+
+def test_tool_use_chats_from_parquet(tmp_path: Path) -> None:
+    """Columnar files give every message every key (None where it lacks one); those are absent, not bad."""
+    # Arrow needs one type per column: the calls' arguments are all strings here, as OpenAI sends them.
+    calls = [call("c1", '{"city": "Paris"}'), call("c2", "{}")]
+    path = write_parquet(tmp_path / "tools.parquet", [tool_chat((1, {**CALLS, "tool_calls": calls})), CHAT])
+    records, n_bad, _, _ = read_records(str(path), cfg(path))
+    assert n_bad == 0
+    assert [call["id"] for call in records[0].to_messages()[1]["tool_calls"]] == ["c1", "c2"]
+    assert records[0].tool_list() == [WEATHER_TOOL]
+    assert records[1].to_messages() == CHAT["messages"] and records[1].tools is None
+
+
+def test_tools_only_in_chat_records(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [{**ALPACA, "tools": [WEATHER_TOOL]}])
+    with pytest.raises(DataError, match="field 'tools': only chat records"):
+        load_data(cfg(path), seed=0)

@@ -237,3 +237,23 @@ def test_bad_tool_calls_name_the_field(tiny_tokenizer, messages, param, message)
         render_prompt(tiny_tokenizer, messages, add_generation_prompt=False, tools=[WEATHER_TOOL])
     assert caught.value.param == param
     assert str(caught.value).startswith(param)
+
+
+def test_training_tools_on_a_template_without_tool_support_is_refused(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    stop = end_of_turn_ids(tokenizer)
+    # A plain ChatML template (SmolLM2's kind): tools and tool calls are silently dropped.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(
+        PromptError, match=r"does not render the `tools` it is given \('get_weather' is missing"
+    ):
+        encode_conversation(tokenizer, TOOL_CHAT, stop, tools=[WEATHER_TOOL])
+    # Tools shown in the system turn, but an assistant's tool calls still dropped.
+    tokenizer.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}" + tokenizer.chat_template
+    with pytest.raises(PromptError, match="does not render assistant `tool_calls`"):
+        encode_conversation(tokenizer, TOOL_CHAT, stop, tools=[WEATHER_TOOL])
+    # The same chat without tool use trains as before on such a template.
+    assert encode_conversation(tokenizer, CHAT, stop, tools=None).n_label_tokens > 0
