@@ -35,6 +35,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -69,6 +70,8 @@ MAX_INT32 = 2**31 - 1
 MAX_FLOAT32 = 3.4028234663852886e38
 # vLLM refuses over 128 bad-word token sequences (VLLM_MAX_NUM_BAD_WORDS); a word counts once or twice.
 MAX_BAD_WORDS = 64
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ errors
 
@@ -245,7 +248,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class MessageFunctionCall(_Request):
-    name: str
+    name: str = Field(json_schema_extra={"minLength": 1})
     arguments: str = ""  # a JSON object, as text (OpenAI's shape)
 
 
@@ -258,6 +261,14 @@ class MessageToolCall(_Request):
 
 
 class ChatMessage(_Request):
+    # Published as chat_messages enforces it: only assistant messages carry tool calls.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+            "then": {"properties": {"tool_calls": {"type": "null"}}},
+        }
+    )
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -770,7 +781,9 @@ def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[
     called tools and "tool_call_id" on tool results.
 
     "developer" becomes "system"; text parts are joined with newlines (as vLLM does); `name` is
-    dropped (chat templates do not render it). Non-text parts are refused.
+    dropped (chat templates do not render it). Non-text parts are refused. A call's arguments that are not
+    a JSON object become "{}" with a warning, as vLLM serves them (vllm/renderers/chat_utils.py,
+    _postprocess_messages): the call is history, and refusing it would fail every later turn too.
     """
     _check_chat_supported(request)
     rendered: list[dict[str, Any]] = []
@@ -789,7 +802,7 @@ def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[
                 {
                     **({"id": call.id} if call.id is not None else {}),
                     "type": "function",
-                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                    "function": {"name": call.function.name, "arguments": _arguments(call.function)},
                 }
                 for call in message.tool_calls
             ]
@@ -802,6 +815,21 @@ def chat_messages(request: ChatCompletionRequest | TokenizeChatRequest) -> list[
             turn["tool_call_id"] = message.tool_call_id
         rendered.append(turn)
     return rendered
+
+
+def _arguments(function: MessageFunctionCall) -> str:
+    try:
+        parsed = json.loads(function.arguments) if function.arguments else {}
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return function.arguments
+    log.warning(
+        "tool call %r has arguments that are not a JSON object (%d characters); rendered as {}",
+        function.name,
+        len(function.arguments),
+    )
+    return "{}"
 
 
 def _message_text(content: str | list[ContentPart] | None, index: int) -> str:

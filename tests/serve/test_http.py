@@ -761,13 +761,13 @@ def test_a_follow_up_turn_renders_the_call_and_its_result() -> None:
             # /tokenize renders the same conversation and tools to the same ids.
             tokens = await running.client.post("/tokenize", json={"messages": messages})
             assert tokens.json()["tokens"] == running.engine.received[-1][0]
+            # Arguments that are not a JSON object render as {} (vLLM's leniency with history), never a 400.
             broken = {**call, "function": {**call["function"], "arguments": "{not json"}}
-            bad = await running.client.post(
+            lenient = await running.client.post(
                 "/v1/chat/completions",
                 json={**body, "messages": [messages[0], {**messages[1], "tool_calls": [broken]}]},
             )
-            assert bad.status_code == 400 and bad.json()["error"]["param"].startswith(
-                "messages[1].tool_calls[0]"
-            )
+            assert lenient.status_code == 200, lenient.text
+            assert '"arguments": {}' in bytes(running.engine.received[-1][0]).decode("latin-1")
 
     asyncio.run(scenario())

@@ -693,3 +693,16 @@ def test_oversized_response_format_schema_is_refused() -> None:
     request = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     error = refused(request)
     assert error.param == "response_format" and "this server takes at most 65536" in error.message
+
+
+def test_tool_call_arguments_that_are_not_an_object_render_as_empty(caplog: pytest.LogCaptureFixture) -> None:
+    def arguments(text: str) -> str:
+        call = {"type": "function", "function": {"name": "f", "arguments": text}}
+        request = chat(messages=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+        return str(protocol.chat_messages(request)[0]["tool_calls"][0]["function"]["arguments"])
+
+    assert arguments('{"a": 1}') == '{"a": 1}'
+    assert arguments("") == ""
+    for text in ("{not json", "[1, 2]", "42"):
+        assert arguments(text) == "{}"
+    assert "not a JSON object" in caplog.text
