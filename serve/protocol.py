@@ -232,6 +232,19 @@ class ChatTool(_Request):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
+    def template_dict(self) -> dict[str, Any]:
+        """The tool as vLLM hands it to the chat template (ChatCompletionToolsParam.model_dump): name,
+        description and parameters always (None where unset), strict only where set, nothing else; a template
+        that writes `tool | tojson` then renders the same text on both servers."""
+        function: dict[str, Any] = {
+            "name": self.function.name,
+            "description": self.function.description,
+            "parameters": self.function.parameters,
+        }
+        if self.function.strict is not None:
+            function["strict"] = self.function.strict
+        return {"type": "function", "function": function}
+
 
 class NamedFunction(_Request):
     name: str
@@ -629,7 +642,7 @@ class ChatCompletionRequest(_GenerationRequest):
         tool_choice "none" unless its --exclude-tools-when-tool-choice-none is set."""
         if self.tools is None or (exclude_when_none and self.effective_tool_choice == "none"):
             return None
-        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return [tool.template_dict() for tool in self.tools]
 
     def to_sampling_params(
         self, *, prompt_tokens: int, max_model_len: int, tool_constraint: ToolConstraint | None = None

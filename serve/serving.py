@@ -157,7 +157,7 @@ class Serving:
         if isinstance(request, protocol.TokenizeChatRequest):
             if request.tools == []:
                 raise OpenAIError("`tools` must not be an empty array", param="tools")
-            tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()] or None
+            tools = [tool.template_dict() for tool in request.tools or ()] or None
             try:
                 messages = protocol.chat_messages(request)
                 ids = await self._tokenizing(

@@ -237,6 +237,11 @@ def test_tool_choice_defaults_as_in_vllm() -> None:
     assert chat(tools=[WEATHER], tool_choice="none").effective_tool_choice == "none"
     # Tools are rendered even with tool_choice none, vLLM's default; its exclude flag leaves them out.
     assert chat(tools=[WEATHER], tool_choice="none").prompt_tools() == [WEATHER]
+    # As vLLM passes tools to the template: unset description and parameters as None, no extra fields.
+    bare = {"type": "function", "function": {"name": "f", "extra": 1}}
+    assert chat(tools=[bare], tool_choice="none").prompt_tools() == [
+        {"type": "function", "function": {"name": "f", "description": None, "parameters": None}}
+    ]
     assert chat(tools=[WEATHER], tool_choice="none").prompt_tools(exclude_when_none=True) is None
     assert chat(tools=[WEATHER]).prompt_tools(exclude_when_none=True) == [WEATHER]
     assert chat().prompt_tools() is None
