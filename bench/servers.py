@@ -114,7 +114,8 @@ def run_vllm_bench(
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    argv = ["--backend", "openai", "--base-url", url, "--model", str(base)]
+    # The served name as --model: the benchmark sends it to /tokenize, which (ours and vLLM's) knows no path.
+    argv = ["--backend", "openai", "--base-url", url, "--model", served_name]
     argv += ["--served-model-name", served_name, "--tokenizer", str(base)]
     argv += ["--dataset-name", "random", "--random-input-len", str(load.input_len)]
     argv += ["--random-output-len", str(load.output_len), "--ignore-eos", "--seed", str(load.seed)]
