@@ -315,3 +315,50 @@ def test_extra_answers_as_vllms_own_server(
     if case not in UNCHANGED:
         # The extra is applied, not dropped: without it the same request answers otherwise.
         assert answer(ours, path, {key: value for key, value in body.items() if key != case}) != mine, body
+
+
+def respond(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A /v1/responses answer as JSON, and the event types of the same request streamed (a run of deltas as
+    one)."""
+    body = {"model": NAME, "temperature": 0.0, **body}
+    whole = httpx.post(f"{url}/v1/responses", json=body, timeout=120)
+    assert whole.status_code == 200, whole.text
+    with httpx.stream("POST", f"{url}/v1/responses", json={**body, "stream": True}, timeout=120) as answer:
+        assert answer.status_code == 200
+        kinds = [line.removeprefix("event: ") for line in answer.iter_lines() if line.startswith("event: ")]
+    # How many deltas depends on timing (vLLM merges the engine's outputs that wait for a slow reader): one
+    # stands for a run.
+    runs = [kind for index, kind in enumerate(kinds) if index == 0 or kind != kinds[index - 1]]
+    return whole.json(), runs
+
+
+def _summary(response: dict[str, Any]) -> tuple[Any, ...]:
+    (message,) = response["output"]
+    usage = response["usage"]
+    text = "".join(part["text"] for part in message["content"])
+    return (
+        text,
+        response["status"],
+        response["incomplete_details"],
+        usage["input_tokens"],
+        usage["output_tokens"],
+    )
+
+
+@pytest.mark.slow
+def test_responses_answer_as_vllms_own_server(both_servers: tuple[str, str]) -> None:
+    ours, theirs = both_servers
+    body = {"instructions": "Answer in one line.", "input": "Name three colours.", "max_output_tokens": 16}
+    mine, my_events = respond(ours, body)
+    vllms, vllm_events = respond(theirs, body)
+    assert _summary(mine) == _summary(vllms)
+    assert _summary(mine)[1] == "incomplete"
+    # vLLM ends every stream with response.completed; OpenAI ends one cut short with response.incomplete.
+    assert my_events[:-1] == vllm_events[:-1]
+    assert (my_events[-1], vllm_events[-1]) == ("response.incomplete", "response.completed")
+    # Ended by a stop string from the text (vLLM's extra): complete on both, the same events.
+    stop = _summary(mine)[0][5:8]
+    mine, my_events = respond(ours, {**body, "stop": [stop]})
+    vllms, vllm_events = respond(theirs, {**body, "stop": [stop]})
+    assert _summary(mine) == _summary(vllms) and _summary(mine)[1] == "completed"
+    assert my_events == vllm_events
