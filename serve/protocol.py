@@ -104,9 +104,11 @@ class OpenAIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}  # sent with the error (a 429's Retry-After)
         self.status = status
         self.type = type or _ERROR_TYPES.get(
             status, "server_error" if status >= 500 else "invalid_request_error"
@@ -225,7 +227,7 @@ class FunctionDefinition(_Request):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema object
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ChatTool(_Request):
@@ -588,7 +590,7 @@ class ChatCompletionRequest(_GenerationRequest):
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = Field(None, json_schema_extra={"minItems": 1})
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @property
     def effective_tool_choice(self) -> str | NamedToolChoice:

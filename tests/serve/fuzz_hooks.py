@@ -53,7 +53,43 @@ def map_body(context: schemathesis.HookContext, body: Any) -> Any:
     seed = body.get("seed")
     if _int(seed) and not low <= int(seed) <= high and float(low) <= float(seed) <= float(high):
         body["seed"] = min(max(int(seed), low), high)
+    if context.operation.path == "/v1/chat/completions":
+        _fit_tools(body)
     return body
+
+
+# With tools, the tiny base's template adds its tool-use instructions (about 220 tokens) and each tool's
+# JSON, so a chat with tools fits the fuzzed server's 512 tokens only when it is small: beyond one tool and
+# this many characters of fuzzed text (at most 4 tokens each), the tools are left out, which keeps the request
+# valid (the fuzzed server has no tool parser: its tool_choice is "none", which needs no tools).
+MAX_FUZZ_TOOL_TEXT = 36
+
+
+def _fit_tools(body: dict[str, Any]) -> None:
+    tools, messages = body.get("tools"), body.get("messages")
+    if not (isinstance(tools, list) and tools and isinstance(messages, list)):
+        return
+    # The fuzzed strings only: the JSON around them is a few tokens (counted in the 220).
+    function = tools[0].get("function") if isinstance(tools[0], dict) else None
+    function = function if isinstance(function, dict) else {}
+    fields = (function.get("name"), function.get("description"), function.get("parameters"))
+    text = "".join(text for field in fields for text in _strings(field))
+    for message in messages:
+        if isinstance(message, dict):
+            text += "".join(_strings(message.get("content"))) + "".join(_strings(message.get("tool_calls")))
+    if len(tools) > 1 or len(text) > MAX_FUZZ_TOOL_TEXT:
+        del body["tools"]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (str(key), *_strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
 
 
 # A chat's rendered prompt must fit the fuzzed server's context, another rule the schema cannot state (a
