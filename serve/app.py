@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,6 +30,7 @@ from serve.protocol import OpenAIError
 from serve.routes import error_response, router
 from serve.serving import Serving, ToolCalling
 from serve.settings import ServeSettings
+from serve.tenants import Tenants
 from tuneserve import package_version
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.count_response(self._model(scope), self._endpoint(scope), status)
+            tenant = scope.get("state", {}).get("tenant")
+            self.metrics.count_tenant(tenant.name if tenant is not None else "-", status)
 
     # Labels come from known values only: a label per client-chosen path or model name let anyone grow
     # /metrics without bound (5,000 requests: 1.6 KB -> 42 MB, rendering 16x slower).
@@ -263,19 +267,22 @@ def _bound_allowed_token_ids(schema: dict[str, Any], vocabulary: int) -> None:
                 option["items"].update(maximum=vocabulary - 1)
 
 
-def published_schema(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
+def published_schema(app: FastAPI, settings: ServeSettings, tenants: Tenants) -> dict[str, Any]:
     """FastAPI's OpenAPI schema, made to tell the truth: no 422 (validation errors are 400s in OpenAI's
-    shape, declared per route) and bearer security only where this server asks for a key."""
+    shape, declared per route), bearer security only where this server asks for a key, and 429 only where
+    a key has a rate limit."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        unused = {"apiKey"} if settings.api_key is None else set()
+        unused = {"apiKey"} if not settings.keys_required else set()
         if settings.admin_api_key is None:
             unused.add("adminKey")
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                if not tenants.rate_limited:
+                    operation.get("responses", {}).pop("429", None)
                 security = [item for item in operation.get("security", []) if not set(item) & unused]
                 if security:
                     operation["security"] = security
@@ -331,13 +338,19 @@ def build_app(
     engine_factory: EngineFactory = build_engine,
     tokenizer_factory: TokenizerFactory = load_tokenizer,
     request_stop: Callable[[], None] = stop_by_sigterm,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
-    """The app; `request_stop` asks the HTTP server to shut down (the engine failed to start, or died)."""
+    """The app; `request_stop` asks the HTTP server to shut down (the engine failed to start, or died);
+    `clock` times the keys' rate limits."""
     metrics = ServerMetrics()
+    tenants = settings.tenants(clock)
+    if settings.api_keys_file is not None:
+        log.info("API keys of %d tenants: %s", len(tenants.keys), ", ".join(tenants.names))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        app.state.tenants = tenants
         app.state.metrics = metrics
         app.state.serving = None
         app.state.models = None
@@ -380,7 +393,7 @@ def build_app(
         openapi_url=None,
     )
     app.include_router(router)
-    app.openapi = lambda: published_schema(app, settings)  # type: ignore[method-assign]
+    app.openapi = lambda: published_schema(app, settings, tenants)  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer has the header, a 413 too

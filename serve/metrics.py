@@ -39,6 +39,13 @@ class ServerMetrics:
             [*labels, "status"],
             registry=self.registry,
         )
+        # Tenants are the names of --api-keys-file (and api-key, admin-api-key, "-" for none): bounded.
+        self.tenant_requests = Counter(
+            "tuneserve_tenant_requests",
+            "Requests answered, by the tenant of their API key and HTTP status.",
+            ["tenant", "status"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "tuneserve_prompt_tokens", "Prompt tokens processed.", ["model"], registry=self.registry
         )
@@ -73,6 +80,9 @@ class ServerMetrics:
 
     def track(self, model: str) -> GenerationTracker:
         return GenerationTracker(self, model)
+
+    def count_tenant(self, tenant: str, status: int) -> None:
+        self.tenant_requests.labels(tenant, str(status)).inc()
 
     def count_response(self, model: str, endpoint: str, status: int) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()

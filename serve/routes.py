@@ -8,6 +8,7 @@ import asyncio
 import functools
 import hmac
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, ParamSpec
 
@@ -26,6 +27,7 @@ from serve.responses_protocol import ResponseEvent, ResponsesRequest
 from serve.responses_serving import ResponsesServing
 from serve.serving import Serving
 from serve.settings import ServeSettings
+from serve.tenants import Tenant, Tenants
 from tuneserve import package_version
 
 router = APIRouter()
@@ -37,7 +39,7 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=exc.body())
+    return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
 
 def with_cancellation(handler: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
@@ -139,23 +141,47 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def require_api_key(
-    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
-) -> None:
-    if settings.api_key is None:
+async def get_tenants(request: Request) -> Tenants:
+    tenants: Tenants = request.app.state.tenants
+    return tenants
+
+
+async def require_api_key(request: Request, tenants: Annotated[Tenants, Depends(get_tenants)]) -> None:
+    """Authenticate the key (--api-key, --admin-api-key or one of --api-keys-file) and count the request
+    against its rate limit; the key's tenant becomes `request.state.tenant` (None: the API is open)."""
+    request.state.tenant = None
+    if not tenants.required:
         return
     token = _bearer(request)
-    expected = settings.api_key.get_secret_value()
-    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    if token is None or not (
-        hmac.compare_digest(token, expected) or (admin is not None and hmac.compare_digest(token, admin))
-    ):
+    tenant = tenants.authenticate(token) if token is not None else None
+    if tenant is None:
         raise OpenAIError(
             "Incorrect API key provided; send it as 'Authorization: Bearer <key>'",
             status=401,
             type="authentication_error",
             code="invalid_api_key",
         )
+    request.state.tenant = tenant
+    wait = tenants.admit(tenant)
+    if wait is not None:
+        # Whole seconds, rounded up (the header's HTTP form); the openai SDK prefers retry-after-ms (OpenAI's
+        # own header) and sleeps that long before its retry, so the retry is never refused again.
+        seconds = max(1, math.ceil(wait))
+        raise OpenAIError(
+            f"Rate limit reached for '{tenant.name}': {tenant.rate_limit_rpm} requests per minute; "
+            f"retry in {seconds} s",
+            status=429,
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(seconds), "retry-after-ms": str(math.ceil(wait * 1000))},
+        )
+
+
+def check_scope(request: Request, model: str) -> None:
+    """404 for a model outside the key's scope: the very answer for a model that does not exist, so a tenant
+    learns nothing of other tenants' adapters."""
+    tenant: Tenant | None = getattr(request.state, "tenant", None)
+    if tenant is not None and not tenant.allows(model):
+        raise OpenAIError.model_not_found(model)
 
 
 async def require_admin_key(
@@ -178,19 +204,32 @@ async def require_admin_key(
 
 
 async def require_metrics_access(
-    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+    request: Request,
+    settings: Annotated[ServeSettings, Depends(get_settings)],
+    tenants: Annotated[Tenants, Depends(get_tenants)],
 ) -> None:
     if settings.metrics_port is not None:
         raise OpenAIError(f"metrics are served on port {settings.metrics_port}", status=404, code="not_found")
-    if not settings.public_metrics:
-        await require_api_key(request, settings)
+    if settings.public_metrics:
+        return
+    await require_api_key(request, tenants)
+    tenant: Tenant | None = request.state.tenant
+    if tenant is not None and not tenant.all_models:
+        # The series are labelled with every model's name.
+        raise OpenAIError(
+            "metrics name every model served; they need a key whose models are '*'",
+            status=403,
+            type="permission_error",
+        )
 
 
 async def require_docs_access(
-    request: Request, settings: Annotated[ServeSettings, Depends(get_settings)]
+    request: Request,
+    settings: Annotated[ServeSettings, Depends(get_settings)],
+    tenants: Annotated[Tenants, Depends(get_tenants)],
 ) -> None:
     if not settings.public_docs:
-        await require_api_key(request, settings)
+        await require_api_key(request, tenants)
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
@@ -202,10 +241,13 @@ ADMIN_KEY = [Depends(require_admin_key), Security(HTTPBearer(scheme_name="adminK
 _ERROR_MEANING = {
     400: "Invalid request; `error.param` names the field",
     401: "Missing or wrong bearer key",
-    403: "Adapter management is disabled (no --admin-api-key), or the path is outside the adapters dir",
-    404: "Unknown model or adapter, no adapter folder of that name, or a response id (none is stored)",
+    403: "Adapter management is disabled (no --admin-api-key), the path is outside the adapters dir, or "
+    "/metrics asked with a key limited to some models",
+    404: "Unknown model or adapter (or one outside the key's models), no adapter folder of that name, or a "
+    "response id (none is stored)",
     409: "Adapter name taken, or an unload still waiting for requests",
     413: "Body over --max-request-bytes",
+    429: "The key's rate limit (requests per minute) is reached; retry after Retry-After seconds",
     503: "Engine starting, failed or stopped",
 }
 
@@ -239,7 +281,7 @@ def generation_responses(
     stream = {"itemSchema": event}
     return {
         200: {"model": model, "content": {"text/event-stream": stream}, "description": "The completion"},
-        **errors(400, 401, 404, 413, 503),
+        **errors(400, 401, 404, 413, 429, 503),
     }
 
 
@@ -271,7 +313,7 @@ async def docs(request: Request) -> Response:
     response_class=PlainTextResponse,
     responses={
         200: {"description": "Prometheus text: vLLM's `vllm:*` series, then tuneserve's per-model ones"},
-        **errors(401, 404),
+        **errors(401, 403, 404, 429),
     },
 )
 async def metrics(request: Request) -> Response:
@@ -280,18 +322,25 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=API_KEY, response_model=protocol.ModelList, responses=errors(401, 503))
-async def list_models(models: ModelsDep) -> dict[str, Any]:
-    return models.list_models().model_dump()
+@router.get(
+    "/v1/models", dependencies=API_KEY, response_model=protocol.ModelList, responses=errors(401, 429, 503)
+)
+async def list_models(request: Request, models: ModelsDep) -> dict[str, Any]:
+    listing = models.list_models()
+    tenant: Tenant | None = request.state.tenant
+    if tenant is not None:
+        listing.data = [card for card in listing.data if tenant.allows(card.id)]
+    return listing.model_dump()
 
 
 @router.get(
     "/v1/models/{model:path}",
     dependencies=API_KEY,
     response_model=protocol.ModelCard,
-    responses=errors(401, 404, 503),
+    responses=errors(401, 404, 429, 503),
 )
-async def retrieve_model(model: str, models: ModelsDep) -> dict[str, Any]:
+async def retrieve_model(model: str, request: Request, models: ModelsDep) -> dict[str, Any]:
+    check_scope(request, model)
     return models.card(model).model_dump()
 
 
@@ -306,6 +355,7 @@ async def chat_completions(
     body: protocol.ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
     request.state.model = body.model
+    check_scope(request, body.model)
     return respond(await serving.chat(body, request.state.request_id))
 
 
@@ -318,6 +368,7 @@ async def chat_completions(
 @with_cancellation
 async def completions(body: protocol.CompletionRequest, request: Request, serving: ServingDep) -> Response:
     request.state.model = body.model
+    check_scope(request, body.model)
     return respond(await serving.completions(body, request.state.request_id))
 
 
@@ -331,6 +382,7 @@ async def completions(body: protocol.CompletionRequest, request: Request, servin
 async def create_response(body: ResponsesRequest, request: Request, responses: ResponsesDep) -> Response:
     """OpenAI's Responses API for text, made by the chat path (the same prompt, sampling and checks)."""
     request.state.model = body.model
+    check_scope(request, body.model)
     return respond_events(await responses.create(body, request.state.request_id))
 
 
@@ -338,7 +390,7 @@ async def create_response(body: ResponsesRequest, request: Request, responses: R
     "/v1/responses/{response_id}",
     dependencies=API_KEY,
     response_model=ResponseObject,
-    responses=errors(401, 404, 503),
+    responses=errors(401, 404, 429, 503),
 )
 async def retrieve_response(response_id: str, responses: ResponsesDep) -> dict[str, Any]:
     """Always 404: responses are not stored (as in vLLM without VLLM_ENABLE_RESPONSES_API_STORE)."""
@@ -351,11 +403,13 @@ async def retrieve_response(response_id: str, responses: ResponsesDep) -> dict[s
     "/tokenize",
     dependencies=API_KEY,
     response_model=protocol.TokenizeResponse,
-    responses=errors(400, 401, 404, 413, 503),
+    responses=errors(400, 401, 404, 413, 429, 503),
 )
 @with_cancellation
 async def tokenize(body: protocol.TokenizeRequest, request: Request, serving: ServingDep) -> Response:
     """A prompt's token ids (`prompt`), or a chat's as the chat template renders it (`messages`)."""
+    if body.model is not None:
+        check_scope(request, body.model)
     return respond(await serving.tokenize(body))
 
 
@@ -363,10 +417,12 @@ async def tokenize(body: protocol.TokenizeRequest, request: Request, serving: Se
     "/detokenize",
     dependencies=API_KEY,
     response_model=protocol.DetokenizeResponse,
-    responses=errors(400, 401, 404, 413, 503),
+    responses=errors(400, 401, 404, 413, 429, 503),
 )
 @with_cancellation
 async def detokenize(body: protocol.DetokenizeRequest, request: Request, serving: ServingDep) -> Response:
+    if body.model is not None:
+        check_scope(request, body.model)
     return respond(await serving.detokenize(body))
 
 

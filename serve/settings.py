@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune.servable import VLLM_LORA_RANKS
+from serve.tenants import Tenants, load_tenants
 
 
 class ServeSettings(BaseSettings):
@@ -20,6 +23,7 @@ class ServeSettings(BaseSettings):
         cli_prog_name="python -m serve",
         cli_implicit_flags=True,
         extra="forbid",
+        hide_input_in_errors=True,  # an error never quotes the command line's keys
     )
 
     base_model: str = Field(description="Hub id or local folder of the base model.")
@@ -35,6 +39,11 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     api_key: SecretStr | None = Field(
         None, description="Bearer key required on /v1/*, /tokenize, /detokenize (none: open)."
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="YAML or JSON list of tenant keys: {name, key | key_env | key_sha256, models (names or "
+        "globs), rate_limit_rpm}; a key sees only its models. With --api-key, which serves every model.",
     )
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for loading/unloading adapters at runtime (none: disabled)."
@@ -140,6 +149,26 @@ class ServeSettings(BaseSettings):
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (as in vLLM)")
         return self
+
+    @model_validator(mode="after")
+    def _keys_file(self) -> ServeSettings:
+        # Read at load time, so a bad entry fails the command line (exit 2) naming it, not the first request.
+        self.tenants()
+        return self
+
+    def tenants(self, clock: Callable[[], float] = time.monotonic) -> Tenants:
+        """The keys this server accepts: --api-key, --admin-api-key and --api-keys-file's."""
+        return load_tenants(
+            self.api_keys_file,
+            api_key=self.api_key.get_secret_value() if self.api_key else None,
+            admin_api_key=self.admin_api_key.get_secret_value() if self.admin_api_key else None,
+            clock=clock,
+        )
+
+    @property
+    def keys_required(self) -> bool:
+        """/v1 routes need a key (else they are open)."""
+        return self.api_key is not None or self.api_keys_file is not None
 
     @property
     def model_id(self) -> str:
