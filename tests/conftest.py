@@ -47,3 +47,11 @@ def tiny_tokenizer(tiny_base: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def tool_adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the tiny base whose greedy reply calls TOOLS (tests/toolcalls.py), trained once."""
+    from tests.toolcalls import train_tool_adapter
+
+    return train_tool_adapter(tmp_path_factory.mktemp("tool-adapter") / "tools", tiny_base)
