@@ -38,12 +38,14 @@ class ServeSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     api_key: SecretStr | None = Field(
-        None, description="Bearer key required on /v1/*, /tokenize, /detokenize (none: open)."
+        None,
+        description="Bearer key for every model on /v1/*, /tokenize, /detokenize (none, nor --api-keys-file: "
+        "open).",
     )
     api_keys_file: Path | None = Field(
         None,
         description="YAML or JSON list of tenant keys: {name, key | key_env | key_sha256, models (names or "
-        "globs), rate_limit_rpm}; a key sees only its models. With --api-key, which serves every model.",
+        "globs), rate_limit_rpm}; a key sees only its models. Works alongside --api-key.",
     )
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for loading/unloading adapters at runtime (none: disabled)."
