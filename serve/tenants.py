@@ -75,16 +75,14 @@ def key_digest(key: str) -> bytes:
 
 @dataclass
 class Tenants:
-    """The keys this server accepts (by their SHA-256), each with its tenant; empty: the API is open."""
+    """The keys this server accepts (by their SHA-256), each with its tenant."""
 
     keys: list[tuple[bytes, Tenant]]
+    # /v1 routes need one of the keys; False with --admin-api-key alone, which guards only the admin routes.
+    required: bool
     clock: Callable[[], float] = time.monotonic
     # tenant name -> times of its requests admitted in the last RATE_WINDOW_S (at most rate_limit_rpm).
     _admitted: dict[str, deque[float]] = field(default_factory=dict)
-
-    @property
-    def required(self) -> bool:
-        return bool(self.keys)
 
     @property
     def rate_limited(self) -> bool:
@@ -139,7 +137,7 @@ def load_tenants(
         keys.append((key_digest(admin_api_key), Tenant(ADMIN_KEY_TENANT, ("*",))))
     if path is not None:
         keys += _read_keys_file(path, keys)
-    return Tenants(keys, clock=clock)
+    return Tenants(keys, required=api_key is not None or path is not None, clock=clock)
 
 
 def _read_keys_file(path: Path, builtin: list[tuple[bytes, Tenant]]) -> list[tuple[bytes, Tenant]]:

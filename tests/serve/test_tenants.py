@@ -202,6 +202,21 @@ def test_admin_routes_take_the_admin_key_only(keys_file: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_the_admin_key_alone_leaves_the_api_open_and_guards_the_admin_routes() -> None:
+    async def scenario() -> None:
+        async with tenant_app(ServeSettings(base_model="base", admin_api_key=ADMIN_KEY)) as running:
+            for headers in ({}, bearer("sk-anything")):
+                models = await running.client.get("/v1/models", headers=headers)
+                assert models.status_code == 200, models.text
+                chat = await running.client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert chat.status_code == 200, chat.text
+                assert (await running.client.get("/v1/lora_adapters", headers=headers)).status_code == 401
+            status = await running.client.get("/v1/lora_adapters", headers=bearer(ADMIN_KEY))
+            assert status.status_code == 200
+
+    asyncio.run(scenario())
+
+
 def test_metrics_count_by_tenant_and_need_a_key_for_every_model(keys_file: Path) -> None:
     async def scenario() -> None:
         async with tenant_app(settings_with(keys_file)) as running:
