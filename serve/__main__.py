@@ -22,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            if error["loc"]:  # a rule between flags (a model validator) names them in its message
-                message = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-") + ": " + message
-            print(f"error: {message}", file=sys.stderr)
+        print_settings_errors(exc)
         return 2
     refusal = missing_base_folder(settings)
     if refusal is not None:
@@ -67,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     # Non-zero when the engine could not start (3) or died (1), so a supervisor restarts the server.
     return int(getattr(app.state, "exit_code", 0))
+
+
+def print_settings_errors(exc: ValidationError) -> None:
+    """One `error: --flag: message` line per invalid setting, for a command line that exits 2."""
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:  # a rule between flags (a model validator) names them in its message
+            message = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-") + ": " + message
+        print(f"error: {message}", file=sys.stderr)
 
 
 def missing_base_folder(settings: ServeSettings) -> str | None:

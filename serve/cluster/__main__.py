@@ -1,0 +1,109 @@
+"""`python -m serve.cluster --replicas N [--address ...] [every python -m serve flag]`: deploys the server on
+Ray Serve and keeps it up until SIGINT/SIGTERM, then removes it (and stops the Ray it started, if any)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from serve.cluster.settings import ClusterSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_START_FAILED = 3  # as `python -m serve`: the replicas could not start
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic_settings import CliApp
+
+    from serve.__main__ import missing_base_folder, print_settings_errors
+    from serve.adapters import parse_lora_option
+    from serve.cluster.settings import ClusterSettings
+
+    try:
+        settings = CliApp.run(ClusterSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        print_settings_errors(exc)
+        return 2
+    refusal = missing_base_folder(settings)
+    if refusal is not None:
+        print(f"error: --base-model: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        for value in settings.lora:
+            parse_lora_option(value)
+    except ValueError as exc:
+        print(f"error: --lora: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(settings)
+
+
+def deployment_graph(settings: ClusterSettings) -> Any:
+    """The Ray Serve application: the ingress bound to `settings.replicas` engine replicas."""
+    from ray import serve as ray_serve
+
+    from serve.cluster.ingress import Ingress
+    from serve.cluster.replica import EngineReplica
+
+    replica = ray_serve.deployment(
+        name="EngineReplica",
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus},
+        # Requests wait in the ingress rather than pile up in one engine's queue beyond what it batches.
+        max_ongoing_requests=256,
+        # The engine loads in the constructor: health checks start once it serves.
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=settings.shutdown_timeout,
+    )(EngineReplica)
+    ingress = ray_serve.deployment(
+        name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000
+    )(ray_serve.ingress()(Ingress))
+    return ingress.bind(
+        replica.bind(settings.replica_settings()), settings.model_id, settings.max_request_bytes
+    )
+
+
+def run(settings: ClusterSettings) -> int:
+    import ray
+    from ray import serve as ray_serve
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    ray.init(
+        address=settings.address, logging_level=logging.getLevelNamesMapping()[settings.log_level.upper()]
+    )
+    try:
+        ray_serve.start(http_options={"host": settings.host, "port": settings.port})
+        try:
+            # Returns once every replica's engine serves (their constructors wait for it).
+            ray_serve.run(deployment_graph(settings), name=settings.app_name, route_prefix="/")
+        except Exception as exc:
+            log.critical("the replicas could not start (exit code %d): %s", EXIT_START_FAILED, exc)
+            return EXIT_START_FAILED
+        log.info(
+            "ready: %d replicas of %s on http://%s:%d",
+            settings.replicas,
+            settings.model_id,
+            settings.host,
+            settings.port,
+        )
+        stop.wait()
+        log.info("stopping: removing the application %s", settings.app_name)
+        ray_serve.delete(settings.app_name)
+        return 0
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
