@@ -127,9 +127,10 @@ class AdapterRegistry:
 
     # -- the served set -------------------------------------------------------------------------------
 
-    def validate(self, name: str, path: Path) -> Adapter:
-        """Every check that needs no engine; raises AdapterError. Hands out a fresh id, registers nothing."""
-        self._check_name(name)
+    def validate(self, name: str, path: Path, *, reference: bool = False) -> Adapter:
+        """Every check that needs no engine; raises AdapterError. Hands out a fresh id, registers nothing.
+        `reference`: the name is a source's URI (checked by serve.sources), not a folder name."""
+        self._check_name(name, syntax=not reference)
         self._check_free(name)
         try:
             info = inspect_adapter(path, max_lora_rank=self.max_lora_rank)
@@ -250,9 +251,10 @@ class AdapterRegistry:
 
     # -- checks ---------------------------------------------------------------------------------------
 
-    def _check_name(self, name: str) -> None:
+    def _check_name(self, name: str, *, syntax: bool = True) -> None:
         try:
-            check_name_syntax(name)
+            if syntax:
+                check_name_syntax(name)
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
         if name in (self.base_model, self.served_name):

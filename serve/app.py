@@ -30,6 +30,7 @@ from serve.protocol import OpenAIError
 from serve.routes import error_response, router
 from serve.serving import Serving, ToolCalling
 from serve.settings import ServeSettings
+from serve.sources import AdapterCache
 from serve.tenants import Tenants
 from tuneserve import package_version
 
@@ -191,12 +192,17 @@ async def start_serving(
         app.state.engine = engine
         registry.base_config = engine.model_config.hf_config
         max_model_len = engine.model_config.max_model_len
+        sources = settings.sources()
         models = ServedModels(
             engine=engine,
             registry=registry,
             model_id=settings.model_id,
             max_model_len=max_model_len,
             unload_timeout_s=settings.unload_timeout,
+            sources=sources,
+            # Only with a remote source: the cache's folder is locked to this process.
+            cache=AdapterCache(settings.cache_dir(), settings.adapter_cache_size) if sources.remote else None,
+            load_on_request=settings.load_on_request,
         )
         await models.add_adapters([parse_lora_option(value) for value in settings.lora])
         await models.refresh()
@@ -378,6 +384,8 @@ def build_app(
                     await task
             if app.state.serving is not None:
                 app.state.serving.close()
+            if app.state.models is not None and app.state.models.cache is not None:
+                app.state.models.cache.close()  # its lock: another server may use the folder now
             if app.state.engine is not None:
                 app.state.engine.shutdown()
             if metrics_server is not None:

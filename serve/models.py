@@ -5,22 +5,28 @@ OpenAIServingModels). No HTTP here: serve/routes.py turns what this returns or r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serve import protocol
-from serve.adapters import Adapter, AdapterError, AdapterRegistry
+from serve.adapters import NAME_PATTERN, Adapter, AdapterError, AdapterRegistry
 from serve.engine import EngineClient
 from serve.protocol import OpenAIError
+from serve.sources import HUB_PREFIX, S3_SCHEME, AdapterCache, AdapterRef, AdapterSources, CachedAdapter
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 log = logging.getLogger(__name__)
+
+# How long a refused on-request load is answered from memory (a missing or unfit adapter is not fetched
+# again for every request naming it).
+REFUSAL_MEMORY_S = 30.0
 
 
 @dataclass
@@ -45,6 +51,16 @@ class ServedModels:
     _running: dict[int, int] = field(default_factory=dict)
     _idle: dict[int, asyncio.Event] = field(default_factory=dict)
     _served_names: set[str] = field(default_factory=set)  # every adapter name ever served (metric labels)
+    # Where runtime loads may come from (--adapter-sources), and the cache of the remote ones (None: none).
+    sources: AdapterSources = field(default_factory=lambda: AdapterSources(local=True))
+    cache: AdapterCache | None = None
+    load_on_request: bool = False
+    _loading: dict[str, asyncio.Task[Adapter]] = field(default_factory=dict)  # by adapter name
+    _fetching: dict[str, asyncio.Task[CachedAdapter]] = field(default_factory=dict)  # by source URI
+    _source_of: dict[str, str] = field(default_factory=dict)  # adapter name -> its cache entry's URI
+    # On-request loads refused for what the adapter is (not found, not a fit): name -> (when, why); asked
+    # again within REFUSAL_MEMORY_S, the answer is the same refusal without fetching again.
+    _refusals: dict[str, tuple[float, AdapterError]] = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------------- the models
     def resolve(self, model: str) -> LoRARequest | None:
@@ -83,13 +99,137 @@ class ServedModels:
 
     # ------------------------------------------------------------------------------------- adapters
     async def load(self, name: str, lora_path: str | None) -> Adapter:
-        """A runtime load: `lora_path` (default: `name`) must lie inside the adapters dir."""
+        """A runtime load: `lora_path` (default: `name`) lies inside the adapters dir, or is an allowed
+        source's `s3://...` or `hf:ORG/NAME[@REVISION]`."""
+        if lora_path and lora_path.startswith((S3_SCHEME, HUB_PREFIX)):
+            ref = self.sources.allowed(lora_path.removeprefix(HUB_PREFIX))
+            if ref is None or self.cache is None:
+                raise AdapterError(
+                    f"lora_path {lora_path!r} is not in an allowed adapter source "
+                    f"({self.sources.describe()}); start the server with --adapter-sources naming it",
+                    status=403,
+                )
+            return await self._load_remote(name, ref)
         return await self.add_adapter(name, self.registry.resolve_runtime_path(lora_path, name))
 
-    async def add_adapter(self, name: str, path: Path) -> Adapter:
-        """Check an adapter statically, then have vLLM load it; only then is it served."""
+    async def ensure(self, model: str) -> None:
+        """With --load-on-request, serve `model` if it is not served yet but lies in an allowed source; the
+        requests asking for it at the same time share one load. Otherwise nothing: resolve() answers 404.
+        A source that has nothing under that name gives the very 404 of an unknown model."""
+        if model == self.model_id:
+            return
+        if self.registry.get(model) is not None:
+            if self.cache is not None and model in self._source_of:
+                self.cache.touch(self._source_of[model])
+            return
+        if not self.load_on_request:
+            return
+        refused = self._refusals.get(model)
+        if refused is not None and time.monotonic() - refused[0] < REFUSAL_MEMORY_S:
+            self._raise_load_error(model, refused[1])
+        task = self._loading.get(model)
+        if task is None:
+            load = self._on_request_load(model)
+            if load is None:
+                return
+            task = asyncio.create_task(load)
+            self._loading[model] = task
+            task.add_done_callback(lambda done: self._load_done(model, done))
+        try:
+            # Shielded: a client that disconnects cancels its wait, not the load the others wait for.
+            await asyncio.shield(task)
+        except AdapterError as exc:
+            self._raise_load_error(model, exc)
+
+    def _on_request_load(self, model: str) -> Coroutine[Any, Any, Adapter] | None:
+        ref = self.sources.allowed(model)
+        if ref is not None and self.cache is not None:
+            return self._load_remote(model, ref)
+        adapters_dir = self.registry.adapters_dir
+        if (
+            self.sources.local
+            and adapters_dir is not None
+            and NAME_PATTERN.fullmatch(model)
+            and (adapters_dir / model / "adapter_config.json").is_file()
+        ):
+            return self.add_adapter(model, self.registry.resolve_runtime_path(None, model))
+        return None
+
+    def _load_done(self, model: str, task: asyncio.Task[Adapter]) -> None:
+        self._loading.pop(model, None)
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved even when every waiter has gone
+        if isinstance(exc, AdapterError) and exc.status in (400, 404):
+            self._refusals[model] = (time.monotonic(), exc)
+            self.refused = [r for r in self.refused if r.name != model]
+            self.refused.append(RefusedAdapter(name=model, path=model, reason=str(exc)))
+        elif exc is None:
+            self._refusals.pop(model, None)
+            self.refused = [r for r in self.refused if r.name != model]
+
+    @staticmethod
+    def _raise_load_error(model: str, exc: AdapterError) -> None:
+        if exc.status == 404:
+            raise OpenAIError.model_not_found(model) from exc
+        raise exc
+
+    async def _load_remote(self, name: str, ref: AdapterRef) -> Adapter:
+        """Serve the adapter of `ref` under `name`, fetching it into the cache unless it is there."""
+        assert self.cache is not None
+        entry = self.cache.get(ref)
+        if entry is None:
+            fetching = self._fetching.get(ref.uri)
+            if fetching is None:
+                fetching = asyncio.create_task(asyncio.to_thread(self.cache.download, ref))
+                self._fetching[ref.uri] = fetching
+                fetching.add_done_callback(lambda _: self._fetching.pop(ref.uri, None))
+            entry = await asyncio.shield(fetching)
+            self.cache.add(entry)
+        try:
+            adapter = await self.add_adapter(name, entry.path, reference=name == ref.uri)
+        except AdapterError:
+            if not any(uri == ref.uri for uri in self._source_of.values()):
+                self.cache.remove(ref.uri)  # an adapter that cannot be served takes no room
+            raise
+        self._source_of[name] = ref.uri
+        await self._make_room(keep=ref.uri)
+        return adapter
+
+    async def _make_room(self, keep: str) -> None:
+        """Evict least recently used cache entries until the cache is under its limit: their adapters are
+        unloaded first; entries with requests running, or being fetched, stay."""
+        assert self.cache is not None
+        for entry in list(self.cache):
+            if not self.cache.over_limit():
+                return
+            if entry.uri == keep or entry.uri in self._fetching:
+                continue
+            names = [name for name, uri in self._source_of.items() if uri == entry.uri]
+            if any(name in self._loading or self._is_running(name) for name in names):
+                continue
+            for name in names:
+                with contextlib.suppress(AdapterError):  # an admin unloaded it meanwhile
+                    await self.remove_adapter(name)
+            self.cache.remove(entry.uri)
+            log.info(
+                "adapter cache: evicted %s (%.1f MiB, unused the longest)", entry.uri, entry.size / 2**20
+            )
+        if self.cache.over_limit():
+            log.warning(
+                "adapter cache is %.1f MiB over --adapter-cache-size: every other adapter in it is in use",
+                self.cache.over_limit() / 2**20,
+            )
+
+    def _is_running(self, name: str) -> bool:
+        adapter = self.registry.get(name)
+        return adapter is not None and self._running.get(adapter.lora_int_id, 0) > 0
+
+    async def add_adapter(self, name: str, path: Path, *, reference: bool = False) -> Adapter:
+        """Check an adapter statically, then have vLLM load it; only then is it served. `reference`: `name`
+        is a source's URI (s3://..., org/name), not a folder name."""
         # Reading and checking every weight of a large adapter takes a while: not on the event loop.
-        adapter = await asyncio.to_thread(self.registry.validate, name, path)
+        adapter = await asyncio.to_thread(self.registry.validate, name, path, reference=reference)
         try:
             await self.engine.add_lora(adapter.lora_request())
         except Exception as exc:  # vLLM raises plain exceptions for unloadable weights
@@ -128,6 +268,7 @@ class ServedModels:
         finally:
             self.registry.finish_removal(adapter)
             self._idle.pop(adapter.lora_int_id, None)
+            self._source_of.pop(name, None)  # its files stay in the cache until evicted
         log.info("unloaded adapter %s", name)
         return adapter
 
@@ -170,10 +311,14 @@ class ServedModels:
                     "base_check": a.base_check,
                     "lora_int_id": a.lora_int_id,
                     "resident": a.lora_int_id in resident,
+                    "source": self._source_of.get(a.name),  # its s3:// or hub URI, if fetched from one
                 }
                 for a in self.registry
             ],
             "refused": [vars(r) for r in self.refused],
+            "sources": self.sources.describe(),
+            "load_on_request": self.load_on_request,
+            "cache": self.cache.status() if self.cache is not None else None,
             "engine_lora_ids": sorted(resident),
         }
 

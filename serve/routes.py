@@ -356,6 +356,7 @@ async def chat_completions(
 ) -> Response:
     request.state.model = body.model
     check_scope(request, body.model)
+    await serving.models.ensure(body.model)
     return respond(await serving.chat(body, request.state.request_id))
 
 
@@ -369,6 +370,7 @@ async def chat_completions(
 async def completions(body: protocol.CompletionRequest, request: Request, serving: ServingDep) -> Response:
     request.state.model = body.model
     check_scope(request, body.model)
+    await serving.models.ensure(body.model)
     return respond(await serving.completions(body, request.state.request_id))
 
 
@@ -383,6 +385,7 @@ async def create_response(body: ResponsesRequest, request: Request, responses: R
     """OpenAI's Responses API for text, made by the chat path (the same prompt, sampling and checks)."""
     request.state.model = body.model
     check_scope(request, body.model)
+    await responses.serving.models.ensure(body.model)
     return respond_events(await responses.create(body, request.state.request_id))
 
 
@@ -446,7 +449,8 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
+    # Any served name, also a source's URI (s3://..., org/name) that a request loaded.
+    lora_name: str = Field(min_length=1, max_length=1024)
 
 
 @router.post("/v1/load_lora_adapter", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503))

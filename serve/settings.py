@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune.servable import VLLM_LORA_RANKS
+from serve.sources import LOCAL, AdapterSources
 from serve.tenants import Tenants, load_tenants
 
 
@@ -35,6 +37,27 @@ class ServeSettings(BaseSettings):
         None, description="Every sub-folder holding a PEFT LoRA adapter is served under the folder's name."
     )
     lora: list[str] = Field(default_factory=list, description="Extra adapter NAME=PATH (repeatable).")
+    adapter_sources: list[str] = Field(
+        default_factory=lambda: [LOCAL],
+        description="Where adapters may be loaded from at runtime, comma-separated: local (the adapters "
+        "dir), s3://BUCKET/PREFIX/ (AWS_* variables give endpoint, region, keys), hf:ORG/ or hf:ORG/NAME "
+        "(hub repos; hf: alone: any). Anything else is refused.",
+    )
+    load_on_request: bool = Field(
+        False,
+        description="A request naming an adapter that is not loaded loads it from an allowed source first: a "
+        "folder name in the adapters dir, s3://BUCKET/PREFIX/NAME, or ORG/NAME[@REVISION] on the hub.",
+    )
+    adapter_cache_dir: Path | None = Field(
+        None,
+        description="Adapters fetched from S3 or the hub, one server per folder (default: "
+        "$XDG_CACHE_HOME/tuneserve/adapters, else ~/.cache/tuneserve/adapters).",
+    )
+    adapter_cache_size: ByteSize = Field(
+        ByteSize(20 << 30),
+        description="Size limit of the adapter cache (e.g. 20GiB, 500MB); the least recently used adapters "
+        "not in use are unloaded and deleted to stay under it.",
+    )
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     api_key: SecretStr | None = Field(
@@ -151,6 +174,31 @@ class ServeSettings(BaseSettings):
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (as in vLLM)")
         return self
+
+    @field_validator("adapter_sources", mode="before")
+    @classmethod
+    def _split_sources(cls, value: object) -> object:
+        # `--adapter-sources local,s3://team/` and SERVE_ADAPTER_SOURCES=local,s3://team/ as well as a list.
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [part for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @field_validator("adapter_sources")
+    @classmethod
+    def _known_sources(cls, value: list[str]) -> list[str]:
+        AdapterSources.parse(value)
+        return value
+
+    def sources(self) -> AdapterSources:
+        return AdapterSources.parse(self.adapter_sources)
+
+    def cache_dir(self) -> Path:
+        if self.adapter_cache_dir is not None:
+            return self.adapter_cache_dir.expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "tuneserve" / "adapters"
 
     @model_validator(mode="after")
     def _keys_file(self) -> ServeSettings:

@@ -149,8 +149,10 @@ class Server(ServerProcess):
     base_model: str = ""
 
 
-def start_server(tiny_base: Path, adapters_dir: Path, log: Path, *extra: str) -> Server:
-    """Launch `python -m serve` on a free port (not yet ready: `wait_healthy`)."""
+def start_server(
+    tiny_base: Path, adapters_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> Server:
+    """Launch `python -m serve` on a free port (not yet ready: `wait_healthy`) with `env` added."""
     port = free_port()
     args = [
         sys.executable,
@@ -173,6 +175,7 @@ def start_server(tiny_base: Path, adapters_dir: Path, log: Path, *extra: str) ->
         cwd=REPO_ROOT,
         adapters_dir=adapters_dir,
         base_model=str(tiny_base),
+        env=env or {},
     )
     server.launch()
     return server

@@ -100,7 +100,8 @@ async def tenant_app(
             await running.wait_until(lambda: app.state.serving is not None, "the app serves")
             # The registry the server uses, given adapters as a load would leave them (these tests are about
             # keys; test_adapters.py checks real adapter folders).
-            for lora_int_id, name in enumerate(ADAPTERS, start=1):
+            # Ids far above those the registry hands out, so adapters it loads later never collide with them.
+            for lora_int_id, name in enumerate(ADAPTERS, start=1001):
                 adapter = Adapter(name, Path("/adapters") / name, lora_int_id, 8, None, "declared")
                 app.state.models.registry.register(adapter)
             yield running
