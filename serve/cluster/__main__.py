@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -47,34 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(settings)
 
 
-def deployment_graph(settings: ClusterSettings) -> Any:
-    """The Ray Serve application: the ingress bound to `settings.replicas` engine replicas."""
-    from ray import serve as ray_serve
-
-    from serve.cluster.ingress import Ingress
-    from serve.cluster.replica import EngineReplica
-
-    replica = ray_serve.deployment(
-        name="EngineReplica",
-        num_replicas=settings.replicas,
-        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus},
-        # Requests wait in the ingress rather than pile up in one engine's queue beyond what it batches.
-        max_ongoing_requests=256,
-        # The engine loads in the constructor: health checks start once it serves.
-        health_check_period_s=5,
-        graceful_shutdown_timeout_s=settings.shutdown_timeout,
-    )(EngineReplica)
-    ingress = ray_serve.deployment(
-        name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000
-    )(ray_serve.ingress()(Ingress))
-    return ingress.bind(
-        replica.bind(settings.replica_settings()), settings.model_id, settings.max_request_bytes
-    )
-
-
 def run(settings: ClusterSettings) -> int:
     import ray
     from ray import serve as ray_serve
+
+    from serve.cluster.app import deployment_graph
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -29,6 +29,9 @@ class ClusterSettings(ServeSettings):
     replica_gpus: float = Field(
         0.0, ge=0, description="GPUs Ray reserves for each replica (on GPUs: --tensor-parallel-size)."
     )
+    ingress_replicas: int = Field(
+        1, ge=1, description="Replicas of the ingress that forwards requests (more for many engine replicas)."
+    )
     app_name: str = Field("tuneserve", min_length=1, description="Ray Serve application name.")
 
     @model_validator(mode="after")
