@@ -32,10 +32,7 @@ class EngineReplica:
         context = ray_serve.get_replica_context()
         # The Ray actor's name: the tests kill a replica by it, and logs name it.
         self.name = context.replica_id.to_full_id_str()
-        if settings.metrics_port is not None:
-            # Replicas sharing a node would share the port: each takes the next one.
-            port = settings.metrics_port + context.rank.local_rank
-            settings = settings.model_copy(update={"metrics_port": port})
+        settings = settings.model_copy(update=per_node_settings(settings, context.rank.local_rank))
         self.stopped: str | None = None
         self.app = build_app(settings, request_stop=self._stop)
         self.lifespan = self.app.router.lifespan_context(self.app)
@@ -130,6 +127,18 @@ class EngineReplica:
     async def __del__(self) -> None:
         # Ray calls this when it stops the replica: the lifespan's exit shuts the engine down.
         await self.lifespan.__aexit__(None, None, None)
+
+
+def per_node_settings(settings: ServeSettings, local_rank: int) -> dict[str, Any]:
+    """What replicas sharing a node cannot share, made theirs by their rank on the node (a replacement takes
+    the rank, so the port and the cache folder, of the replica it replaces)."""
+    update: dict[str, Any] = {}
+    if settings.metrics_port is not None:
+        update["metrics_port"] = settings.metrics_port + local_rank
+    if settings.sources().remote:
+        # One server process owns an adapter cache folder (serve.sources locks it).
+        update["adapter_cache_dir"] = settings.cache_dir() / f"replica-{local_rank}"
+    return update
 
 
 class ResidentAdapter:
