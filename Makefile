@@ -90,6 +90,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.lora_scaling
 	$(BIN)/python -m bench.finetune_throughput
 	$(BIN)/python -m bench.batch_invariance
+	$(BIN)/python -m bench.cluster_overhead
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache

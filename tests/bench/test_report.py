@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import batch_invariance, finetune_throughput, lora_scaling, serve_vs_vllm
+from bench import batch_invariance, cluster_overhead, finetune_throughput, lora_scaling, serve_vs_vllm
 from bench.common import RESULTS_DIR
 from bench.report import BENCHMARKS_MD
 from tuneserve.tables import markdown_table
@@ -37,6 +37,9 @@ def _rendered(section: str) -> str:
     if section.startswith("lora_scaling"):
         document = _load(section)
         return lora_scaling.section_markdown(document["header"], document, chart)
+    if section == "cluster_overhead":
+        document = _load(section)
+        return cluster_overhead.section_markdown(document["header"], document)
     if section == "batch_invariance":
         document = batch_invariance.merge([_load(section)])
         document["before"] = _load(section, "results-before-fix.json")
@@ -58,6 +61,7 @@ def _rendered(section: str) -> str:
         "batch_invariance",
         "finetune_throughput",
         "finetune_throughput-smollm2",
+        "cluster_overhead",
     ],
 )
 def test_each_section_is_what_its_code_renders_from_the_recorded_results(section: str) -> None:
