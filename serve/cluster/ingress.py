@@ -73,7 +73,7 @@ class Forwarder:
                 if message["type"] == "http.response.start":
                     started = True
                     # Ray's proxy adds the request's X-Request-Id (the same value): once is enough.
-                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                    headers = [(k, v) for k, v in message["headers"] if k.lower() != b"x-request-id"]
                     message = {**message, "headers": headers}
                 await send(message)
         except (RayActorError, ActorUnavailableError) as exc:

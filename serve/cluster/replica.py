@@ -39,6 +39,8 @@ class EngineReplica:
         await self.lifespan.__aenter__()
         while self.app.state.serving is None:
             if self.app.state.startup_error is not None:
+                await self.lifespan.__aexit__(None, None, None)
+                # Ray retries a failed constructor a few times, then the deployment (and the command) fails.
                 raise RuntimeError(f"the server could not start: {self.app.state.startup_error}")
             await asyncio.sleep(STARTUP_POLL_S)
         # Ray's multiplexing: the adapters this replica holds (least recently used first out) are reported to
@@ -66,6 +68,9 @@ class EngineReplica:
         self.resident[name] = ResidentAdapter(name, self.resident)
         return self.resident[name]
 
+    def _serves(self, model: str) -> bool:
+        return self.app.state.models.registry.get(model) is not None
+
     async def check_health(self) -> None:
         if self.stopped is not None:
             raise RuntimeError(self.stopped)
@@ -83,7 +88,7 @@ class EngineReplica:
 
         model = ray_serve.get_multiplexed_model_id()
         added: list[tuple[bytes, bytes]] = [(REPLICA_HEADER.encode(), self.name.encode())]
-        if model and self.app.state.models.registry.get(model) is not None:
+        if model and self._serves(model):
             # Only served adapters: an unknown name (a 404 to come) must not evict one that is served.
             hit = model in self.resident
             await self.load_adapter(model)
@@ -117,6 +122,10 @@ class EngineReplica:
             while (message := await sent.get()) is not None:
                 yield message
             await running  # raises what the app raised
+            if model and model not in self.resident and self._serves(model):
+                # Loaded by this request (--load-on-request, after the key's checks): Ray routes the next ones
+                # for it here.
+                await self.load_adapter(model)
         finally:
             disconnected.set()
             if not running.done():
