@@ -303,6 +303,39 @@ def test_an_adapter_loaded_on_request_gets_its_requests_routed_to_that_replica(
     assert {o.replica for o in outcomes} == {outcomes[0].replica}
 
 
+def aborted_by_replica(url: str, model: str, replicas: int = 2) -> dict[str, float]:
+    """tuneserve_requests_aborted_total for `model` on each replica: /metrics answers from any one, so ask
+    until every replica has answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while len(counts) < replicas:
+        assert time.monotonic() < deadline, f"only {sorted(counts)} answered /metrics"
+        response = httpx.get(f"{url}/metrics", timeout=30)
+        families = text_string_to_metric_families(response.text)
+        samples = [s for f in families if f.name == "tuneserve_requests_aborted" for s in f.samples]
+        total = sum(s.value for s in samples if s.name.endswith("_total") and s.labels.get("model") == model)
+        counts[response.headers[REPLICA_HEADER]] = total
+    return counts
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_aborts_its_request_on_the_replica(cluster: ServerProcess) -> None:
+    before = aborted_by_replica(cluster.url, "words")
+    body = chat_body("words", QUESTIONS[0], max_tokens=480, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as response:
+        replica = response.headers[REPLICA_HEADER]
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # Ray's proxy cancels the ingress's call, which cancels the replica's: the app sees the disconnect.
+    deadline = time.monotonic() + 30
+    while aborted_by_replica(cluster.url, "words")[replica] == before[replica]:
+        assert time.monotonic() < deadline, "the disconnected stream was never aborted on its replica"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_only_its_requests_fail(
     cluster: ServerProcess, single_server_answers: Answers, tiny_base: Path
