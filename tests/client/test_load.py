@@ -341,8 +341,10 @@ def test_stub_run_times_tokens_and_spreads_models(
         assert level["output_lens"] == [5] * 6 and level["input_lens"] == [7] * 6  # from usage
         # Five token chunks: four gaps each; the chat role and finish chunks carry no token.
         assert [len(gaps) for gaps in level["itls"]] == [4] * 6
-        assert level["mean_itl_ms"] >= 2 and level["p99_tpot_ms"] >= level["median_tpot_ms"]
-        assert level["median_e2el_ms"] >= level["median_ttft_ms"]
+        # The stub spaces its 5 tokens 2 ms apart, so each stream lasts at least 10 ms; single gaps can be
+        # shorter, as a busy client may read two chunks in one go.
+        assert level["mean_itl_ms"] > 0 and level["p99_tpot_ms"] >= level["median_tpot_ms"]
+        assert level["median_e2el_ms"] >= max(10, level["median_ttft_ms"])
     assert "| 3 | 6 | 0 |" in (tmp_path / "load.md").read_text()
     assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
 
