@@ -20,8 +20,9 @@ COPY serve ./serve
 COPY client ./client
 COPY vllm_cpu_lora_fix ./vllm_cpu_lora_fix
 COPY tuneserve ./tuneserve
-# vllm is already in the base image; this adds the package, its remaining dependencies and S3 adapter sources.
-RUN python3 -m pip install --no-cache-dir "./[s3]" && mkdir -p /adapters && chown 1000:1000 /adapters
+# vllm is already in the base image; this adds the package, its remaining dependencies, S3 adapter sources and
+# Ray Serve (python -m serve.cluster, a KubeRay RayService).
+RUN python3 -m pip install --no-cache-dir "./[s3,cluster]" && mkdir -p /adapters && chown 1000:1000 /adapters
 
 USER 1000:1000
 EXPOSE 8000
