@@ -8,6 +8,7 @@ a warning is logged (adapters trained elsewhere name a hub id or another machine
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -58,7 +59,7 @@ BASE_UNDECLARED = "undeclared"  # it declares no base; its weights fit the base'
 @dataclass(frozen=True)
 class Adapter:
     """An adapter that passed validation; `base_model` is the base it declares (None if it declares none),
-    `base_check` how it was matched to the served base (one of the BASE_* values)."""
+    `base_check` how it was matched to the served base (one of the BASE_* values), `version` its identity."""
 
     name: str
     path: Path
@@ -66,6 +67,9 @@ class Adapter:
     rank: int
     base_model: str | None
     base_check: str
+    # What it is, not what it is called: "sha256:<12 hex>" of the weights its finetune manifest lists, else
+    # "<name>@<n>" for the n-th load under that name.
+    version: str = ""
 
     def lora_request(self) -> LoRARequest:
         from vllm.lora.request import LoRARequest
@@ -124,6 +128,8 @@ class AdapterRegistry:
         # Every id ever registered: vLLM caches weights by id, so a removed adapter's id must never come back.
         self._used_ids: set[int] = set()
         self._base_sha256: str | None = None
+        self._aliases: dict[str, str] = {}  # alias -> the adapter name (or the base's id) it points to
+        self._loads: dict[str, int] = {}  # adapter name -> how many times it was validated (its versions)
 
     # -- the served set -------------------------------------------------------------------------------
 
@@ -145,7 +151,23 @@ class AdapterRegistry:
             rank=info.rank,
             base_model=info.base_model,
             base_check=base_check,
+            version=self._version(name, path),
         )
+
+    def _version(self, name: str, path: Path) -> str:
+        files = self._manifest_files(path)
+        if files:
+            return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+        self._loads[name] = self._loads.get(name, 0) + 1
+        return f"{name}@{self._loads[name]}"
+
+    @staticmethod
+    def _manifest_files(path: Path) -> dict[str, str] | None:
+        try:
+            files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return files if isinstance(files, dict) else None
 
     def register(self, adapter: Adapter) -> None:
         """Add a validated adapter; 409 if its name is taken."""
@@ -172,9 +194,17 @@ class AdapterRegistry:
 
     def begin_removal(self, name: str) -> Adapter:
         """Stop routing requests to `name` while its running requests finish; its name stays taken until
-        finish_removal (or cancel_removal puts it back). 404 if not served, 409 if already being removed."""
+        finish_removal (or cancel_removal puts it back). 404 if not served, 409 if already being removed or
+        an alias points to it."""
         if name in self._removing:
             raise AdapterError(f"adapter {name!r} is already being unloaded", status=409)
+        pointing = sorted(alias for alias, target in self._aliases.items() if target == name)
+        if pointing:
+            raise AdapterError(
+                f"adapter {name!r} is what alias {', '.join(map(repr, pointing))} points to; point the alias "
+                "elsewhere (POST /v1/aliases) or delete it first",
+                status=409,
+            )
         adapter = self._adapters.pop(name, None)
         if adapter is None:
             raise AdapterError(
@@ -193,6 +223,52 @@ class AdapterRegistry:
 
     def get(self, name: str) -> Adapter | None:
         return self._adapters.get(name)
+
+    def removing(self) -> list[Adapter]:
+        """Adapters being unloaded: no new request goes to them, their running ones finish."""
+        return [self._removing[name] for name in sorted(self._removing)]
+
+    # -- aliases ----------------------------------------------------------------------------------------
+
+    def check_alias_name(self, alias: str) -> None:
+        """400 for a bad alias name, 409 if an adapter or the base has that name."""
+        if alias in (self.base_model, self.served_name) or alias in self._adapters or alias in self._removing:
+            raise AdapterError(
+                f"{alias!r} is the name of a served model; an alias needs a name of its own", status=409
+            )
+        try:
+            check_name_syntax(alias)
+        except ValueError as exc:
+            raise AdapterError(str(exc).replace("adapter name", "alias")) from exc
+
+    def set_alias(self, alias: str, target: str) -> str | None:
+        """Point `alias` at the served adapter (or base) `target` in one step; returns the previous target.
+        400 for a bad name, 409 if an adapter or the base has that name, 404 if `target` is not served."""
+        self.check_alias_name(alias)
+        if target in self._aliases:
+            raise AdapterError(f"{target!r} is an alias; point {alias!r} at an adapter", status=400)
+        if target not in self._adapters and target != self.served_name:
+            raise AdapterError(
+                f"no adapter named {target!r} is loaded; loaded: {self.names() or 'none'}", status=404
+            )
+        previous = self._aliases.get(alias)
+        self._aliases[alias] = target
+        log.info("alias %s -> %s (was %s)", alias, target, previous or "unset")
+        return previous
+
+    def remove_alias(self, alias: str) -> str:
+        """Delete `alias`; returns what it pointed to. 404 if there is no such alias."""
+        target = self._aliases.pop(alias, None)
+        if target is None:
+            raise AdapterError(f"no alias {alias!r}; aliases: {sorted(self._aliases) or 'none'}", status=404)
+        log.info("alias %s deleted (it pointed to %s)", alias, target)
+        return target
+
+    def alias_target(self, name: str) -> str | None:
+        return self._aliases.get(name)
+
+    def aliases(self) -> dict[str, str]:
+        return dict(sorted(self._aliases.items()))
 
     def names(self) -> list[str]:
         return sorted(self._adapters)
@@ -265,6 +341,11 @@ class AdapterRegistry:
             )
 
     def _check_free(self, name: str) -> None:
+        if name in self._aliases:
+            raise AdapterError(
+                f"{name!r} is an alias (of {self._aliases[name]!r}); an adapter needs a name of its own",
+                status=409,
+            )
         if name in self._adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
         if name in self._removing:

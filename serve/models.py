@@ -5,7 +5,6 @@ OpenAIServingModels). No HTTP here: serve/routes.py turns what this returns or r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -61,31 +60,69 @@ class ServedModels:
     # On-request loads refused for what the adapter is (not found, not a fit): name -> (when, why); asked
     # again within REFUSAL_MEMORY_S, the answer is the same refusal without fetching again.
     _refusals: dict[str, tuple[float, AdapterError]] = field(default_factory=dict)
+    _draining: set[asyncio.Task[None]] = field(default_factory=set)  # unloads of previous alias targets
 
     # ----------------------------------------------------------------------------------- the models
     def resolve(self, model: str) -> LoRARequest | None:
-        """The LoRA request for an adapter name, None for the base; 404 for anything else."""
-        if model == self.model_id:
+        """The LoRA request for an adapter name or an alias of one, None for the base (or an alias of it);
+        404 for anything else."""
+        target = self.registry.alias_target(model) or model
+        if target == self.model_id:
             return None
-        adapter = self.registry.get(model)
+        adapter = self.registry.get(target)
         if adapter is None:
             raise OpenAIError.model_not_found(model)
         return adapter.lora_request()
 
     def has_served(self, model: str) -> bool:
-        """The base or an adapter name this server serves or once served (bounded by admin loads)."""
+        """The base or an adapter name or alias this server serves or once served (bounded by admin calls)."""
         return model == self.model_id or model in self._served_names
 
     def list_models(self) -> protocol.ModelList:
         cards = [self._card(self.model_id, parent=None)]
         # An adapter's root is its name, not its path: every key sees this list; admins get paths elsewhere.
         cards += [self._card(adapter.name, parent=self.model_id) for adapter in self.registry]
+        # An alias is a model of its own to clients (its target is the admin's business).
+        cards += [self._card(alias, parent=self.model_id) for alias in self.registry.aliases()]
         return protocol.ModelList(data=cards)
 
     def card(self, model: str) -> protocol.ModelCard:
         """The card of one served model; 404 for anything else."""
         self.resolve(model)
         return self._card(model, parent=None if model == self.model_id else self.model_id)
+
+    # -------------------------------------------------------------------------------------- aliases
+    async def set_alias(
+        self, alias: str, model: str, *, lora_path: str | None = None, unload_previous: bool = True
+    ) -> tuple[str | None, Adapter | None]:
+        """Point `alias` at `model` (loaded first from `lora_path` if given) in one step: requests that
+        resolve the alias from then on get the new target, and those already running finish on the old one.
+        With `unload_previous`, the previous target is then unloaded once its running requests end (unless
+        another alias points to it). Returns the previous target and the new target's adapter (None: base)."""
+        if lora_path is not None:
+            self.registry.check_alias_name(alias)  # a bad alias leaves nothing loaded
+            await self.load(model, lora_path)
+        previous = self.registry.set_alias(alias, model)
+        self._served_names.add(alias)
+        if (
+            unload_previous
+            and previous is not None
+            and previous not in (model, self.model_id)
+            and previous not in self.registry.aliases().values()
+        ):
+            task = asyncio.create_task(self._drain(previous))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        return previous, self.registry.get(model)
+
+    async def delete_alias(self, alias: str) -> str:
+        return self.registry.remove_alias(alias)
+
+    async def _drain(self, name: str) -> None:
+        try:
+            await self.remove_adapter(name)
+        except AdapterError as exc:  # still busy after --unload-timeout, or unloaded by an admin meanwhile
+            log.warning("previous alias target %s stays loaded: %s", name, exc)
 
     def _card(self, name: str, parent: str | None) -> protocol.ModelCard:
         return protocol.ModelCard(
@@ -116,7 +153,7 @@ class ServedModels:
         """With --load-on-request, serve `model` if it is not served yet but lies in an allowed source; the
         requests asking for it at the same time share one load. Otherwise nothing: resolve() answers 404.
         A source that has nothing under that name gives the very 404 of an unknown model."""
-        if model == self.model_id:
+        if model == self.model_id or self.registry.alias_target(model) is not None:
             return
         if self.registry.get(model) is not None:
             if self.cache is not None and model in self._source_of:
@@ -206,11 +243,15 @@ class ServedModels:
             if entry.uri == keep or entry.uri in self._fetching:
                 continue
             names = [name for name, uri in self._source_of.items() if uri == entry.uri]
-            if any(name in self._loading or self._is_running(name) for name in names):
+            targets = set(self.registry.aliases().values())
+            if any(name in self._loading or name in targets or self._is_running(name) for name in names):
                 continue
-            for name in names:
-                with contextlib.suppress(AdapterError):  # an admin unloaded it meanwhile
+            try:
+                for name in names:
                     await self.remove_adapter(name)
+            except AdapterError as exc:  # being unloaded by an admin: its files may still be read
+                log.info("adapter cache: keeping %s for now (%s)", entry.uri, exc)
+                continue
             self.cache.remove(entry.uri)
             log.info(
                 "adapter cache: evicted %s (%.1f MiB, unused the longest)", entry.uri, entry.size / 2**20
@@ -299,6 +340,7 @@ class ServedModels:
     async def status(self) -> dict[str, Any]:
         """Served adapters, refused ones with the reason, and which adapter ids the engine holds in memory."""
         resident = await self.engine.list_loras()
+        aliases = self.registry.aliases()
         return {
             "adapters": [
                 {
@@ -312,9 +354,18 @@ class ServedModels:
                     "lora_int_id": a.lora_int_id,
                     "resident": a.lora_int_id in resident,
                     "source": self._source_of.get(a.name),  # its s3:// or hub URI, if fetched from one
+                    "version": a.version,
+                    "in_flight": self._running.get(a.lora_int_id, 0),
+                    "aliases": [alias for alias, target in aliases.items() if target == a.name],
                 }
                 for a in self.registry
             ],
+            # Previous versions finishing their running requests before they are unloaded.
+            "draining": [
+                {"name": a.name, "version": a.version, "in_flight": self._running.get(a.lora_int_id, 0)}
+                for a in self.registry.removing()
+            ],
+            "aliases": aliases,
             "refused": [vars(r) for r in self.refused],
             "sources": self.sources.describe(),
             "load_on_request": self.load_on_request,
@@ -323,14 +374,23 @@ class ServedModels:
         }
 
     # ------------------------------------------------------------------- requests running on adapters
-    def request_started(self, lora: LoRARequest | None, model: str) -> None:
+    def request_started(self, lora: LoRARequest | None, model: str) -> LoRARequest | None:
+        """Count a request as running on its adapter; returns the LoRA request to run it with."""
         if lora is None:
-            return
-        adapter = self.registry.get(model)
+            return None
+        target = self.registry.alias_target(model)
+        adapter = self.registry.get(target or model)
         if adapter is None or adapter.lora_int_id != lora.lora_int_id:
-            # Resolved before an unload, started after it (a stream's body runs after the response starts).
-            raise OpenAIError.model_not_found(model, "was unloaded")
+            if target is None:
+                # Resolved before an unload, started after it (a stream's body runs after the response starts)
+                raise OpenAIError.model_not_found(model, "was unloaded")
+            # An alias repointed between resolving and starting: the new target answers (no request to an
+            # alias fails for a swap), and the old one may already be gone from the engine.
+            lora = self.resolve(model)
+            if lora is None:
+                return None
         self._running[lora.lora_int_id] = self._running.get(lora.lora_int_id, 0) + 1
+        return lora
 
     def request_finished(self, lora: LoRARequest | None) -> None:
         if lora is None:

@@ -472,6 +472,37 @@ async def unload_adapter(body: UnloadAdapterRequest, models: ModelsDep) -> dict[
     return {"status": "unloaded", "lora_name": adapter.name}
 
 
+class AliasRequest(BaseModel):
+    """Point `alias` at the served adapter `model` (loaded first from `lora_path` when given, as
+    /v1/load_lora_adapter loads); the previous target drains and is unloaded unless `unload_previous` is
+    false or another alias points to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
+    model: str = Field(min_length=1, max_length=1024)
+    lora_path: str | None = None
+    unload_previous: bool = True
+
+
+@router.post("/v1/aliases", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503))
+async def set_alias(body: AliasRequest, models: ModelsDep) -> dict[str, Any]:
+    """Repoint an alias in one step: no request to it fails or sees a 404 while it moves."""
+    previous, adapter = await models.set_alias(
+        body.alias, body.model, lora_path=body.lora_path, unload_previous=body.unload_previous
+    )
+    return {
+        "alias": body.alias,
+        "model": body.model,
+        "version": adapter.version if adapter is not None else None,
+        "previous": previous,
+    }
+
+
+@router.delete("/v1/aliases/{alias}", dependencies=ADMIN_KEY, responses=errors(401, 403, 404, 503))
+async def delete_alias(alias: str, models: ModelsDep) -> dict[str, Any]:
+    return {"alias": alias, "deleted": True, "model": await models.delete_alias(alias)}
+
+
 @router.post("/v1/lora_adapters/refresh", dependencies=ADMIN_KEY, responses=errors(401, 403, 503))
 async def refresh_adapters(models: ModelsDep) -> dict[str, Any]:
     """Serve adapter folders that appeared in --adapters-dir since start-up."""

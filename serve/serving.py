@@ -595,7 +595,7 @@ class TrackedStream:
         engine = self.serving.engine
         if engine.errored:
             raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
-        self.serving.models.request_started(self.lora, self.model)
+        self.lora = self.serving.models.request_started(self.lora, self.model)
         try:
             tracker = self.serving.metrics.track(self.model)
             generated: dict[int, int] = {}

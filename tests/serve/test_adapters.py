@@ -141,7 +141,13 @@ def test_validate_returns_the_adapter_and_its_vllm_request(
     adapter = registry.validate("tuned", path)
 
     assert adapter == Adapter(
-        name="tuned", path=path, lora_int_id=1, rank=8, base_model=str(base), base_check="name"
+        name="tuned",
+        path=path,
+        lora_int_id=1,
+        rank=8,
+        base_model=str(base),
+        base_check="name",
+        version="tuned@1",
     )
     assert len(registry) == 0, "validate registers nothing"
     pytest.importorskip("vllm")
