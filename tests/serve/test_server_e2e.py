@@ -766,6 +766,101 @@ def test_hot_swap_under_load_keeps_the_engine_alive(client: openai.OpenAI, serve
     assert chat(client, "caps", QUESTIONS[1]) == expected
 
 
+ALIAS_SWAPS = 10
+ALIAS_REQUESTS = 500
+
+
+def test_an_alias_repointed_under_load_never_fails_a_request(client: openai.OpenAI, server: Server) -> None:
+    # A release alias moved ten times between versions of two adapters while 12 clients (half streaming) ask
+    # for it: no request fails or sees a 404, each answer is one version's, previous versions are unloaded.
+    question = QUESTIONS[0]
+    expected = {name: chat(client, name, question) for name in ("fmt", "caps")}
+    assert expected["fmt"] != expected["caps"]
+    admin_headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def release(index: int) -> str:  # version i: a copy of fmt (even i) or caps (odd i) under its own name
+        name = f"release-{index}"
+        shutil.copytree(server.adapters_dir / ("caps" if index % 2 else "fmt"), server.adapters_dir / name)
+        return name
+
+    def point(index: int) -> httpx.Response:
+        name = release(index)
+        return admin(server, "/v1/aliases", {"alias": "release", "model": name, "lora_path": name})
+
+    first = point(0)
+    assert first.status_code == 200, first.text
+    assert first.json()["previous"] is None and first.json()["version"].startswith("sha256:")
+    outcomes: list[str] = []  # "fmt", "caps", or what went wrong
+    stop = threading.Event()
+
+    def worker(index: int) -> None:
+        own = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        messages: Any = [{"role": "user", "content": question}]
+        while not stop.is_set():
+            try:
+                if index % 2:
+                    stream = own.chat.completions.create(
+                        model="release", messages=messages, temperature=0, max_tokens=24, stream=True
+                    )
+                    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+                else:
+                    response = own.chat.completions.create(
+                        model="release", messages=messages, temperature=0, max_tokens=24
+                    )
+                    text = response.choices[0].message.content or ""
+            except openai.APIError as exc:
+                outcomes.append(repr(exc))
+                continue
+            # Batched CPU kernels may part from the single request's answer late; the start tells them apart.
+            known = [name for name, ref in expected.items() if _common_prefix(text, ref) >= min(12, len(ref))]
+            outcomes.append(known[0] if len(known) == 1 else f"unknown answer {text!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    seen_draining = False
+    try:
+        for index in range(1, ALIAS_SWAPS + 1):
+            time.sleep(0.5)
+            moved = point(index)
+            assert moved.status_code == 200, moved.text
+            assert moved.json()["previous"] == f"release-{index - 1}"
+            status = httpx.get(f"{server.url}/v1/lora_adapters", headers=admin_headers).json()
+            assert status["aliases"]["release"] == f"release-{index}"
+            seen_draining |= any(item["in_flight"] > 0 for item in status["draining"])
+        deadline = time.monotonic() + 300
+        while len(outcomes) < ALIAS_REQUESTS and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    try:
+        failures = [outcome for outcome in outcomes if outcome not in expected]
+        assert len(outcomes) >= ALIAS_REQUESTS and not failures, (len(outcomes), failures[:3])
+        assert set(outcomes) == {"fmt", "caps"}, collections.Counter(outcomes)
+        # The last version answers, every previous one is unloaded once its requests ended.
+        assert chat(client, "release", question) == expected["fmt"]  # release-10: fmt
+        for _ in range(100):
+            status = httpx.get(f"{server.url}/v1/lora_adapters", headers=admin_headers).json()
+            if not status["draining"]:
+                break
+            time.sleep(0.1)
+        releases = {item["name"]: item for item in status["adapters"] if item["name"].startswith("release-")}
+        assert list(releases) == [f"release-{ALIAS_SWAPS}"] and not status["draining"], status
+        last = releases[f"release-{ALIAS_SWAPS}"]
+        fmt = next(item for item in status["adapters"] if item["name"] == "fmt")
+        assert last["aliases"] == ["release"] and last["version"] == fmt["version"] and last["in_flight"] == 0
+        assert "release" in {model.id for model in client.models.list()}
+        print(f"alias swaps: {collections.Counter(outcomes)}, draining seen with requests: {seen_draining}")
+    finally:
+        httpx.delete(f"{server.url}/v1/aliases/release", headers=admin_headers, timeout=60)
+        admin(server, "/v1/unload_lora_adapter", {"lora_name": f"release-{ALIAS_SWAPS}"})
+        for index in range(ALIAS_SWAPS + 1):
+            shutil.rmtree(server.adapters_dir / f"release-{index}", ignore_errors=True)
+    assert "release" not in {model.id for model in client.models.list()}
+
+
 def test_request_body_limit_and_over_long_prompts_refused_before_tokenizing(server: Server) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{server.url}/v1/chat/completions"
