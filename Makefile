@@ -8,9 +8,11 @@ BIN    := $(VENV)/bin
 ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
+# On CPU, make install resolves to the versions the tests last passed with (make lock writes them).
+LOCK   := requirements/cpu-lock.txt
 comma  := ,
 
-.PHONY: install test lint typecheck pytest soak demo ifeval bench base tiny-base clean
+.PHONY: install lock test lint typecheck pytest soak demo ifeval bench base tiny-base clean
 DEMO_OUT ?= demo-out
 
 install: $(STAMP)
@@ -19,11 +21,11 @@ install: $(STAMP)
 # torchcodec are built for another torch, and with them installed `import transformers` fails
 # (torchvision::nms). Text models need none of them.
 define pip_install
-	$(BIN)/python -m pip install --quiet -e '.[$(1)]'
+	$(BIN)/python -m pip install --quiet -e '.[$(1)]' $(if $(filter cpu,$(ENGINE)),-c $(LOCK))
 	$(if $(filter cpu,$(ENGINE)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 endef
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(call pip_install,$(ENGINE)$(comma)dev)
@@ -91,6 +93,15 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.finetune_throughput
 	$(BIN)/python -m bench.batch_invariance
 	$(BIN)/python -m bench.cluster_overhead
+
+# After a change to pyproject.toml's dependencies: install them without the lock's pins, write the new lock
+# (then make test).
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,bench]'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip freeze --exclude-editable | { sed -n 1,2p $(LOCK); grep -v '^#'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf .cache demo-out .pytest_cache .mypy_cache .ruff_cache
