@@ -204,6 +204,8 @@ async def start_serving(
             cache=AdapterCache(settings.cache_dir(), settings.adapter_cache_size) if sources.remote else None,
             load_on_request=settings.load_on_request,
         )
+        await models.start_tier_counts()
+        app.state.metrics.watch_adapters(models.tiers, asyncio.get_running_loop())
         await models.add_adapters([parse_lora_option(value) for value in settings.lora])
         await models.refresh()
         serving = Serving(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +37,14 @@ class EngineClient(Protocol):
     async def remove_lora(self, lora_id: int) -> bool: ...
 
     async def list_loras(self) -> set[int]: ...
+
+    async def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]: ...
 
 
 def engine_args(settings: ServeSettings) -> dict[str, object]:
@@ -74,6 +83,66 @@ def build_engine(settings: ServeSettings) -> AsyncLLM:
 
     # vLLM's stats (its default for a server; stated, since /metrics rests on them): its engine then records
     # its Prometheus series and fills each RequestOutput's stats, which serve.metrics reads per adapter.
-    args = AsyncEngineArgs(**engine_args(settings), disable_log_stats=False)  # type: ignore[arg-type]
+    args = AsyncEngineArgs(
+        **engine_args(settings),  # type: ignore[arg-type]
+        disable_log_stats=False,
+        worker_extension_cls=f"{LoRATiers.__module__}.{LoRATiers.__qualname__}",
+    )
     log.info("starting vLLM engine for %s", settings.base_model)
     return AsyncLLM.from_engine_args(args)
+
+
+LORA_TIERS_RPC = "tuneserve_lora_tiers"
+LORA_TIERS = ("slot", "host_memory")
+
+
+class LoRATiers:
+    """A vLLM worker extension (`worker_extension_cls`): which adapters the engine holds in its two LRU tiers,
+    the --max-loras slots the forward pass reads and the --max-cpu-loras cache in host memory, and how often
+    each adapter was loaded into and evicted from each; vLLM exports none of it. The first call (the server
+    makes it before loading any adapter) wraps the worker's LoRA manager's one entry point for loads."""
+
+    def tuneserve_lora_tiers(self) -> dict[str, Any] | None:
+        manager = getattr(getattr(self, "model_runner", None), "lora_manager", None)
+        if manager is None:  # LoRA off
+            return None
+        counts: dict[str, collections.Counter[int]] | None = getattr(manager, "_tuneserve_counts", None)
+        if counts is None:
+            counts = _count_tier_moves(manager)
+        held = _held(manager)
+        return {
+            "held": {tier: sorted(ids) for tier, ids in held.items()},
+            # Pairs, not int-keyed maps: msgpack between the engine's processes keeps them as they are.
+            "counts": {name: sorted(counter.items()) for name, counter in counts.items()},
+        }
+
+
+def _held(manager: Any) -> dict[str, set[int]]:
+    adapters = manager._adapter_manager
+    return {
+        "slot": {lora_id for lora_id in adapters.lora_index_to_id if lora_id is not None},
+        "host_memory": set(adapters.list_adapters()),
+    }
+
+
+def _count_tier_moves(manager: Any) -> dict[str, collections.Counter[int]]:
+    """Count, per adapter id, what entered and left each tier during each of the manager's add_adapter calls
+    (the engine's own loads for a step's batch and the server's add_lora both go through it)."""
+    counts = {
+        f"{tier}_{move}": collections.Counter[int]() for tier in LORA_TIERS for move in ("loads", "evictions")
+    }
+    add_adapter = manager.add_adapter
+
+    def counting_add_adapter(lora_request: Any) -> Any:
+        before = _held(manager)
+        try:
+            return add_adapter(lora_request)
+        finally:
+            after = _held(manager)
+            for tier in LORA_TIERS:
+                counts[f"{tier}_loads"].update(after[tier] - before[tier])
+                counts[f"{tier}_evictions"].update(before[tier] - after[tier])
+
+    manager.add_adapter = counting_add_adapter
+    manager._tuneserve_counts = counts
+    return counts

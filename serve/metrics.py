@@ -3,18 +3,22 @@ vLLM lacks: vLLM labels everything with the base's name only, these tell the bas
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from vllm.v1.metrics.buckets import histogram_buckets
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
+
+    from serve.models import AdapterTiers
 
 
 class ServerMetrics:
@@ -72,8 +76,31 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        # For an adapter this includes the wait for one of the engine's --max-loras slots: vLLM schedules no
+        # request whose adapter would make a batch hold more adapters than that.
+        self.queue_time = Histogram(
+            "tuneserve_request_queue_time_seconds",
+            "vLLM's time in the waiting queue (vllm:request_queue_time_seconds), per model: for an adapter, "
+            "including the wait for a LoRA slot.",
+            ["model"],
+            buckets=histogram_buckets("request_latency"),  # vLLM's for its queue time
+            registry=self.registry,
+        )
+        self.adapters = _AdapterTiersCollector()
+        self.registry.register(self.adapters)
         self.served = CollectorRegistry(auto_describe=False)
         self.served.register(_VLLMThenOurs(self.registry))
+
+    def watch_adapters(
+        self, tiers: Callable[[], Awaitable[AdapterTiers]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Serve the adapters' tiers that `tiers` reports, asked on `loop` (the engine's) at each scrape."""
+        self.adapters.tiers, self.adapters.loop = tiers, loop
+
+    async def render_async(self) -> bytes:
+        """`render` for our own /metrics route, on the event loop: the adapters' tiers asked first."""
+        await self.adapters.refresh()
+        return generate_latest(self.served)
 
     def render(self) -> bytes:
         return generate_latest(self.served)
@@ -106,6 +133,76 @@ class _VLLMThenOurs:
         yield from self.ours.collect()
 
 
+class _AdapterTiersCollector:
+    """Each adapter's location (slot, host_memory, disk, remote: 1 for where it is), running requests, and its
+    loads into and evictions from each tier, from the last snapshot of ServedModels.tiers.
+
+    The /metrics route refreshes the snapshot on the event loop before rendering; the --metrics-port server
+    scrapes from its own thread, so collect() then asks the loop for a fresh one and waits for it."""
+
+    def __init__(self) -> None:
+        self.tiers: Callable[[], Awaitable[AdapterTiers]] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.snapshot: AdapterTiers | None = None
+
+    async def refresh(self) -> None:
+        if self.tiers is not None:
+            self.snapshot = await self.tiers()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # its series exist only once the server serves; nothing to check for clashes before
+
+    def collect(self) -> Iterable[Metric]:
+        from serve.models import LOCATIONS
+
+        loop = self.loop
+        if loop is not None and loop.is_running() and not _on_loop(loop):
+            with contextlib.suppress(Exception):  # keep the last snapshot: a scrape must not fail
+                asyncio.run_coroutine_threadsafe(self.refresh(), loop).result(TIERS_WAIT_S)
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        location = GaugeMetricFamily(
+            "tuneserve_adapter_location",
+            "Where each adapter is: 1 for one of slot (an engine LoRA slot), host_memory (the engine's host "
+            "cache), disk (adapters dir or adapter cache), remote (evicted from the adapter cache).",
+            labels=["model", "location"],
+        )
+        for name, where in sorted(snapshot.location.items()):
+            for tier in LOCATIONS:
+                location.add_metric([name, tier], float(tier == where))
+        yield location
+        running = GaugeMetricFamily(
+            "tuneserve_adapter_requests_in_flight", "Requests running on each adapter.", labels=["model"]
+        )
+        for name, count in sorted(snapshot.in_flight.items()):
+            running.add_metric([name], count)
+        yield running
+        for move, counts, what in (
+            ("loads", snapshot.loads, "loaded into"),
+            ("evictions", snapshot.evictions, "evicted from"),
+        ):
+            family = CounterMetricFamily(
+                f"tuneserve_adapter_{move}",
+                f"Times each adapter was {what} a tier: slot (engine LoRA slot), host_memory (engine host "
+                "cache), disk (the adapter cache, from a remote source).",
+                labels=["model", "tier"],
+            )
+            for (name, tier), count in sorted(counts.items()):
+                family.add_metric([name, tier], count)
+            yield family
+
+
+TIERS_WAIT_S = 10.0
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class GenerationTracker:
     """Records one engine request's per-model series from vLLM's own request stats (`RequestOutput.metrics`,
     which the engine fills since this server keeps vLLM's stats on)."""
@@ -118,7 +215,12 @@ class GenerationTracker:
     def first_token(self, output: RequestOutput) -> None:
         if not self.first_token_seen and output.metrics is not None:
             self.first_token_seen = True
-            self.metrics.ttft.labels(self.model).observe(output.metrics.first_token_latency)
+            stats = output.metrics
+            self.metrics.ttft.labels(self.model).observe(stats.first_token_latency)
+            if stats.scheduled_ts and stats.queued_ts:  # engine-core clock, both; 0 when not reported
+                self.metrics.queue_time.labels(self.model).observe(
+                    max(0.0, stats.scheduled_ts - stats.queued_ts)
+                )
 
     def finished(self, output: RequestOutput) -> None:
         if output.metrics is not None:

@@ -5,6 +5,7 @@ OpenAIServingModels). No HTTP here: serve/routes.py turns what this returns or r
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve import protocol
 from serve.adapters import NAME_PATTERN, Adapter, AdapterError, AdapterRegistry
-from serve.engine import EngineClient
+from serve.engine import LORA_TIERS_RPC, EngineClient
 from serve.protocol import OpenAIError
 from serve.sources import HUB_PREFIX, S3_SCHEME, AdapterCache, AdapterRef, AdapterSources, CachedAdapter
 
@@ -33,6 +34,24 @@ class RefusedAdapter:
     name: str
     path: str
     reason: str
+
+
+# Where an adapter is, nearest the forward pass first: in one of the engine's --max-loras slots, in its
+# host-memory cache (--max-cpu-loras), only on disk (the adapters dir or the adapter cache), or only in its
+# remote source (evicted from the adapter cache; a request loads it again).
+LOCATIONS = ("slot", "host_memory", "disk", "remote")
+ENGINE_TIERS_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class AdapterTiers:
+    """A snapshot for /metrics: each adapter's location and running requests, and per (adapter, tier) how
+    often it was loaded into and evicted from the tier (tiers: slot, host_memory, disk)."""
+
+    location: dict[str, str]
+    in_flight: dict[str, int]
+    loads: dict[tuple[str, str], int]
+    evictions: dict[tuple[str, str], int]
 
 
 @dataclass
@@ -61,6 +80,14 @@ class ServedModels:
     # again within REFUSAL_MEMORY_S, the answer is the same refusal without fetching again.
     _refusals: dict[str, tuple[float, AdapterError]] = field(default_factory=dict)
     _draining: set[asyncio.Task[None]] = field(default_factory=set)  # unloads of previous alias targets
+    _names: dict[int, str] = field(default_factory=dict)  # every lora_int_id ever served -> its name
+    _disk_loads: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )  # fetches into the cache
+    _disk_evictions: collections.Counter[str] = field(default_factory=collections.Counter)
+    _remote: dict[str, str] = field(
+        default_factory=dict
+    )  # evicted from the cache, not loaded since: name -> URI
 
     # ----------------------------------------------------------------------------------- the models
     def resolve(self, model: str) -> LoRARequest | None:
@@ -222,7 +249,9 @@ class ServedModels:
                 self._fetching[ref.uri] = fetching
                 fetching.add_done_callback(lambda _: self._fetching.pop(ref.uri, None))
             entry = await asyncio.shield(fetching)
-            self.cache.add(entry)
+            if entry.uri not in self.cache:  # the first of the requests that shared the fetch
+                self.cache.add(entry)
+                self._disk_loads[name] += 1
         try:
             adapter = await self.add_adapter(name, entry.path, reference=name == ref.uri)
         except AdapterError:
@@ -230,6 +259,7 @@ class ServedModels:
                 self.cache.remove(ref.uri)  # an adapter that cannot be served takes no room
             raise
         self._source_of[name] = ref.uri
+        self._remote.pop(name, None)
         await self._make_room(keep=ref.uri)
         return adapter
 
@@ -253,6 +283,9 @@ class ServedModels:
                 log.info("adapter cache: keeping %s for now (%s)", entry.uri, exc)
                 continue
             self.cache.remove(entry.uri)
+            for name in names:
+                self._disk_evictions[name] += 1
+                self._remote[name] = entry.uri
             log.info(
                 "adapter cache: evicted %s (%.1f MiB, unused the longest)", entry.uri, entry.size / 2**20
             )
@@ -277,6 +310,7 @@ class ServedModels:
             raise AdapterError(f"vLLM could not load adapter {name!r} from {adapter.path}: {exc}") from exc
         self.registry.register(adapter)
         self._served_names.add(name)
+        self._names[adapter.lora_int_id] = name
         log.info("serving adapter %s (rank %d) from %s", name, adapter.rank, adapter.path)
         return adapter
 
@@ -372,6 +406,54 @@ class ServedModels:
             "cache": self.cache.status() if self.cache is not None else None,
             "engine_lora_ids": sorted(resident),
         }
+
+    async def start_tier_counts(self) -> None:
+        """Have the engine count its adapter loads and evictions from now on (before any is loaded)."""
+        await self._engine_tiers()
+
+    async def tiers(self) -> AdapterTiers:
+        """Where each adapter is and how often it moved, for /metrics. The engine's tiers are left out when it
+        does not answer within ENGINE_TIERS_TIMEOUT_S (every adapter is then counted as on disk)."""
+        engine = await self._engine_tiers()
+        held: dict[str, set[int]] = {tier: set(ids) for tier, ids in (engine or {}).get("held", {}).items()}
+        location = {}
+        for adapter in self.registry:
+            tier = next(
+                (t for t in ("slot", "host_memory") if adapter.lora_int_id in held.get(t, ())), "disk"
+            )
+            location[adapter.name] = tier
+        for name in self._remote:
+            location.setdefault(name, "remote")
+        moves: dict[str, collections.Counter[tuple[str, str]]] = {
+            "loads": collections.Counter({(name, "disk"): n for name, n in self._disk_loads.items()}),
+            "evictions": collections.Counter({(name, "disk"): n for name, n in self._disk_evictions.items()}),
+        }
+        for key, pairs in (engine or {}).get("counts", {}).items():
+            tier, _, move = key.rpartition("_")
+            for lora_id, count in pairs:
+                served_as = self._names.get(lora_id)
+                if served_as is not None:  # an id vLLM was given by someone else (none here)
+                    moves[move][(served_as, tier)] += count
+        running = {self._names[i]: n for i, n in self._running.items() if i in self._names}
+        return AdapterTiers(
+            location=location,
+            in_flight={name: running.get(name, 0) for name in location},
+            loads=dict(moves["loads"]),
+            evictions=dict(moves["evictions"]),
+        )
+
+    async def _engine_tiers(self) -> dict[str, Any] | None:
+        try:
+            answers = await asyncio.wait_for(
+                self.engine.collective_rpc(LORA_TIERS_RPC), ENGINE_TIERS_TIMEOUT_S
+            )
+        except Exception as exc:  # a busy or dead engine: /metrics still answers, without them
+            log.warning("the engine did not report its adapter tiers: %s", exc or type(exc).__name__)
+            return None
+        first: dict[str, Any] | None = (
+            answers[0] if answers else None
+        )  # every tensor-parallel rank holds the same
+        return first
 
     # ------------------------------------------------------------------- requests running on adapters
     def request_started(self, lora: LoRARequest | None, model: str) -> LoRARequest | None:

@@ -319,7 +319,7 @@ async def docs(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await request.app.state.metrics.render_async(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(

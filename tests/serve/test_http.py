@@ -127,6 +127,9 @@ class FakeEngine:
     async def list_loras(self) -> set[int]:
         return set()
 
+    async def collective_rpc(self, method: str, timeout: float | None = None, **_: Any) -> list[Any]:
+        return [None]  # as a worker without LoRA answers the adapter tiers' RPC
+
     def shutdown(self) -> None:
         pass
 

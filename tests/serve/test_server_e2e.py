@@ -538,6 +538,56 @@ def test_metrics_serve_vllms_dashboard_series_and_ours_per_model(
     assert not any(name.startswith("tuneserve_requests_running") for name in samples)
 
 
+def test_metrics_follow_each_adapter_through_the_engines_tiers(client: openai.OpenAI, server: Server) -> None:
+    # Three adapters asked in turn, one request at a time, on 2 LoRA slots and a host cache of 2 (vLLM's
+    # default --max-cpu-loras is --max-loras): least recently used out, so from the third request on each
+    # one loads its adapter into both tiers and evicts another from both.
+    def moves(move: str, tier: str) -> float:
+        return sum(
+            value
+            for labels, value in scrape(server)[f"tuneserve_adapter_{move}_total"]
+            if labels["tier"] == tier
+        )
+
+    def location(name: str) -> str:
+        (where,) = [
+            labels["location"]
+            for labels, value in scrape(server)["tuneserve_adapter_location"]
+            if labels["model"] == name and value == 1
+        ]
+        return where
+
+    order = ["fmt", "caps", "words"] * 2
+    before = {
+        (move, tier): moves(move, tier) for move in ("loads", "evictions") for tier in ("slot", "host_memory")
+    }
+    queue_before = {
+        name: metric(server, "tuneserve_request_queue_time_seconds_count", name) for name in order
+    }
+    vllm_queue_before = metric(server, "vllm:request_queue_time_seconds_sum", server.base_model, "model_name")
+    ours_queue_before = sum(value for _, value in scrape(server)["tuneserve_request_queue_time_seconds_sum"])
+    for name in order:
+        chat(client, name, QUESTIONS[0])
+        assert location(name) == "slot"
+    for (move, tier), value in before.items():
+        assert moves(move, tier) - value >= 4, (move, tier)
+    # The last two hold both tiers; the engine no longer holds fmt (nor the adapter no request asked for).
+    assert [location(name) for name in ("caps", "words", "fmt", ELSEWHERE)] == [
+        "slot",
+        "slot",
+        "disk",
+        "disk",
+    ]
+    in_flight = scrape(server)["tuneserve_adapter_requests_in_flight"]
+    assert {labels["model"] for labels, _ in in_flight} >= set(ADAPTERS) and all(v == 0 for _, v in in_flight)
+    # The wait in vLLM's queue, per model, with vLLM's own measure: the requests' waits sum to vLLM's.
+    for name in set(order):
+        assert metric(server, "tuneserve_request_queue_time_seconds_count", name) == queue_before[name] + 2
+    vllm_queue = metric(server, "vllm:request_queue_time_seconds_sum", server.base_model, "model_name")
+    ours_queue = sum(value for _, value in scrape(server)["tuneserve_request_queue_time_seconds_sum"])
+    assert ours_queue - ours_queue_before == pytest.approx(vllm_queue - vllm_queue_before, rel=1e-6, abs=1e-9)
+
+
 def test_aborted_stream_frees_its_request(server: Server) -> None:
     aborted = metric(server, "tuneserve_requests_aborted_total", "words")
     body = {

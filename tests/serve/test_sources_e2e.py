@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e import ADMIN_KEY, QUESTIONS, Reference, start_server, stop_server, wait_healthy
 from tests.serve.test_sources import (
@@ -88,6 +89,31 @@ def test_adapters_from_s3_and_the_hub_load_on_first_request_and_answer_as_vllm(
         assert sorted(a["name"] for a in status["adapters"]) == sorted([fmt, words])
         assert answers(caps) == engine_reference.texts["caps"]  # fetched again; fmt goes
         assert fetches(log.read_text(), caps) == 2 and fetches(log.read_text(), fmt) == 1
+        # /metrics counts the adapter cache's loads and evictions, and knows fmt is only in S3 now.
+        samples = {
+            family.name: {tuple(sorted(sample.labels.items())): sample.value for sample in family.samples}
+            for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        }
+
+        def disk_tier(family: str) -> dict[str, float]:
+            return {
+                dict(key)["model"]: value
+                for key, value in samples[family].items()
+                if dict(key)["tier"] == "disk"
+            }
+
+        assert disk_tier("tuneserve_adapter_loads") == {fmt: 1, caps: 2, words: 1}
+        assert disk_tier("tuneserve_adapter_evictions") == {fmt: 1, caps: 1}
+        location = {
+            dict(labels)["model"]: dict(labels)["location"]
+            for labels, value in samples["tuneserve_adapter_location"].items()
+            if value == 1
+        }
+        assert (
+            location[fmt] == "remote"
+            and location[caps] == "slot"
+            and location[words] in ("slot", "host_memory")
+        )
         for missing in (f"s3://{BUCKET}/prod/nothing", "org/nothing", f"s3://{BUCKET}/dev/fmt", "nothing"):
             with pytest.raises(
                 openai.NotFoundError, match=f"The model '{re.escape(missing)}' does not exist"
