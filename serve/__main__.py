@@ -6,42 +6,26 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from serve.settings import ServeSettings
 
+S = TypeVar("S", bound="ServeSettings")
+
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic_settings import CliApp
-
     from serve.settings import ServeSettings
 
-    try:
-        settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as exc:
-        print_settings_errors(exc)
+    settings = load_settings(ServeSettings, argv)
+    if settings is None:
         return 2
-    refusal = missing_base_folder(settings)
-    if refusal is not None:
-        print(f"error: --base-model: {refusal}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     import uvicorn
 
-    from serve.adapters import parse_lora_option
     from serve.app import build_app
 
-    try:
-        for value in settings.lora:
-            parse_lora_option(value)
-    except ValueError as exc:
-        print(f"error: --lora: {exc}", file=sys.stderr)
-        return 2
     server: uvicorn.Server | None = None
 
     def request_stop() -> None:  # uvicorn re-raises a caught SIGTERM on exit, which would hide our exit code
@@ -63,6 +47,34 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     # Non-zero when the engine could not start (3) or died (1), so a supervisor restarts the server.
     return int(getattr(app.state, "exit_code", 0))
+
+
+def load_settings(kind: type[S], argv: list[str] | None) -> S | None:
+    """The settings from the command line (and SERVE_* variables), checked before anything starts, with
+    logging set up at their level; None once what is wrong is printed, one `error:` line each (exit 2)."""
+    from pydantic_settings import CliApp
+
+    from serve.adapters import parse_lora_option
+
+    try:
+        settings = CliApp.run(kind, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        print_settings_errors(exc)
+        return None
+    refusal = missing_base_folder(settings)
+    if refusal is not None:
+        print(f"error: --base-model: {refusal}", file=sys.stderr)
+        return None
+    try:
+        for value in settings.lora:
+            parse_lora_option(value)
+    except ValueError as exc:
+        print(f"error: --lora: {exc}", file=sys.stderr)
+        return None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return settings
 
 
 def print_settings_errors(exc: ValidationError) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from typing import TYPE_CHECKING
-
-from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from serve.cluster.settings import ClusterSettings
@@ -20,31 +17,11 @@ EXIT_START_FAILED = 3  # as `python -m serve`: the replicas could not start
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic_settings import CliApp
-
-    from serve.__main__ import missing_base_folder, print_settings_errors
-    from serve.adapters import parse_lora_option
+    from serve.__main__ import load_settings
     from serve.cluster.settings import ClusterSettings
 
-    try:
-        settings = CliApp.run(ClusterSettings, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as exc:
-        print_settings_errors(exc)
-        return 2
-    refusal = missing_base_folder(settings)
-    if refusal is not None:
-        print(f"error: --base-model: {refusal}", file=sys.stderr)
-        return 2
-    try:
-        for value in settings.lora:
-            parse_lora_option(value)
-    except ValueError as exc:
-        print(f"error: --lora: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(settings)
+    settings = load_settings(ClusterSettings, argv)
+    return 2 if settings is None else run(settings)
 
 
 def run(settings: ClusterSettings) -> int:
