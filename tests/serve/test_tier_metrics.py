@@ -43,6 +43,17 @@ class TieredEngine(CountingEngine):
         return [self.report, self.report]  # one answer per tensor-parallel rank
 
 
+def tiered(registry: AdapterRegistry) -> tuple[ServedModels, TieredEngine, ServerMetrics]:  # noqa: F811
+    engine = TieredEngine()
+    models = ServedModels(
+        engine=engine,  # type: ignore[arg-type]
+        registry=registry,
+        model_id=registry.served_name,
+        max_model_len=64,
+    )
+    return models, engine, ServerMetrics()
+
+
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {
         tuple(sorted(sample.labels.items())): sample.value
@@ -56,14 +67,7 @@ def test_each_adapter_has_one_location_and_its_moves_by_name(
     registry: AdapterRegistry,  # noqa: F811
     make_adapter: MakeAdapter,  # noqa: F811
 ) -> None:
-    engine = TieredEngine()
-    models = ServedModels(
-        engine=engine,  # type: ignore[arg-type]
-        registry=registry,
-        model_id=registry.served_name,
-        max_model_len=64,
-    )
-    metrics = ServerMetrics()
+    models, engine, metrics = tiered(registry)
 
     async def scenario() -> str:
         await models.start_tier_counts()
@@ -115,14 +119,7 @@ def test_a_scrape_from_the_metrics_port_thread_asks_the_loop_and_a_stalled_engin
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    engine = TieredEngine()
-    models = ServedModels(
-        engine=engine,  # type: ignore[arg-type]
-        registry=registry,
-        model_id=registry.served_name,
-        max_model_len=64,
-    )
-    metrics = ServerMetrics()
+    models, engine, metrics = tiered(registry)
     monkeypatch.setattr("serve.models.ENGINE_TIERS_TIMEOUT_S", 0.2)
 
     async def scenario() -> tuple[str, str]:
