@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig
-from finetune.servable import file_sha256, folder_sha256
+from finetune.servable import adapter_files, folder_sha256
 from tuneserve import package_version
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,7 @@ def build_manifest(
         "lora": config.lora.model_dump(mode="json"),
         "steps": metrics["steps"],
         "final_eval_loss": metrics["final_eval_loss"],
-        "files": {
-            path.name: file_sha256(path)
-            for path in sorted(adapter_dir.iterdir())
-            if path.name.startswith("adapter_") and path.is_file()
-        },
+        "files": adapter_files(adapter_dir),
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.artifacts import publish
-from finetune.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, file_sha256, folder_sha256
+from finetune.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, adapter_files, folder_sha256
 from tuneserve import package_version
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,7 @@ def merge(
             "base_model": {"name": base, "revision": revision},
             "adapter": {
                 "path": str(adapter.resolve()),
-                "files": {
-                    path.name: file_sha256(path)
-                    for path in sorted(adapter.iterdir())
-                    if path.name.startswith("adapter_") and path.is_file()
-                },
+                "files": adapter_files(adapter),
                 "manifest": manifest,
             },
             "dtype": str(merged.dtype).removeprefix("torch."),

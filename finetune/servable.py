@@ -49,6 +49,20 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def adapter_files(folder: Path) -> dict[str, str]:
+    """The adapter's own files (its config and weights) and their sha256: what a manifest records."""
+    return {
+        path.name: file_sha256(path)
+        for path in sorted(folder.iterdir())
+        if path.name.startswith("adapter_") and path.is_file()
+    }
+
+
+def adapter_version(files: Mapping[str, str]) -> str:
+    """An adapter's identity from its files' hashes: the same weights and config, the same version."""
+    return "sha256:" + hashlib.sha256(json.dumps(dict(files), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def check_lora_settings(
     *,
     r: int,

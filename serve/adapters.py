@@ -8,7 +8,6 @@ a warning is logged (adapters trained elsewhere name a hub id or another machine
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.servable import (
     ADAPTER_WEIGHTS,
     MANIFEST,
+    adapter_version,
     base_linear_shapes,
     check_lora_weights,
     folder_sha256,
@@ -157,7 +157,7 @@ class AdapterRegistry:
     def _version(self, name: str, path: Path) -> str:
         files = self._manifest_files(path)
         if files:
-            return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+            return adapter_version(files)
         self._loads[name] = self._loads.get(name, 0) + 1
         return f"{name}@{self._loads[name]}"
 
