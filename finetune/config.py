@@ -144,6 +144,12 @@ class FinetuneConfig(_Strict):
     )
     overwrite: bool = Field(False, description="Replace an existing output_dir instead of refusing.")
     seed: int = Field(42, description="Seed of the train/eval split, shuffling and LoRA initialisation.")
+    init_from: Path | None = Field(
+        None,
+        description="An adapter folder to continue tuning: the run starts from its weights (with a fresh "
+        "optimizer), and the manifest records it as the parent. Its LoRA settings and base must be this "
+        "run's.",
+    )
     data: DataConfig
     lora: LoraSettings = LoraSettings()
     training: TrainingConfig = TrainingConfig()

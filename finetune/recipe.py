@@ -32,6 +32,7 @@ from finetune import artifacts
 from finetune.batching import Batch, collate_packed, collate_padded, plan_packed, plan_padded, token_loss_sum
 from finetune.config import ConfigError, FinetuneConfig, LoraSettings, dump_config
 from finetune.data import DataReport, Record, load_data
+from finetune.lineage import load_parent_weights, read_parent
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
 from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
 
@@ -323,6 +324,8 @@ class LoraRecipe:
         refuse_cuda_only_settings(config, self.accelerator.device)
         set_seed(config.seed)
 
+        # A parent that does not fit is refused before any data or weights are read.
+        self.parent = read_parent(config) if config.init_from is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(config.base_model, revision=config.revision)
         train_records, eval_records, self.data_report = load_data(config.data, config.seed)
         generation_eos = self._generation_eos()
@@ -343,6 +346,8 @@ class LoraRecipe:
         )
 
         model = load_model(config, self.dtype, self.accelerator)
+        if self.parent is not None and not self.resume:  # resumed: the checkpoint holds the weights
+            load_parent_weights(model, self.parent)
         if self.config.training.quantization == "none":
             model.to(self.accelerator.device)
         self.packing = config.training.packing
@@ -630,6 +635,8 @@ class LoraRecipe:
         manifest = artifacts.build_manifest(
             staging, self.config, model, data_hash=self.data_report.data_hash, metrics=metrics
         )
+        if self.parent is not None:
+            manifest["parent"] = self.parent.record()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         artifacts.publish(staging, self.output_dir, overwrite=self.config.overwrite)
         shutil.rmtree(self.work_dir, ignore_errors=True)
