@@ -46,14 +46,25 @@ def set_adapter_base(adapter_dir: Path, base_model: str) -> None:
 
 
 def build_manifest(
-    adapter_dir: Path, config: FinetuneConfig, model: Any, *, data_hash: str, metrics: dict[str, Any]
+    adapter_dir: Path,
+    config: FinetuneConfig,
+    model: Any,
+    *,
+    data_hash: str,
+    metrics: dict[str, Any],
+    data_paths: list[str] | None = None,
 ) -> dict[str, Any]:
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "package": {"name": "tuneserve", "version": package_version()},
         "base_model": base_identity(config.base_model, config.revision, commit),
-        "data": {"source": config.data.path, "sha256": data_hash},
+        # paths: every data set read (@parent resolved), so a continued run can replay them.
+        "data": {
+            "source": config.data.path or metrics["data"]["source"],
+            "paths": data_paths or [],
+            "sha256": data_hash,
+        },
         "lora": config.lora.model_dump(mode="json"),
         "steps": metrics["steps"],
         "final_eval_loss": metrics["final_eval_loss"],

@@ -22,10 +22,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PARENT_DATA = "@parent"  # a data source that stands for the training data of init_from's adapter
+
+
+class DataSource(_Strict):
+    """One data set of a mix: how many of its training records the run uses."""
+
+    path: str = Field(
+        description="Local .json/.jsonl/.parquet file, a hub dataset id, or @parent: the data init_from's "
+        "adapter was trained on (replay)."
+    )
+    split: str = Field("train", description="Split to read when `path` is a hub dataset id.")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Records taken, as a multiple of the source's own training records: 0.3 = a seeded 30% "
+        "sample, 2 = each record twice (default 1 when count is unset).",
+    )
+    count: int | None = Field(
+        None, ge=1, description="Exactly this many training records (repeating records if it holds fewer)."
+    )
+
+    @model_validator(mode="after")
+    def _weight_or_count(self) -> DataSource:
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give weight or count, not both")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the instruction data comes from and how it becomes training samples."""
 
-    path: str = Field(description="Local .json/.jsonl/.parquet file, or a hub dataset id.")
+    path: str | None = Field(
+        None, description="Local .json/.jsonl/.parquet file, or a hub dataset id (or give `sources`)."
+    )
+    sources: list[DataSource] | None = Field(
+        None,
+        min_length=1,
+        description="Several data sets mixed, each by weight or count (instead of `path`); each is split "
+        "into train and eval on its own, eval takes every source's held-out part.",
+    )
     format: Literal["auto", "alpaca", "chat", "prompt_completion"] = Field(
         "auto", description="Record format; `auto` detects it from each record's fields."
     )
@@ -47,6 +83,17 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(1024, ge=16, description="Token limit per sample (and per packed row).")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer samples.")
     limit: int | None = Field(None, ge=1, description="Use only the first N records (after de-duplication).")
+
+    @model_validator(mode="after")
+    def _path_or_sources(self) -> DataConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give either path (one data set) or sources (a mix), not both or neither")
+        if self.sources is not None and self.limit is not None:
+            raise ValueError("limit applies to one path; with sources, give each source a count")
+        return self
+
+    def source_paths(self) -> list[str]:
+        return [self.path] if self.path is not None else [source.path for source in self.sources or []]
 
 
 class LoraSettings(_Strict):
@@ -153,6 +200,12 @@ class FinetuneConfig(_Strict):
     data: DataConfig
     lora: LoraSettings = LoraSettings()
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _replay_needs_a_parent(self) -> FinetuneConfig:
+        if PARENT_DATA in self.data.source_paths() and self.init_from is None:
+            raise ValueError(f"data source {PARENT_DATA} replays init_from's training data; set init_from")
+        return self
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import DataConfig
+from finetune.config import PARENT_DATA, DataConfig, DataSource
 from tuneserve.hub import is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class DataReport:
     data_hash: str
     n_beyond_limit: int = 0
     """Records dropped because `limit` was reached; n_read is the sum of all the counts."""
+    sources: list[dict[str, Any]] | None = None
+    """With data.sources: each source's counts (read, bad, duplicates, across sources, sampled, eval)."""
 
     def summary(self) -> str:
         formats = ", ".join(f"{name}={count}" for name, count in sorted(self.formats.items()))
@@ -555,12 +557,18 @@ def data_hash(train: list[Record], evaluation: list[Record]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def load_data(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record], DataReport]:
+def load_data(
+    cfg: DataConfig, seed: int, parent_paths: list[str] | None = None
+) -> tuple[list[Record], list[Record], DataReport]:
     """Read, validate, de-duplicate, limit and split the data: (train, eval, report).
 
     `limit` applies to the training source after de-duplication (and, with `eval_path`, after removing
     records that also appear in eval). The same input and seed always give the same split and hash.
+    With `cfg.sources`, the mix (see `_load_mix`); `parent_paths` are the data sets @parent stands for.
     """
+    if cfg.sources is not None:
+        return _load_mix(cfg, cfg.sources, seed, parent_paths or [])
+    assert cfg.path is not None
     records, n_bad, bad_messages, formats = read_records(cfg.path, cfg)
     n_read = len(records) + n_bad
     if not records:
@@ -618,3 +626,127 @@ def load_data(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record], D
     )
     logger.info(report.summary())
     return train, evaluation, report
+
+
+def _load_mix(
+    cfg: DataConfig, sources: list[DataSource], seed: int, parent_paths: list[str]
+) -> tuple[list[Record], list[Record], DataReport]:
+    """Each source is read, validated and de-duplicated on its own, loses the records an earlier source
+    already has (counted), and is split into train and eval with its own seed; then its training part is
+    sampled to its count or weight (whole passes, then a seeded sample without replacement). Eval is every
+    source's held-out part, or `eval_path` (whose records no source then trains on)."""
+    seen: set[Any] = set()
+    train: list[Record] = []
+    evaluation: list[Record] = []
+    formats: dict[str, int] = {}
+    bad_messages: list[str] = []
+    per_source: list[dict[str, Any]] = []
+    held_out: list[Record] = []
+    eval_keys: set[Any] = set()
+    if cfg.eval_path is not None:
+        held_out, eval_bad, eval_messages, eval_formats = read_records(cfg.eval_path, cfg)
+        held_out = _dedupe(held_out)[0] if cfg.dedupe else held_out
+        eval_keys = {record.content_key() for record in held_out}
+        bad_messages += eval_messages
+        _add_counts(formats, eval_formats)
+        per_source.append({"path": cfg.eval_path, "role": "eval", "n_read": len(held_out) + eval_bad})
+    for index, source in enumerate(sources):
+        paths = parent_paths if source.path == PARENT_DATA else [source.path]
+        if not paths:
+            raise DataError(
+                f"data.sources[{index}]: {PARENT_DATA}: init_from's manifest records no data paths"
+            )
+        records: list[Record] = []
+        n_bad = 0
+        source_cfg = cfg.model_copy(update={"split": source.split})
+        for path in paths:
+            read, bad, messages, found = read_records(path, source_cfg)
+            records += read
+            n_bad += bad
+            bad_messages += messages
+            _add_counts(formats, found)
+        n_read = len(records) + n_bad
+        n_duplicates = 0
+        if cfg.dedupe:
+            records, n_duplicates = _dedupe(records)
+        kept = [r for r in records if r.content_key() not in seen and r.content_key() not in eval_keys]
+        n_across = len(records) - len(kept)
+        seen.update(record.content_key() for record in kept)
+        if cfg.eval_path is None:
+            part_train, part_eval = _split(kept, cfg.eval_fraction, seed + index)
+        else:
+            part_train, part_eval = kept, []
+        if not part_train:
+            raise DataError(
+                f"data.sources[{index}] ({source.path}): no training records left after de-duplication "
+                f"({n_read} read, {n_bad} bad, {n_duplicates} duplicates, {n_across} already in another "
+                "source)"
+            )
+        target = source.count if source.count is not None else round((source.weight or 1.0) * len(part_train))
+        sampled = _sample(part_train, max(target, 1), random.Random(seed * 1_000_003 + index))
+        train += sampled
+        evaluation += part_eval
+        per_source.append(
+            {
+                "path": source.path,
+                "read_from": paths,
+                "weight": source.weight,
+                "count": source.count,
+                "n_read": n_read,
+                "n_bad_skipped": n_bad,
+                "n_duplicates": n_duplicates,
+                "n_duplicates_across_sources": n_across,
+                "n_available": len(part_train),
+                "n_sampled": len(sampled),
+                "n_eval": len(part_eval),
+            }
+        )
+    evaluation = held_out if cfg.eval_path is not None else evaluation
+    # Sources follow one another in the file order of each; the trainer shuffles per epoch.
+    report = DataReport(
+        source=" + ".join(source.path for source in sources)
+        + (f" + eval {cfg.eval_path}" if cfg.eval_path else ""),
+        n_read=sum(item["n_read"] for item in per_source),
+        n_bad_skipped=sum(item.get("n_bad_skipped", 0) for item in per_source),
+        n_duplicates=sum(
+            item.get("n_duplicates", 0) + item.get("n_duplicates_across_sources", 0) for item in per_source
+        ),
+        n_train=len(train),
+        n_eval=len(evaluation),
+        formats=formats,
+        bad_examples=bad_messages[:MAX_BAD_EXAMPLES],
+        data_hash=data_hash(train, evaluation),
+        sources=per_source,
+    )
+    logger.info(report.summary())
+    for item in per_source:
+        if "n_sampled" in item:
+            logger.info(
+                "  %s: %d available -> %d sampled, %d eval",
+                item["path"],
+                item["n_available"],
+                item["n_sampled"],
+                item["n_eval"],
+            )
+    return train, evaluation, report
+
+
+def recorded_paths(cfg: DataConfig, parent_paths: list[str]) -> list[str]:
+    """The data sets a run reads, as a manifest records them: local files absolute, @parent resolved."""
+    paths: list[str] = []
+    for path in cfg.source_paths():
+        for one in parent_paths if path == PARENT_DATA else [path]:
+            paths.append(str(Path(one).resolve()) if Path(one).exists() else one)
+    return paths
+
+
+def _sample(records: list[Record], n: int, rng: random.Random) -> list[Record]:
+    """n records: whole passes over `records`, then a sample without replacement, in file order."""
+    passes, rest = divmod(n, len(records))
+    chosen = sorted(rng.sample(range(len(records)), rest))
+    return records * passes + [records[i] for i in chosen]
+
+
+def _add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    for key, count in more.items():
+        total[key] = total.get(key, 0) + count

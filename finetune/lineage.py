@@ -41,6 +41,12 @@ class Parent:
     files: dict[str, str]
     manifest: dict[str, Any] | None
 
+    def data_paths(self) -> list[str]:
+        """The data sets the parent was trained on (what @parent replays), as its manifest recorded them."""
+        data = (self.manifest or {}).get("data") or {}
+        paths = data.get("paths") or ([data["source"]] if data.get("source") else [])
+        return [str(path) for path in paths]
+
     def record(self) -> dict[str, Any]:
         manifest = self.manifest or {}
         return {

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from finetune import artifacts
 from finetune.batching import Batch, collate_packed, collate_padded, plan_packed, plan_padded, token_loss_sum
 from finetune.config import ConfigError, FinetuneConfig, LoraSettings, dump_config
-from finetune.data import DataReport, Record, load_data
+from finetune.data import DataReport, Record, load_data, recorded_paths
 from finetune.lineage import load_parent_weights, read_parent
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
 from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
@@ -327,7 +327,9 @@ class LoraRecipe:
         # A parent that does not fit is refused before any data or weights are read.
         self.parent = read_parent(config) if config.init_from is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(config.base_model, revision=config.revision)
-        train_records, eval_records, self.data_report = load_data(config.data, config.seed)
+        parent_paths = self.parent.data_paths() if self.parent is not None else None
+        train_records, eval_records, self.data_report = load_data(config.data, config.seed, parent_paths)
+        self.data_paths = recorded_paths(config.data, parent_paths or [])
         generation_eos = self._generation_eos()
         stop_ids = end_of_turn_ids(self.tokenizer, generation_eos)
         self.train_samples, self.train_encoding = encode_records(
@@ -633,7 +635,12 @@ class LoraRecipe:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         artifacts.plot_loss(metrics, staging / "loss.png")
         manifest = artifacts.build_manifest(
-            staging, self.config, model, data_hash=self.data_report.data_hash, metrics=metrics
+            staging,
+            self.config,
+            model,
+            data_hash=self.data_report.data_hash,
+            data_paths=self.data_paths,
+            metrics=metrics,
         )
         if self.parent is not None:
             manifest["parent"] = self.parent.record()
