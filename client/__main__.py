@@ -4,7 +4,8 @@
 OpenAI-compatible endpoint and reports them side by side; `score` scores existing IFEval responses
 offline; `load` is the serving load benchmark (vLLM's metric definitions); `tasks` writes the generated
 instruction-following suite (training data and held-out test items); `distill` makes constraint-following
-training data from a model's own answers; `ifeval-subset` writes a fixed subset of IFEval; `catalog` prints
+training data from a model's own answers; `generate` grows instruction data from seed tasks (Self-Instruct);
+`ifeval-subset` writes a fixed subset of IFEval; `catalog` prints
 the names `tasks` and `distill` accept; `lm-eval-tasks` prints the folder of the lm-eval task definitions
 shipped here (lm-eval's IFEval on the packaged prompts) and `nltk-data` writes the NLTK model it needs.
 """
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from client.bench import add_bench_command
 from client.catalog import add_catalog_command
 from client.distill import add_distill_command
+from client.generate import add_generate_command
 from client.ifeval.cli import add_lm_eval_commands, add_score_command, add_subset_command
 from client.load import add_load_command
 from client.tasks import add_tasks_command
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_command(commands)
     add_tasks_command(commands)
     add_distill_command(commands)
+    add_generate_command(commands)
     add_subset_command(commands)
     add_catalog_command(commands)
     add_lm_eval_commands(commands)
