@@ -8,12 +8,12 @@ The parent must fit the run: the same LoRA shape (rank, alpha, scaling, target m
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune import servable
 from finetune.servable import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -149,27 +149,17 @@ def lineage(path: Path) -> list[dict[str, Any]]:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    file = path / MANIFEST
-    if not file.is_file():
-        return None
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LineageError(f"cannot read {file}: {exc}") from exc
-    return manifest if isinstance(manifest, dict) else None
+        return servable.read_manifest(path)
+    except ValueError as exc:
+        raise LineageError(str(exc)) from exc
 
 
 def _adapter_config(path: Path) -> dict[str, Any]:
-    config_path = path / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise LineageError(f"init_from: {path} has no {ADAPTER_CONFIG}; give the folder of a LoRA adapter")
     try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LineageError(f"init_from: cannot read {config_path}: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
-        raise LineageError(f"init_from: {path} is not a LoRA adapter")
-    return raw
+        return servable.read_lora_config(path)
+    except ValueError as exc:
+        raise LineageError(f"init_from: {exc}") from exc
 
 
 def _check_base(path: Path, manifest: dict[str, Any] | None, config: FinetuneConfig) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.artifacts import publish
-from finetune.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, adapter_files, folder_sha256
+from finetune.servable import adapter_files, folder_sha256, read_lora_config, read_manifest
 from tuneserve import package_version
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ def merge(
 
     if dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    adapter_config = _read_adapter(adapter)
-    manifest = _read_manifest(adapter)
+    try:
+        adapter_config = read_lora_config(adapter)
+        manifest = read_manifest(adapter)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from exc
     base, revision = _base_of(adapter, adapter_config, manifest, base_model)
     _check_base(adapter, manifest, base)
     if out.exists() and not force:
@@ -80,32 +83,6 @@ def merge(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("merged model written to %s", out)
     return out
-
-
-def _read_adapter(adapter: Path) -> dict[str, Any]:
-    config_path = adapter / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise MergeError(f"{adapter} has no {ADAPTER_CONFIG}: give the folder of a PEFT LoRA adapter")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"cannot read {config_path}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise MergeError(f"{adapter} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
-    if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
-        raise MergeError(f"{adapter} has no weights file ({' or '.join(ADAPTER_WEIGHTS)})")
-    return config
-
-
-def _read_manifest(adapter: Path) -> dict[str, Any] | None:
-    path = adapter / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"cannot read {path}: {exc}") from exc
-    return manifest if isinstance(manifest, dict) else None
 
 
 def _base_of(

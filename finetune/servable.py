@@ -49,6 +49,34 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def read_lora_config(folder: Path) -> dict[str, Any]:
+    """A LoRA adapter folder's adapter_config.json; ValueError saying what is wrong with the folder."""
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no {ADAPTER_CONFIG}: give the folder of a PEFT LoRA adapter")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {config_path}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder} is not a LoRA adapter")
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ValueError(f"{folder} has no weights file ({' or '.join(ADAPTER_WEIGHTS)})")
+    return config
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest `finetune run` wrote into an adapter folder (None if there is none)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    return manifest if isinstance(manifest, dict) else None
+
+
 def adapter_files(folder: Path) -> dict[str, str]:
     """The adapter's own files (its config and weights) and their sha256: what a manifest records."""
     return {
