@@ -243,10 +243,11 @@ class AdapterRegistry:
 
     def set_alias(self, alias: str, target: str) -> str | None:
         """Point `alias` at the served adapter (or base) `target` in one step; returns the previous target.
-        400 for a bad name, 409 if an adapter or the base has that name, 404 if `target` is not served."""
+        400 for a bad name, 409 if an adapter or the base has that name or `target` is an alias (states of
+        the server, not bad requests), 404 if `target` is not served."""
         self.check_alias_name(alias)
         if target in self._aliases:
-            raise AdapterError(f"{target!r} is an alias; point {alias!r} at an adapter", status=400)
+            raise AdapterError(f"{target!r} is an alias; point {alias!r} at an adapter", status=409)
         if target not in self._adapters and target != self.served_name:
             raise AdapterError(
                 f"no adapter named {target!r} is loaded; loaded: {self.names() or 'none'}", status=404

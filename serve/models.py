@@ -120,13 +120,20 @@ class ServedModels:
 
     # -------------------------------------------------------------------------------------- aliases
     async def set_alias(
-        self, alias: str, model: str, *, lora_path: str | None = None, unload_previous: bool = True
+        self,
+        alias: str,
+        model: str,
+        *,
+        load: bool = False,
+        lora_path: str | None = None,
+        unload_previous: bool = True,
     ) -> tuple[str | None, Adapter | None]:
-        """Point `alias` at `model` (loaded first from `lora_path` if given) in one step: requests that
+        """Point `alias` at `model` (with `load`, loaded first from `lora_path`, else the adapters dir's
+        folder of that name) in one step: requests that
         resolve the alias from then on get the new target, and those already running finish on the old one.
         With `unload_previous`, the previous target is then unloaded once its running requests end (unless
         another alias points to it). Returns the previous target and the new target's adapter (None: base)."""
-        if lora_path is not None:
+        if load:
             self.registry.check_alias_name(alias)  # a bad alias leaves nothing loaded
             await self.load(model, lora_path)
         previous = self.registry.set_alias(alias, model)

@@ -472,27 +472,42 @@ async def unload_adapter(body: UnloadAdapterRequest, models: ModelsDep) -> dict[
     return {"status": "unloaded", "lora_name": adapter.name}
 
 
-class AliasRequest(BaseModel):
-    """Point `alias` at the served adapter `model` (loaded first from `lora_path` when given, as
-    /v1/load_lora_adapter loads); the previous target drains and is unloaded unless `unload_previous` is
-    false or another alias points to it."""
+class AliasToServed(BaseModel):
+    """Point `alias` at `model`: the base or an adapter already served."""
 
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
     model: str = Field(min_length=1, max_length=1024)
+    unload_previous: bool = True
+
+
+class AliasToNewAdapter(BaseModel):
+    """Load the adapter `lora_name` from `lora_path` (as /v1/load_lora_adapter does; without it, the adapters
+    dir's folder of that name), then point `alias` at it."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
+    lora_name: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
     lora_path: str | None = None
     unload_previous: bool = True
 
 
 @router.post("/v1/aliases", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503))
-async def set_alias(body: AliasRequest, models: ModelsDep) -> dict[str, Any]:
-    """Repoint an alias in one step: no request to it fails or sees a 404 while it moves."""
+async def set_alias(body: AliasToServed | AliasToNewAdapter, models: ModelsDep) -> dict[str, Any]:
+    """Repoint an alias in one step: no request to it fails or sees a 404 while it moves. The previous
+    target drains and is unloaded unless `unload_previous` is false or another alias points to it."""
+    loading = isinstance(body, AliasToNewAdapter)
+    target = body.lora_name if isinstance(body, AliasToNewAdapter) else body.model
     previous, adapter = await models.set_alias(
-        body.alias, body.model, lora_path=body.lora_path, unload_previous=body.unload_previous
+        body.alias,
+        target,
+        load=loading,
+        lora_path=body.lora_path if isinstance(body, AliasToNewAdapter) else None,
+        unload_previous=body.unload_previous,
     )
     return {
         "alias": body.alias,
-        "model": body.model,
+        "model": target,
         "version": adapter.version if adapter is not None else None,
         "previous": previous,
     }

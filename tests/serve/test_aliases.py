@@ -98,7 +98,7 @@ def test_an_alias_moves_in_one_step_and_the_previous_target_drains_then_unloads(
         running = models.request_started(models.resolve("support"), "support")
         assert running is not None and running.lora_int_id == v1.lora_int_id
         previous, v2 = await models.set_alias(
-            "support", "support-v2", lora_path="support-v2", unload_previous=True
+            "support", "support-v2", load=True, lora_path="support-v2", unload_previous=True
         )
         assert previous == "support-v1" and v2 is not None
         lora = models.resolve("support")
@@ -172,7 +172,7 @@ def test_a_previous_target_another_alias_still_points_to_stays(
         ("BASE", "a", 409, "is the name of a served model"),  # the base's id
         ("bad name", "a", 400, "alias 'bad name' is not allowed"),
         ("prod", "missing", 404, "no adapter named 'missing' is loaded"),
-        ("prod", "canary", 400, "'canary' is an alias"),
+        ("prod", "canary", 409, "'canary' is an alias"),
     ],
 )
 def test_alias_names_never_clash(
@@ -201,7 +201,7 @@ def test_alias_names_never_clash(
         assert pointed.value.status == 409
         # A bad alias is refused before the adapter it names is loaded from lora_path.
         with pytest.raises(AdapterError, match="'b' is the name of a served model"):
-            await models.set_alias("b", "c", lora_path=str(make_adapter("c")))
+            await models.set_alias("b", "c", load=True, lora_path=str(make_adapter("c")))
         assert registry.names() == ["a", "b"]
 
     asyncio.run(scenario())
@@ -268,12 +268,25 @@ def test_aliases_through_the_admin_api_with_scopes(
                 "/v1/aliases", json={"alias": "support", "model": "x"}, headers=tenant
             )
             assert refused.status_code == 401
+            # A new version loaded by the same call, from the adapters dir's folder of its name.
+            make_adapter("support-v3")
+            loaded = await client.post(
+                "/v1/aliases", json={"alias": "support", "lora_name": "support-v3"}, headers=admin
+            )
+            assert loaded.status_code == 200, loaded.text
+            assert loaded.json()["model"] == "support-v3" and loaded.json()["previous"] == "support-v2"
+            # One of the two shapes, never both; the new adapter's name follows the adapter name rule.
+            for body in (
+                {"alias": "support", "model": "support-v3", "lora_name": "support-v4"},
+                {"alias": "support", "lora_name": "/not a name"},
+            ):
+                assert (await client.post("/v1/aliases", json=body, headers=admin)).status_code == 400
             bad = await client.post("/v1/aliases", json={"alias": "support", "model": "nope"}, headers=admin)
             assert bad.status_code == 404 and "no adapter named 'nope'" in bad.json()["error"]["message"]
             status = (await client.get("/v1/lora_adapters", headers=admin)).json()
-            assert status["aliases"] == {"support": "support-v2"}
+            assert status["aliases"] == {"support": "support-v3"}
             deleted = await client.delete("/v1/aliases/support", headers=admin)
-            assert deleted.json() == {"alias": "support", "deleted": True, "model": "support-v2"}
+            assert deleted.json() == {"alias": "support", "deleted": True, "model": "support-v3"}
             gone = await client.delete("/v1/aliases/support", headers=admin)
             assert gone.status_code == 404
 

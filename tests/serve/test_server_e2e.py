@@ -835,7 +835,7 @@ def test_an_alias_repointed_under_load_never_fails_a_request(client: openai.Open
 
     def point(index: int) -> httpx.Response:
         name = release(index)
-        return admin(server, "/v1/aliases", {"alias": "release", "model": name, "lora_path": name})
+        return admin(server, "/v1/aliases", {"alias": "release", "lora_name": name, "lora_path": name})
 
     first = point(0)
     assert first.status_code == 200, first.text
