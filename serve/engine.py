@@ -134,6 +134,14 @@ def _count_tier_moves(manager: Any) -> dict[str, collections.Counter[int]]:
     add_adapter = manager.add_adapter
 
     def counting_add_adapter(lora_request: Any) -> Any:
+        adapters, lora_id = manager._adapter_manager, lora_request.lora_int_id
+        if (
+            lora_id in adapters.lora_index_to_id
+            and lora_id in adapters._registered_adapters  # membership only: no LRU touch
+            and not getattr(lora_request, "load_inplace", False)
+        ):
+            # Every step asks for each adapter of its batch; held in both tiers already, nothing can move.
+            return add_adapter(lora_request)
         before = _held(manager)
         try:
             return add_adapter(lora_request)

@@ -274,13 +274,13 @@ class ServedModels:
         """Evict least recently used cache entries until the cache is under its limit: their adapters are
         unloaded first; entries with requests running, or being fetched, stay."""
         assert self.cache is not None
+        targets = set(self.registry.aliases().values())
         for entry in list(self.cache):
             if not self.cache.over_limit():
                 return
             if entry.uri == keep or entry.uri in self._fetching:
                 continue
             names = [name for name, uri in self._source_of.items() if uri == entry.uri]
-            targets = set(self.registry.aliases().values())
             if any(name in self._loading or name in targets or self._is_running(name) for name in names):
                 continue
             try:
