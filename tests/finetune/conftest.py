@@ -11,6 +11,24 @@ from finetune.cli import main
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def random_lora(base: Path, out: Path, targets: list[str], *, seed: int, scale: float) -> Path:
+    """A rank-8 PEFT LoRA on `targets`, random weights of `scale`: large enough to change greedy answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
 def overrides(tiny_base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A small, fast CPU run on the tiny base."""
     return [

@@ -13,6 +13,7 @@ from finetune.cli import main
 from finetune.merge import MERGE_RECORD
 from finetune.prompting import encode_prompt
 from finetune.servable import MANIFEST, file_sha256, folder_sha256
+from tests.finetune.conftest import random_lora
 
 QUESTIONS = [
     'Describe the lantern as a JSON object with the keys "name" and "color". Output only the JSON.',
@@ -24,20 +25,8 @@ MAX_TOKENS = 16
 
 def random_adapter(base: Path, out: Path, *, manifest: dict[str, object] | None = None) -> Path:
     """A LoRA on every linear layer with random weights, large enough to change greedy answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    )
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(str(out))
+    random_lora(base, out, targets, seed=5, scale=0.2)
     if manifest is not None:
         (out / MANIFEST).write_text(json.dumps(manifest))
     return out

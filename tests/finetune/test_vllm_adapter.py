@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finetune.prompting import encode_prompt
+from tests.finetune.conftest import random_lora
 
 QUESTIONS = [
     'Describe the lantern as a JSON object with the keys "name" and "color". Output only the JSON.',
@@ -31,19 +32,7 @@ def _hf_greedy(model: torch.nn.Module, prompts: list[list[int]], eos_id: int) ->
 def _partial_adapter(base: Path, out: Path) -> Path:
     """A PEFT adapter on q_proj and v_proj only, random weights: vLLM's other LoRA layers and the k slice of
     its packed qkv get zeros for it, which vllm_cpu_lora_fix/ops.py skips."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(str(out))
-    return out
+    return random_lora(base, out, ["q_proj", "v_proj"], seed=3, scale=0.3)
 
 
 @pytest.mark.slow
