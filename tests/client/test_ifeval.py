@@ -29,10 +29,10 @@ from client.ifeval import (
     load_items,
     load_responses,
 )
-from client.ifeval import text as ifeval_text
-from client.ifeval.evaluation import loose_variants, score_item
-from client.ifeval.instructions import InstructionArgumentError, build_instruction
 from client.suites import packaged_data_dir
+from tuneserve.ifeval import text as ifeval_text
+from tuneserve.ifeval.evaluation import loose_variants, score_item
+from tuneserve.ifeval.instructions import InstructionArgumentError, build_instruction
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IFEVAL_JSONL = packaged_data_dir() / "ifeval" / "input_data.jsonl"
@@ -386,7 +386,7 @@ def test_language_detection_is_the_same_in_every_process() -> None:
     # Short, ambiguous texts are where an unseeded langdetect changes its mind between runs.
     script = textwrap.dedent(
         """
-        from client.ifeval.text import detect_language
+        from tuneserve.ifeval.text import detect_language
         print([detect_language(t) for t in ["ok", "hi", "si", "bon", "ja nee", "to be", "no way", "ciao"]])
         """
     )

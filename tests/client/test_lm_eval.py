@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from client.ifeval import IFEvalItem, load_items, write_items
-from client.ifeval.evaluation import score_item
 from client.suites import default_data
 from tests.e2e import API_KEY, Server
+from tuneserve.ifeval.evaluation import score_item
 
 # Prompts of the packaged IFEval both tools answer, in at most MAX_TOKENS tokens each.
 LIMIT = 20
@@ -98,7 +98,7 @@ def test_nltk_data_command_writes_the_model_nltk_loads(
     from nltk.tokenize.punkt import PunktTokenizer
 
     from client.__main__ import main
-    from client.ifeval.text import split_sentences
+    from tuneserve.ifeval.text import split_sentences
 
     monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))  # the command puts DIR first
     assert main(["nltk-data", "--dir", str(tmp_path / "nltk_data")]) == 0

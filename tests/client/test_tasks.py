@@ -15,6 +15,7 @@ import pytest
 from client import tasks
 from client.__main__ import main
 from client.tasks import FAMILIES, GROUPS, TaskItem, generate, load_items, verify, write_task_data
+from tuneserve import checks
 
 ALL_FAMILIES = list(FAMILIES)
 # What an untuned base model does: rambles on in mixed case, with commas, past any word limit.
@@ -140,15 +141,15 @@ def test_verify_reports_each_check() -> None:
 
 
 def test_check_details() -> None:
-    assert tasks.check_starts_with_word("Indeed, it is.", "Indeed")
-    assert tasks.check_starts_with_word("indeed it is.", "Indeed")
-    assert not tasks.check_starts_with_word("Indeedy it is.", "Indeed")
-    assert tasks.check_json_keys('{"b": 1, "a": 2}', ["a", "b"])
-    assert not tasks.check_json_keys('{"a": 1, "b": 2, "c": 3}', ["a", "b"])
-    assert tasks.check_bullet_count("Here:\n- one\n  - two", 2)
-    assert not tasks.check_bullet_count("- one\n- ", 2)
-    assert tasks.check_includes_keywords("The River and GOLD.", ["river", "gold"])
-    assert not tasks.check_includes_keywords("rivers of gold", ["river", "gold"])
+    assert checks.check_starts_with_word("Indeed, it is.", "Indeed")
+    assert checks.check_starts_with_word("indeed it is.", "Indeed")
+    assert not checks.check_starts_with_word("Indeedy it is.", "Indeed")
+    assert checks.check_json_keys('{"b": 1, "a": 2}', ["a", "b"])
+    assert not checks.check_json_keys('{"a": 1, "b": 2, "c": 3}', ["a", "b"])
+    assert checks.check_bullet_count("Here:\n- one\n  - two", 2)
+    assert not checks.check_bullet_count("- one\n- ", 2)
+    assert checks.check_includes_keywords("The River and GOLD.", ["river", "gold"])
+    assert not checks.check_includes_keywords("rivers of gold", ["river", "gold"])
 
 
 def test_verify_rejects_unknown_checks() -> None:

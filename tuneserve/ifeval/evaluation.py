@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.ifeval.instructions import InstructionArgumentError, build_instruction
-from client.suite import read_jsonl
+from tuneserve.ifeval.instructions import InstructionArgumentError, build_instruction
+from tuneserve.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from client.ifeval import text
+from tuneserve.ifeval import text
 
 logger = logging.getLogger(__name__)
 
