@@ -73,7 +73,7 @@ def build_manifest(
 
 
 def plot_loss(metrics: dict[str, Any], path: Path) -> None:
-    """Train and eval loss against optimizer steps, as a PNG."""
+    """Train and eval loss against optimizer steps, and the task score on a second axis when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +92,26 @@ def plot_loss(metrics: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("cross-entropy per target token")
     axis.set_title("LoRA fine-tuning loss")
     axis.grid(alpha=0.3)
-    axis.legend()
+    handles, labels = axis.get_legend_handles_labels()
+    scores = metrics.get("task_score") or []
+    if scores:
+        # A share in [0, 1] beside a loss in nats: its own axis, so neither curve is flattened.
+        score_axis = axis.twinx()
+        score_axis.plot(
+            [p["step"] for p in scores],
+            [p["score"] for p in scores],
+            "s--",
+            color="tab:green",
+            label=f"task score ({scores[-1]['n']} prompts)",
+            linewidth=1.5,
+        )
+        score_axis.set_ylim(0, 1)
+        score_axis.set_ylabel("share of prompts followed")
+        more_handles, more_labels = score_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+        axis.set_title("LoRA fine-tuning loss and task score")
+    if handles:
+        axis.legend(handles, labels)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -122,6 +122,20 @@ class LoraSettings(_Strict):
         return self
 
 
+class TaskEvalConfig(_Strict):
+    """Greedy replies of the model being trained to held-out prompts checked by rules, at every eval pass."""
+
+    path: str = Field(
+        description="JSONL of held-out prompts: `python -m client tasks`'s test.jsonl (prompt, checks) or "
+        "IFEval's input format (prompt, instruction_id_list, kwargs), as `python -m client distill` writes."
+    )
+    n: int | None = Field(
+        32, ge=1, description="A seeded sample of this many prompts, the same at every eval (None = all)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Reply length limit; a cut reply is scored as it is.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
 class TrainingConfig(_Strict):
     """Optimisation, precision, evaluation and checkpointing."""
 
@@ -170,8 +184,29 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evals without improvement (None = never)."
     )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest improvement of best_metric that counts (loss drop, or score rise)."
+    )
+    task_eval: TaskEvalConfig | None = Field(
+        None, description="Score greedy replies to held-out verifiable prompts at every eval (task_score)."
+    )
+    best_metric: Literal["eval_loss", "task_score"] = Field(
+        "eval_loss",
+        description="What the best checkpoint and early stopping go by: the lowest eval loss or the highest "
+        "task score (needs task_eval).",
+    )
+    export: Literal["auto", "best", "final"] = Field(
+        "auto",
+        description="Adapter written to output_dir: the best checkpoint by best_metric, or the last one; "
+        "`auto` = best when early stopping is on, else final.",
+    )
     log_every: int = Field(1, ge=1, description="Optimizer steps between train-loss records.")
+
+    @model_validator(mode="after")
+    def _best_metric_is_measured(self) -> TrainingConfig:
+        if self.best_metric == "task_score" and self.task_eval is None:
+            raise ValueError("best_metric task_score needs task_eval (a file of held-out prompts to score)")
+        return self
 
     @field_validator("precision")
     @classmethod
@@ -205,6 +240,18 @@ class FinetuneConfig(_Strict):
     def _replay_needs_a_parent(self) -> FinetuneConfig:
         if PARENT_DATA in self.data.source_paths() and self.init_from is None:
             raise ValueError(f"data source {PARENT_DATA} replays init_from's training data; set init_from")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_choose_by(self) -> FinetuneConfig:
+        training = self.training
+        no_eval_split = self.data.eval_path is None and self.data.eval_fraction == 0
+        choosing = training.export == "best" or training.early_stopping_patience is not None
+        if choosing and training.best_metric == "eval_loss" and no_eval_split:
+            raise ValueError(
+                "training.export best and early stopping go by eval loss, and data.eval_fraction is 0 with "
+                "no data.eval_path: hold out eval data, or set training.best_metric=task_score with task_eval"
+            )
         return self
 
 

@@ -35,6 +35,7 @@ from finetune.data import DataReport, Record, load_data, recorded_paths
 from finetune.lineage import load_parent_weights, read_parent
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
 from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
+from finetune.task_eval import follow_flags, load_task_prompts, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ class TrainState:
     tokens: int = 0
     label_tokens: int = 0
     train_seconds: float = 0.0
-    best_eval_loss: float | None = None
-    best_step: int | None = None
+    best_eval_loss: float | None = None  # the lowest eval loss seen
+    best_task_score: float | None = None  # the highest task score seen
+    best_step: int | None = None  # the best step by training.best_metric, whose weights best_weights holds
+    best_value: float | None = None  # training.best_metric at best_step
     evals_without_improvement: int = 0
     stopped_early: bool = False
     train_history: list[dict[str, float]] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)
+    task_history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -327,11 +331,14 @@ class LoraRecipe:
         # A parent that does not fit is refused before any data or weights are read.
         self.parent = read_parent(config) if config.init_from is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(config.base_model, revision=config.revision)
+        task_eval = config.training.task_eval
+        self.task_prompts = load_task_prompts(task_eval.path, task_eval.n, config.seed) if task_eval else []
+        self.task_ids = prompt_ids(self.tokenizer, self.task_prompts, config.data.system_prompt)
         parent_paths = self.parent.data_paths() if self.parent is not None else None
         train_records, eval_records, self.data_report = load_data(config.data, config.seed, parent_paths)
         self.data_paths = recorded_paths(config.data, parent_paths or [])
         generation_eos = self._generation_eos()
-        stop_ids = end_of_turn_ids(self.tokenizer, generation_eos)
+        stop_ids = self.stop_ids = end_of_turn_ids(self.tokenizer, generation_eos)
         self.train_samples, self.train_encoding = encode_records(
             train_records, self.tokenizer, stop_ids, config
         )
@@ -442,7 +449,7 @@ class LoraRecipe:
         accumulation = training.gradient_accumulation_steps
         world, rank = accelerator.num_processes, accelerator.process_index
         per_step = accumulation * world
-        if self.state.step == 0 and self.eval_plan:
+        if self.state.step == 0 and self._evaluates:
             self._evaluate()
         progress = tqdm(
             total=self.total_steps,
@@ -501,7 +508,7 @@ class LoraRecipe:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             at_end = self.state.step == self.total_steps
-            if self.eval_plan and (self.state.step % training.eval_every == 0 or at_end):
+            if self._evaluates and (self.state.step % training.eval_every == 0 or at_end):
                 self._evaluate()
             if self.state.step % training.save_every == 0 and not at_end and not self.state.stopped_early:
                 self._save_checkpoint()
@@ -516,8 +523,57 @@ class LoraRecipe:
             f"(training.max_grad_norm, now {self.config.training.max_grad_norm}), or train in fp32"
         )
 
-    @torch.no_grad()
+    @property
+    def _evaluates(self) -> bool:
+        return bool(self.eval_plan or self.task_prompts)
+
     def _evaluate(self) -> None:
+        """Eval loss and task score, as configured; then the best checkpoint and early stopping."""
+        state, training = self.state, self.config.training
+        values: dict[str, float] = {}
+        if self.eval_plan:
+            loss = values["eval_loss"] = self._eval_loss()
+            state.eval_history.append({"step": state.step, "loss": loss})
+            state.best_eval_loss = loss if state.best_eval_loss is None else min(state.best_eval_loss, loss)
+            log.info("step %d: eval loss %.4f", state.step, loss)
+        if self.task_prompts:
+            passed, n = self._task_passes()
+            score = values["task_score"] = passed / n
+            state.task_history.append({"step": state.step, "score": score, "passed": passed, "n": n})
+            state.best_task_score = (
+                score if state.best_task_score is None else max(state.best_task_score, score)
+            )
+            log.info("step %d: task score %.3f (%d of %d prompts followed)", state.step, score, passed, n)
+        value = values.get(training.best_metric)
+        if value is None:  # eval loss chosen, and the eval split came out empty
+            return
+        delta = training.early_stopping_min_delta
+        lower_is_better = training.best_metric == "eval_loss"
+        if state.best_value is None or (
+            value < state.best_value - delta if lower_is_better else value > state.best_value + delta
+        ):
+            state.best_value, state.best_step = value, state.step
+            state.evals_without_improvement = 0
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self.best_weights = {
+                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()
+            }
+        elif state.step > 0:
+            state.evals_without_improvement += 1
+            patience = training.early_stopping_patience
+            if patience is not None and state.evals_without_improvement >= patience:
+                log.info(
+                    "early stopping at step %d: no %s improvement in %d evals (best %.4f at step %s)",
+                    state.step,
+                    training.best_metric,
+                    patience,
+                    state.best_value,
+                    state.best_step,
+                )
+                state.stopped_early = True
+
+    @torch.no_grad()
+    def _eval_loss(self) -> float:
         accelerator = self.accelerator
         plan = self.eval_plan
         if self.config.training.eval_batches is not None:
@@ -532,34 +588,32 @@ class LoraRecipe:
                 loss_sum += token_loss_sum(self.model, batch)
             targets += batch.n_label_tokens
         self.model.train()
-        loss = float(
+        return float(
             accelerator.reduce(loss_sum, reduction="sum") / accelerator.reduce(targets, reduction="sum")
         )
-        state = self.state
-        state.eval_history.append({"step": state.step, "loss": loss})
-        log.info("step %d: eval loss %.4f", state.step, loss)
-        if (
-            state.best_eval_loss is None
-            or loss < state.best_eval_loss - self.config.training.early_stopping_min_delta
-        ):
-            state.best_eval_loss, state.best_step = loss, state.step
-            state.evals_without_improvement = 0
-            unwrapped = accelerator.unwrap_model(self.model)
-            self.best_weights = {
-                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()
-            }
-        elif state.step > 0:
-            state.evals_without_improvement += 1
-            patience = self.config.training.early_stopping_patience
-            if patience is not None and state.evals_without_improvement >= patience:
-                log.info(
-                    "early stopping at step %d: no eval improvement in %d evals (best %.4f at step %s)",
-                    state.step,
-                    patience,
-                    state.best_eval_loss,
-                    state.best_step,
-                )
-                state.stopped_early = True
+
+    @torch.no_grad()
+    def _task_passes(self) -> tuple[int, int]:
+        """How many task prompts the model's greedy replies follow; each rank generates its share."""
+        accelerator, task_eval = self.accelerator, self.config.training.task_eval
+        assert task_eval is not None
+        mine = range(accelerator.process_index, len(self.task_prompts), accelerator.num_processes)
+        model = accelerator.unwrap_model(self.model)
+        model.eval()
+        with accelerator.autocast():
+            flags = follow_flags(
+                model,
+                self.tokenizer,
+                [self.task_prompts[i] for i in mine],
+                [self.task_ids[i] for i in mine],
+                self.stop_ids,
+                max_new_tokens=task_eval.max_new_tokens,
+                batch_size=task_eval.batch_size,
+                device=accelerator.device,
+            )
+        self.model.train()
+        passed = accelerator.reduce(torch.tensor(sum(flags), device=accelerator.device), reduction="sum")
+        return int(passed), len(self.task_prompts)
 
     def _save_checkpoint(self) -> None:
         accelerator = self.accelerator
@@ -616,9 +670,16 @@ class LoraRecipe:
         if not accelerator.is_main_process:
             return self.output_dir
         model = accelerator.unwrap_model(self.model)
-        export_best = (
-            self.config.training.early_stopping_patience is not None and self.best_weights is not None
+        training = self.config.training
+        wants_best = training.export == "best" or (
+            training.export == "auto" and training.early_stopping_patience is not None
         )
+        export_best = wants_best and self.best_weights is not None
+        if wants_best and not export_best:
+            log.warning(
+                "no %s was measured (the eval split is empty); exporting the final weights",
+                training.best_metric,
+            )
         if export_best:
             assert self.best_weights is not None
             set_peft_model_state_dict(model, self.best_weights)
@@ -668,7 +729,13 @@ class LoraRecipe:
             "initial_eval_loss": state.eval_history[0]["loss"] if state.eval_history else None,
             "final_eval_loss": state.eval_history[-1]["loss"] if state.eval_history else None,
             "best_eval_loss": state.best_eval_loss,
+            "task_score": state.task_history,
+            "initial_task_score": state.task_history[0]["score"] if state.task_history else None,
+            "final_task_score": state.task_history[-1]["score"] if state.task_history else None,
+            "best_task_score": state.best_task_score,
+            "best_metric": self.config.training.best_metric,
             "best_step": state.best_step,
+            "best_value": state.best_value,
             "tokens": state.tokens,
             "target_tokens": state.label_tokens,
             "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),

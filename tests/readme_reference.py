@@ -50,8 +50,16 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Fiel
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += field_rows(annotation, f"{prefix}{name}.")
-        else:
-            rows.append((f"{prefix}{name}", info))
+            continue
+        rows.append((f"{prefix}{name}", info))
+        # An optional section (`task_eval: TaskEvalConfig | None`) or a list of them (`sources`): the row
+        # above says what it is, then its own fields follow (`training.task_eval.path`, `data.sources[].path`).
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                rows += field_rows(arg, f"{prefix}{name}.")
+            for inner in typing.get_args(arg):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    rows += field_rows(inner, f"{prefix}{name}[].")
     return rows
 
 
