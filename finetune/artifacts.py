@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig
-from finetune.servable import adapter_files, folder_sha256
 from tuneserve import package_version
+from tuneserve.manifest import adapter_files, folder_sha256
 
 log = logging.getLogger(__name__)
 

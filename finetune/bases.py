@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.artifacts import publish
-from finetune.servable import file_sha256
 from tuneserve import package_version
+from tuneserve.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 def _lineage(args: argparse.Namespace) -> int:
     import json
 
-    from finetune.lineage import LineageError, lineage
+    from tuneserve.manifest import LineageError, lineage
 
     try:
         chain = lineage(args.adapter)
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(config), end="")
             return 0
         from finetune.data import DataError
-        from finetune.lineage import LineageError
         from finetune.prompting import PromptError
         from finetune.recipe import TrainingError, run
+        from tuneserve.manifest import LineageError
 
         try:
             print(run(config, resume=args.resume))

@@ -14,23 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune import servable
-from finetune.servable import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    MANIFEST,
-    adapter_files,
-    adapter_version,
-    folder_sha256,
-)
+from tuneserve.manifest import ADAPTER_WEIGHTS, LineageError, adapter_files, adapter_version, folder_sha256
+from tuneserve.manifest import read_manifest as manifest_of
 
 if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
-
-
-class LineageError(ValueError):
-    """A parent adapter that this run cannot start from, or a lineage that cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -112,45 +102,9 @@ def load_parent_weights(model: Any, parent: Parent) -> None:
     log.info("starting from the weights of %s (%s)", parent.path, adapter_version(parent.files))
 
 
-def lineage(path: Path) -> list[dict[str, Any]]:
-    """The adapter at `path` and its ancestors, child first: what each manifest recorded, and whether each
-    ancestor's folder is still there with the same files (`present`, `changed`, `missing`)."""
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise LineageError(f"{path} has no {MANIFEST}: only adapters made by `finetune run` have a lineage")
-    chain = [
-        {
-            "path": str(path.resolve()),
-            "version": adapter_version(adapter_files(path)),
-            "data": manifest.get("data"),
-            "base_model": manifest.get("base_model"),
-            "steps": manifest.get("steps"),
-            "status": "present",
-        }
-    ]
-    seen = {chain[0]["version"]}
-    parent = manifest.get("parent")
-    while parent is not None:
-        folder = Path(parent["path"])
-        entry = {key: parent.get(key) for key in ("path", "version", "data", "base_model", "steps")}
-        found = read_manifest(folder) if folder.is_dir() else None
-        if not (folder / ADAPTER_CONFIG).is_file():
-            entry["status"] = "missing"
-        elif adapter_version(adapter_files(folder)) != parent["version"]:
-            entry["status"] = "changed"  # other weights there now: its own record is not this one's
-        else:
-            entry["status"] = "present"
-        chain.append(entry)
-        if entry["status"] != "present" or entry["version"] in seen or found is None:
-            break  # the record ends here, or goes no further than the parent's own recorded data
-        seen.add(entry["version"])
-        parent = found.get("parent")
-    return chain
-
-
 def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
-        return servable.read_manifest(path)
+        return manifest_of(path)
     except ValueError as exc:
         raise LineageError(str(exc)) from exc
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.artifacts import publish
-from finetune.servable import adapter_files, folder_sha256, read_lora_config, read_manifest
+from finetune.servable import read_lora_config
 from tuneserve import package_version
+from tuneserve.manifest import adapter_files, folder_sha256, read_manifest
 
 log = logging.getLogger(__name__)
 

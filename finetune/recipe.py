@@ -34,8 +34,9 @@ from finetune.config import ConfigError, FinetuneConfig, LoraSettings, dump_conf
 from finetune.data import DataReport, Record, load_data, recorded_paths
 from finetune.lineage import load_parent_weights, read_parent
 from finetune.prompting import EncodedSample, PromptError, encode_conversation, encode_raw, end_of_turn_ids
-from finetune.servable import ADAPTER_WEIGHTS, MANIFEST, check_lora_weights
+from finetune.servable import check_lora_weights
 from finetune.task_eval import follow_flags, load_task_prompts, prompt_ids
+from tuneserve.manifest import ADAPTER_WEIGHTS, MANIFEST
 
 log = logging.getLogger(__name__)
 

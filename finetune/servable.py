@@ -6,13 +6,14 @@ the manifest a run wrote); it imports nothing heavy so the server can use it at 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tuneserve.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # vLLM's LoRAConfig accepts only these values of max_lora_rank (vllm/config/lora.py, MaxLoRARanks);
 # an adapter's rank must be <= the server's max_lora_rank, which must be one of these.
@@ -22,31 +23,6 @@ VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UNSERVABLE_TARGETS: frozenset[str] = frozenset(
     {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out", "word_embeddings", "output"}
 )
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-MANIFEST = "manifest.json"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """One hash over every non-hidden file's relative path and content (a model folder's identity)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def read_lora_config(folder: Path) -> dict[str, Any]:
@@ -63,32 +39,6 @@ def read_lora_config(folder: Path) -> dict[str, Any]:
     if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
         raise ValueError(f"{folder} has no weights file ({' or '.join(ADAPTER_WEIGHTS)})")
     return config
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest `finetune run` wrote into an adapter folder (None if there is none)."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-    return manifest if isinstance(manifest, dict) else None
-
-
-def adapter_files(folder: Path) -> dict[str, str]:
-    """The adapter's own files (its config and weights) and their sha256: what a manifest records."""
-    return {
-        path.name: file_sha256(path)
-        for path in sorted(folder.iterdir())
-        if path.name.startswith("adapter_") and path.is_file()
-    }
-
-
-def adapter_version(files: Mapping[str, str]) -> str:
-    """An adapter's identity from its files' hashes: the same weights and config, the same version."""
-    return "sha256:" + hashlib.sha256(json.dumps(dict(files), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def check_lora_settings(

@@ -19,16 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.servable import (
-    ADAPTER_WEIGHTS,
-    MANIFEST,
-    adapter_version,
-    base_linear_shapes,
-    check_lora_weights,
-    folder_sha256,
-    inspect_adapter,
-)
+from finetune.servable import base_linear_shapes, check_lora_weights, inspect_adapter
 from tuneserve.hub import is_hub_id
+from tuneserve.manifest import ADAPTER_WEIGHTS, MANIFEST, adapter_version, folder_sha256
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from finetune.servable import ADAPTER_CONFIG
 from serve.adapters import AdapterError
 from tuneserve.hub import is_hub_id
+from tuneserve.manifest import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
 

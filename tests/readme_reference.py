@@ -53,7 +53,7 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Fiel
             continue
         rows.append((f"{prefix}{name}", info))
         # An optional section (`task_eval: TaskEvalConfig | None`) or a list of them (`sources`): the row
-        # above says what it is, then its own fields follow (`training.task_eval.path`, `data.sources[].path`).
+        # above says what it is, then its fields follow (`training.task_eval.path`, `data.sources[].path`).
         for arg in typing.get_args(annotation):
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 rows += field_rows(arg, f"{prefix}{name}.")

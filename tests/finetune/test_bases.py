@@ -20,7 +20,7 @@ from finetune.bases import (
     packaged_base,
 )
 from finetune.cli import main
-from finetune.servable import file_sha256
+from tuneserve.manifest import file_sha256
 
 
 def test_unknown_base_is_refused_with_the_known_names(

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cli import main
-from finetune.servable import MANIFEST, adapter_files, adapter_version
 from tests.finetune.conftest import REPO_ROOT, overrides
+from tuneserve.manifest import MANIFEST, adapter_files, adapter_version
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny-demo.yaml")
 

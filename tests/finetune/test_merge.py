@@ -12,8 +12,8 @@ import torch
 from finetune.cli import main
 from finetune.merge import MERGE_RECORD
 from finetune.prompting import encode_prompt
-from finetune.servable import MANIFEST, file_sha256, folder_sha256
 from tests.finetune.conftest import random_lora
+from tuneserve.manifest import MANIFEST, file_sha256, folder_sha256
 
 QUESTIONS = [
     'Describe the lantern as a JSON object with the keys "name" and "color". Output only the JSON.',

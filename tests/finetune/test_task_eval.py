@@ -71,7 +71,7 @@ def test_a_bad_item_names_its_file_and_line(tmp_path: Path, line: object, messag
 
 
 def test_a_missing_or_empty_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(TaskEvalError, match="training.task_eval.path: .*nowhere.jsonl is not a file"):
+    with pytest.raises(TaskEvalError, match=r"training\.task_eval\.path: .*nowhere\.jsonl is not a file"):
         load_task_prompts(tmp_path / "nowhere.jsonl", None, 0)
     with pytest.raises(TaskEvalError, match="holds no prompts"):
         load_task_prompts(_write(tmp_path / "empty.jsonl", ""), None, 0)
@@ -81,9 +81,11 @@ def test_the_config_refuses_a_metric_it_cannot_measure(tmp_path: Path) -> None:
     base = ["base_model=b", "data.path=d.jsonl", f"output_dir={tmp_path / 'o'}"]
     with pytest.raises(ConfigError, match="best_metric task_score needs task_eval"):
         load_config(None, [*base, "training.best_metric=task_score"])
-    with pytest.raises(ConfigError, match="data.eval_fraction is 0"):
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction is 0"):
         load_config(None, [*base, "data.eval_fraction=0", "training.export=best"])
-    with pytest.raises(ConfigError, match="training.task_eval.n: Input should be greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"training\.task_eval\.n: Input should be greater than or equal to 1"
+    ):
         load_config(None, [*base, "training.task_eval.path=t.jsonl", "training.task_eval.n=0"])
     # With the task score to go by, no eval split is needed.
     config = load_config(

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from finetune.servable import MANIFEST, folder_sha256
 from serve import adapters as adapters_module
 from serve.adapters import Adapter, AdapterError, AdapterRegistry, parse_lora_option
+from tuneserve.manifest import MANIFEST, folder_sha256
 
 MakeAdapter = Callable[..., Path]
 

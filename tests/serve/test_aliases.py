@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from finetune.servable import MANIFEST
 from serve.adapters import AdapterError, AdapterRegistry
 from serve.models import ServedModels
 from serve.protocol import OpenAIError
@@ -24,6 +23,7 @@ from tests.serve.test_adapters import (  # noqa: F401 (fixtures)
     tiny_models,
 )
 from tests.serve.test_http import FakeEngine
+from tuneserve.manifest import MANIFEST
 
 
 class CountingEngine(FakeEngine):

@@ -59,7 +59,7 @@ class IFEvalScores:
     outcomes: list[ItemOutcome]
 
 
-def _parse_item(record: Any, where: str) -> IFEvalItem:
+def parse_item(record: Any, where: str) -> IFEvalItem:
     """An item from one dataset record; errors start with `where` (file:line or hub id and row)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -111,7 +111,7 @@ def load_items(source: str | os.PathLike[str], limit: int | None = None) -> list
         raise FileNotFoundError(
             f"{source}: no such file; pass IFEval's input_data.jsonl or a hub id such as google/IFEval"
         )
-    items = [_parse_item(record, where) for where, record in records[:limit]]
+    items = [parse_item(record, where) for where, record in records[:limit]]
     if not items:
         raise ValueError(f"{source}: no IFEval items")
     return items
