@@ -48,7 +48,15 @@ class BenchConfig(CommandSettings):
     base_url: str | None = Field(None, description="the endpoint's API root, e.g. http://127.0.0.1:8000/v1")
     api_key: str = Field("EMPTY", description="bearer token for --base-url")
     models: list[str] = Field([], description="comma-separated model ids; the first is the baseline")
-    suite: SuiteName = Field(description="the suite to run")
+    suite: SuiteName | None = Field(None, description="the suite to run (or give --lineage)")
+    lineage: list[Path] = Field(
+        [],
+        description="instead of --suite: adapter folders made by `finetune run`; each version of their "
+        "lineages (init_from), served under its folder's name, and the base are scored on the held-out "
+        "items of every data set in them (the test.jsonl beside each train file) and on IFEval (--data), "
+        "each version tested against its parent (OUT/lineage.md, lineage.json, forgetting.png); "
+        "--models may name the base",
+    )
     data: str | None = Field(
         None,
         description="tasks: a test.jsonl from `python -m client tasks`; ifeval: JSONL or hub id such as "
@@ -93,6 +101,16 @@ class BenchConfig(CommandSettings):
 
     @model_validator(mode="after")
     def _needs(self) -> BenchConfig:
+        if (self.suite is None) == (not self.lineage):
+            raise ValueError("give --suite (one benchmark) or --lineage (adapter versions), one of them")
+        if self.lineage:
+            if self.rescore is not None:
+                raise ValueError("--lineage asks the endpoint; it cannot --rescore an earlier run")
+            if len(self.models) > 1:
+                raise ValueError("with --lineage, --models names only the base (the versions come from it)")
+            if self.base_url is None:
+                raise ValueError("--base-url is required (e.g. http://127.0.0.1:8000/v1)")
+            return self
         if not self.models and self.rescore is None:
             raise ValueError("--models must name at least one model (the first is the baseline)")
         if self.base_url is None and self.rescore is None:
@@ -341,6 +359,7 @@ async def run_bench(config: BenchConfig) -> BenchReport:
                 "sampling": asdict(judge_params),
             }
         try:
+            assert config.suite is not None  # BenchConfig checks this
             suite: Suite = build_suite(config.suite, config.data, config.limit, judge)
         except (ValueError, OSError) as err:  # SuiteDataError, or a loader's own complaint about the data
             raise BenchError(str(err)) from err
@@ -422,6 +441,8 @@ def add_bench_command(commands: Commands) -> None:
 
 def _run_bench(config: BenchConfig) -> int:
     started = time.monotonic()
+    if config.lineage:
+        return _run_lineage_bench(config)
     try:
         report = asyncio.run(run_bench(config))
     except (BenchError, EndpointError) as err:
@@ -430,6 +451,25 @@ def _run_bench(config: BenchConfig) -> int:
     print(
         f"{len(report.results)} model(s) on {config.suite} in {time.monotonic() - started:.0f}s: "
         f"{report.requests} request(s) sent, {report.cache_hits} answered from the cache"
+    )
+    for name, path in report.paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _run_lineage_bench(config: BenchConfig) -> int:
+    from client.lineage_bench import run_lineage_bench
+
+    started = time.monotonic()
+    try:
+        report = asyncio.run(run_lineage_bench(config))
+    except (BenchError, EndpointError) as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"lineage: {len(next(iter(report.cells.values())))} model(s) on {len(report.cells)} column(s) in "
+        f"{time.monotonic() - started:.0f}s: {report.requests} request(s) sent, {report.cache_hits} answered "
+        "from the cache"
     )
     for name, path in report.paths.items():
         print(f"{name}: {path}")
