@@ -441,36 +441,25 @@ def add_bench_command(commands: Commands) -> None:
 
 def _run_bench(config: BenchConfig) -> int:
     started = time.monotonic()
-    if config.lineage:
-        return _run_lineage_bench(config)
     try:
-        report = asyncio.run(run_bench(config))
+        if config.lineage:
+            from client.lineage_bench import run_lineage_bench
+
+            lineage = asyncio.run(run_lineage_bench(config))
+            n_models = len(next(iter(lineage.cells.values())))
+            what = f"lineage: {n_models} model(s) on {len(lineage.cells)} column(s)"
+            paths, requests, cache_hits = lineage.paths, lineage.requests, lineage.cache_hits
+        else:
+            report = asyncio.run(run_bench(config))
+            what = f"{len(report.results)} model(s) on {config.suite}"
+            paths, requests, cache_hits = report.paths, report.requests, report.cache_hits
     except (BenchError, EndpointError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
     print(
-        f"{len(report.results)} model(s) on {config.suite} in {time.monotonic() - started:.0f}s: "
-        f"{report.requests} request(s) sent, {report.cache_hits} answered from the cache"
-    )
-    for name, path in report.paths.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def _run_lineage_bench(config: BenchConfig) -> int:
-    from client.lineage_bench import run_lineage_bench
-
-    started = time.monotonic()
-    try:
-        report = asyncio.run(run_lineage_bench(config))
-    except (BenchError, EndpointError) as err:
-        print(f"bench: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"lineage: {len(next(iter(report.cells.values())))} model(s) on {len(report.cells)} column(s) in "
-        f"{time.monotonic() - started:.0f}s: {report.requests} request(s) sent, {report.cache_hits} answered "
+        f"{what} in {time.monotonic() - started:.0f}s: {requests} request(s) sent, {cache_hits} answered "
         "from the cache"
     )
-    for name, path in report.paths.items():
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -4,6 +4,10 @@ tested against its parent; planned from the manifests `finetune run` writes, run
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,45 +15,42 @@ import pytest
 from client.__main__ import main as client_main
 from client.bench import BenchConfig
 from client.lineage_bench import plan_lineage
-from finetune.cli import main as finetune_main
+from pipeline.launch import free_port
 from tests.e2e import start_server, stop_server, wait_healthy
-from tests.finetune.conftest import REPO_ROOT, overrides
+from tests.finetune.conftest import REPO_ROOT
 
-CONFIG = str(REPO_ROOT / "configs" / "tiny-demo.yaml")
-
-
-def _train(tiny_base: Path, data: Path, out: Path, *extra: str) -> Path:
-    args = overrides(tiny_base, data, out, "training.max_steps=40", "training.eval_every=40", *extra)
-    assert finetune_main(["run", "--config", CONFIG, *args]) == 0
-    return out
+EXAMPLE = REPO_ROOT / "examples" / "forgetting.sh"
+LIMIT = 24
 
 
 @pytest.fixture(scope="module")
-def lineages(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """lowercase, then uppercase continued from it without replay (`uppercase`) and with (`uppercase-replay`):
-    tasks whose replies contradict each other, so a continued run forgets unless the data keeps the old."""
-    from client.tasks import write_task_data
-
-    root = tmp_path_factory.mktemp("lineage-bench")
-    lower = write_task_data(root / "data" / "lowercase", ["lowercase"], n_train=200, n_test=24, seed=0)
-    upper = write_task_data(root / "data" / "uppercase", ["uppercase"], n_train=200, n_test=24, seed=1)
-    adapters = root / "adapters"
-    first = _train(tiny_base, lower["train"], adapters / "lowercase")
-    _train(tiny_base, upper["train"], adapters / "uppercase", f"init_from={first}")
-    _train(
-        tiny_base,
-        upper["train"],
-        adapters / "uppercase-replay",
-        f"init_from={first}",
-        "data.path=",
-        f"data.sources=[{{path: {upper['train']}}}, {{path: '@parent', count: 200}}]",
+def example(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/forgetting.sh on the tiny base: lowercase, then uppercase continued from it without replay
+    (`uppercase`) and with (`uppercase-replay`), tasks whose replies contradict each other; served and
+    benchmarked as a lineage."""
+    out = tmp_path_factory.mktemp("forgetting")
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "BASE": str(tiny_base),
+        "CONFIG": str(REPO_ROOT / "configs" / "tiny-demo.yaml"),
+        "STEPS": "40",
+        "N_TEST": str(LIMIT),
+        "LIMIT": str(LIMIT),
+        "PORT": str(free_port()),
+        "SERVE_ARGS": "--enforce-eager --dtype float32 --max-model-len 512 --kv-cache-memory-bytes 268435456",
+    }
+    done = subprocess.run(
+        ["bash", str(EXAMPLE), str(out)], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500
     )
-    return {"root": root, "adapters": adapters}
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "# Forgetting across a lineage" in done.stdout  # it prints the report
+    return out
 
 
 @pytest.mark.slow
-def test_the_plan_reads_the_versions_and_their_data_from_the_manifests(lineages: dict[str, Path]) -> None:
-    adapters = lineages["adapters"]
+def test_the_plan_reads_the_versions_and_their_data_from_the_manifests(example: Path) -> None:
+    adapters = example / "adapters"
     plan = plan_lineage([adapters / "uppercase", adapters / "uppercase-replay"], None)
     assert [(v.name, v.parent) for v in plan.versions] == [
         ("lowercase", None),
@@ -61,32 +62,14 @@ def test_the_plan_reads_the_versions_and_their_data_from_the_manifests(lineages:
     assert columns["lowercase"].trained_by == ("lowercase", "uppercase-replay")  # replay trained on it again
     assert columns["uppercase"].trained_by == ("uppercase", "uppercase-replay")
     assert columns["uppercase"].suite == "tasks" and columns["ifeval"].data is None
-    assert Path(columns["uppercase"].data or "") == lineages["root"] / "data" / "uppercase" / "test.jsonl"
+    assert Path(columns["uppercase"].data or "") == example / "data" / "uppercase" / "test.jsonl"
 
 
 @pytest.mark.slow
-def test_a_lineage_matrix_against_the_real_server(
-    tiny_base: Path, lineages: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_matrix_holds_each_columns_scores_and_pairs_each_version_with_its_parent(
+    example: Path, tiny_base: Path
 ) -> None:
-    adapters = lineages["adapters"]
-    server = start_server(tiny_base, adapters, tmp_path / "server.log")
-    try:
-        wait_healthy(server)
-        out = tmp_path / "bench"
-        args = ["bench", "--base-url", f"{server.url}/v1", "--out", str(out), "--limit", "24"]
-        lineage_flag = ["--lineage", f"{adapters / 'uppercase'},{adapters / 'uppercase-replay'}"]
-        assert client_main([*args, *lineage_flag, "--no-progress"]) == 0
-        printed = capsys.readouterr().out
-        # Again: every answer comes from the cache.
-        assert client_main([*args, *lineage_flag, "--no-progress"]) == 0
-        assert " 0 request(s) sent" in capsys.readouterr().out
-        # A version the server does not serve is named before any work.
-        code = client_main([*args, "--lineage", str(tmp_path / "nowhere"), "--no-progress"])
-        assert code == 2 and "nowhere" in capsys.readouterr().err
-    finally:
-        stop_server(server)
-
-    assert "lineage: 4 model(s) on 3 column(s)" in printed
+    out = example / "bench"
     document = json.loads((out / "lineage.json").read_text())
     base = document["meta"]["base"]
     assert base == str(tiny_base)  # from the endpoint's listing: the adapters' parent
@@ -100,7 +83,7 @@ def test_a_lineage_matrix_against_the_real_server(
         for model in models:
             # The cell is the column's own benchmark's score ...
             assert row[model]["score"] == column_results[model]["metrics"][metric]
-            assert row[model]["n"] == 24
+            assert row[model]["n"] == LIMIT
         for model, parent in parents.items():
             # ... and the test pairs the version with its parent item by item.
             test = row[model]["vs_parent"]
@@ -121,6 +104,30 @@ def test_a_lineage_matrix_against_the_real_server(
     report = (out / "lineage.md").read_text()
     assert "| `uppercase-replay` | `lowercase` |" in report
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_rerun_against_another_server_comes_from_the_cache(
+    example: Path, tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapters = example / "adapters"
+    server = start_server(tiny_base, adapters, tmp_path / "server.log")
+    try:
+        wait_healthy(server)
+        args = ["bench", "--base-url", f"{server.url}/v1", "--out", str(example / "bench"), "--no-progress"]
+        lineage = ["--lineage", f"{adapters / 'uppercase'},{adapters / 'uppercase-replay'}"]
+        scope = ["--cache-scope", f"forgetting:{tiny_base}", "--limit", str(LIMIT)]  # as the example's
+        assert client_main([*args, *lineage, *scope]) == 0
+        assert "lineage: 4 model(s) on 3 column(s)" in (printed := capsys.readouterr().out)
+        assert " 0 request(s) sent" in printed
+        # A version the server does not serve is named before any work.
+        (tmp_path / "unserved").mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json"):
+            shutil.copy(adapters / "lowercase" / name, tmp_path / "unserved" / name)
+        assert client_main([*args, "--lineage", str(tmp_path / "unserved")]) == 2
+        assert "--lineage: unserved not served" in capsys.readouterr().err
+    finally:
+        stop_server(server)
 
 
 def test_lineage_and_suite_are_one_or_the_other(tmp_path: Path) -> None:

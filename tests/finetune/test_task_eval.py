@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,13 +106,18 @@ def _task_test_file(task_data: Path) -> Path:
     return task_data.parent / "test.jsonl"  # written beside train.jsonl by the same generator
 
 
-def _task_eval(task_data: Path, *extra: str) -> list[str]:
-    return [
+def _train_by_task_score(tiny_base: Path, task_data: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """40 steps with an eval every 10, choosing by the task score on the 16 held-out prompts; metrics.json."""
+    settings = [
+        "training.max_steps=40",
+        "training.eval_every=10",
+        "training.best_metric=task_score",
         f"training.task_eval.path={_task_test_file(task_data)}",
         "training.task_eval.n=16",
         "training.task_eval.max_new_tokens=48",
-        *extra,
     ]
+    run(load_config(None, overrides(tiny_base, task_data, out, *settings, *extra)))
+    return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.mark.slow
@@ -124,22 +130,7 @@ def test_the_exported_adapter_is_the_checkpoint_with_the_best_task_score(
     from finetune.prompting import end_of_turn_ids
 
     out = tmp_path / "by-score"
-    run(
-        load_config(
-            None,
-            overrides(
-                tiny_base,
-                task_data,
-                out,
-                "training.max_steps=40",
-                "training.eval_every=10",
-                "training.best_metric=task_score",
-                "training.export=best",
-                *_task_eval(task_data),
-            ),
-        )
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = _train_by_task_score(tiny_base, task_data, out, "training.export=best")
     history = metrics["task_score"]
     assert [point["step"] for point in history] == [0, 10, 20, 30, 40]
     assert all(point["n"] == 16 and point["score"] == point["passed"] / 16 for point in history)
@@ -172,23 +163,13 @@ def test_early_stopping_goes_by_the_task_score(tiny_base: Path, task_data: Path,
     out = tmp_path / "stopped"
     # No score can rise by more than 1 (a share), so patience 1 stops at the first eval after step 0,
     # although the eval loss falls by more than that delta there (a stop by eval loss would not come).
-    run(
-        load_config(
-            None,
-            overrides(
-                tiny_base,
-                task_data,
-                out,
-                "training.max_steps=40",
-                "training.eval_every=10",
-                "training.best_metric=task_score",
-                "training.early_stopping_patience=1",
-                "training.early_stopping_min_delta=1.0",
-                *_task_eval(task_data),
-            ),
-        )
+    metrics = _train_by_task_score(
+        tiny_base,
+        task_data,
+        out,
+        "training.early_stopping_patience=1",
+        "training.early_stopping_min_delta=1.0",
     )
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_early"] is True and metrics["steps"] == 10
     losses = [point["loss"] for point in metrics["eval_loss"]]
     assert losses[0] - losses[1] > 1.0
