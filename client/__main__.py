@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from client.bench import add_bench_command
 from client.catalog import add_catalog_command
 from client.distill import add_distill_command
+from client.gate import add_gate_command
 from client.generate import add_generate_command
 from client.ifeval.cli import add_lm_eval_commands, add_score_command, add_subset_command
 from client.load import add_load_command
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_bench_command(commands)
     add_score_command(commands)
+    add_gate_command(commands)
     add_load_command(commands)
     add_tasks_command(commands)
     add_distill_command(commands)

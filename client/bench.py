@@ -89,6 +89,11 @@ class BenchConfig(CommandSettings):
         description="an earlier results.json: score its responses again, asking no model (a judge still "
         "answers)",
     )
+    gate: Path | None = Field(
+        None,
+        description="a gate file (YAML rules on the differences from the baseline): judge the run, write "
+        "OUT/gate.json, exit 1 when a rule fails (`python -m client gate` judges a saved run)",
+    )
     progress: CliSuppress[bool] = True  # progress bars (off in tests)
 
     @field_validator("models")
@@ -103,7 +108,13 @@ class BenchConfig(CommandSettings):
     def _needs(self) -> BenchConfig:
         if (self.suite is None) == (not self.lineage):
             raise ValueError("give --suite (one benchmark) or --lineage (adapter versions), one of them")
+        if self.gate is not None:
+            from client.gate import load_gate
+
+            load_gate(self.gate)  # a bad gate file is refused before any request
         if self.lineage:
+            if self.gate is not None:
+                raise ValueError("--gate judges one suite's run; run it on a column's results.json instead")
             if self.rescore is not None:
                 raise ValueError("--lineage asks the endpoint; it cannot --rescore an earlier run")
             if len(self.models) > 1:
@@ -462,4 +473,12 @@ def _run_bench(config: BenchConfig) -> int:
     )
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if config.gate is not None:
+        from client.gate import GateError, run_gate
+
+        try:
+            return 0 if run_gate(config.gate, paths["results"]) else 1
+        except GateError as err:  # a rule that names a metric or model this run does not have
+            print(f"bench: error: {err}", file=sys.stderr)
+            return 2
     return 0
