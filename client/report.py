@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from client.suite import SuiteResult
-from tuneserve.stats import PairedTest, format_p, holm, paired_tests
+from tuneserve.stats import PairedInterval, PairedTest, format_p, holm, paired_intervals, paired_tests
 from tuneserve.tables import format_value, markdown_table, side_by_side
 
 # What a suite's breakdown groups are, for table headings.
@@ -39,6 +39,53 @@ def paired_comparison(results: Mapping[str, SuiteResult]) -> dict[str, dict[str,
         if tests:
             comparison[model] = tests
     return comparison
+
+
+Intervals = dict[str, dict[str, PairedInterval]]
+
+
+def interval_comparison(results: Mapping[str, SuiteResult]) -> Intervals:
+    """Model -> metric -> paired bootstrap interval of its difference from the first model (the baseline),
+    for the continuous scores (ROUGE-L, judge ratings); models without them are left out."""
+    models = list(results)
+    baseline = results[models[0]]
+    comparison: Intervals = {}
+    for model in models[1:]:
+        intervals = paired_intervals(baseline.items, results[model].items, baseline.suite)
+        if intervals:
+            comparison[model] = intervals
+    return comparison
+
+
+def interval_section(intervals: Intervals, baseline: str) -> list[str]:
+    """report.md's "Paired bootstrap intervals" section; [] when no metric has one."""
+    rows = [(model, metric, ci) for model, by_metric in intervals.items() for metric, ci in by_metric.items()]
+    if not rows:
+        return []
+    confidence, resamples = rows[0][2].confidence, rows[0][2].resamples
+    body = [
+        [
+            f"`{model}`",
+            metric,
+            str(ci.n),
+            format_value(ci.baseline_mean),
+            f"{format_value(ci.model_mean)} ({ci.difference:+.3f})",
+            f"[{ci.low:+.3f}, {ci.high:+.3f}]",
+        ]
+        for model, metric, ci in rows
+    ]
+    header = ["model", "metric", "n", "baseline mean", "model mean", f"{confidence:.0%} CI of the difference"]
+    return [
+        "## Paired bootstrap intervals",
+        "",
+        f"Each model against `{baseline}` on the same items (per turn for ratings): items resampled with "
+        f"both scores together, {resamples:,} resamples, seeded, BCa interval of the difference of means. An "
+        "interval that excludes 0 is a difference at that confidence; the intervals are not adjusted for the "
+        "number of comparisons.",
+        "",
+        *markdown_table(header, body, "llr"),
+        "",
+    ]
 
 
 def paired_section(results: Mapping[str, SuiteResult]) -> list[str]:
@@ -76,7 +123,9 @@ def paired_section(results: Mapping[str, SuiteResult]) -> list[str]:
     ]
 
 
-def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult]) -> str:
+def render_markdown(
+    meta: Mapping[str, Any], results: Mapping[str, SuiteResult], intervals: Intervals | None = None
+) -> str:
     """report.md: run details, headline metrics side by side, then one table per breakdown metric.
 
     Between them, for suites with per-item pass/fail, the paired comparison with the baseline.
@@ -120,6 +169,7 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
     headline = {name: {model: results[model].metrics.get(name) for model in models} for name in metric_names}
     lines += [*side_by_side("metric", headline, models), ""]
     lines += paired_section(results)
+    lines += interval_section(interval_comparison(results) if intervals is None else intervals, models[0])
 
     groups = _ordered_keys([result.breakdown for result in results.values()])
     if groups:
@@ -137,8 +187,14 @@ def render_markdown(meta: Mapping[str, Any], results: Mapping[str, SuiteResult])
     return "\n".join(lines)
 
 
-def plot_headline(results: Mapping[str, SuiteResult], path: Path, title: str | None = None) -> None:
-    """report.png: a grouped bar chart, one group per headline metric, one bar per model."""
+def plot_headline(
+    results: Mapping[str, SuiteResult],
+    path: Path,
+    title: str | None = None,
+    intervals: Intervals | None = None,
+) -> None:
+    """report.png: a grouped bar chart, one group per headline metric, one bar per model; a model's bar has
+    error bars where its difference from the baseline has a paired interval (drawn around its score)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +207,14 @@ def plot_headline(results: Mapping[str, SuiteResult], path: Path, title: str | N
     for index, model in enumerate(models):
         values = [results[model].metrics.get(name, math.nan) for name in metric_names]
         positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(metric_names))]
-        bars = ax.bar(positions, values, width, label=model if len(model) <= 40 else "…" + model[-39:])
+        errors = [[0.0] * len(metric_names), [0.0] * len(metric_names)]
+        for i, name in enumerate(metric_names):
+            ci = (intervals or {}).get(model, {}).get(name)
+            if ci is not None:
+                errors[0][i], errors[1][i] = ci.difference - ci.low, ci.high - ci.difference
+        label = model if len(model) <= 40 else "…" + model[-39:]
+        has_errors = any(errors[0]) or any(errors[1])
+        bars = ax.bar(positions, values, width, label=label, yerr=errors if has_errors else None, capsize=4)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(metric_names)), metric_names)
     suite = next(iter(results.values())).suite
@@ -175,12 +238,17 @@ def write_report(out: Path, meta: Mapping[str, Any], results: Mapping[str, Suite
         model: {metric: test.as_dict() for metric, test in tests.items()}
         for model, tests in paired_comparison(results).items()
     }
+    intervals = interval_comparison(results)
     document = {
         "meta": dict(meta),
         "models": {model: asdict(result) for model, result in results.items()},
         "paired": paired,
+        "intervals": {
+            model: {metric: ci.as_dict() for metric, ci in by_metric.items()}
+            for model, by_metric in intervals.items()
+        },
     }
     paths["results"].write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["report"].write_text(render_markdown(meta, results) + "\n", encoding="utf-8")
-    plot_headline(results, paths["chart"])
+    paths["report"].write_text(render_markdown(meta, results, intervals) + "\n", encoding="utf-8")
+    plot_headline(results, paths["chart"], intervals=intervals)
     return paths

@@ -1,11 +1,14 @@
-"""Paired statistics for comparing two models on the same items: exact McNemar test and Holm's correction.
+"""Paired statistics for comparing two models on the same items: the exact McNemar test for pass/fail
+outcomes, a paired bootstrap confidence interval for continuous scores, and Holm's correction.
 
-Used by the `bench` report (report.md, results.json) and the pipeline's report; `paired_tests` pairs items
-by id.
+Used by the `bench` report (report.md, results.json), the gate and the pipeline's report; `paired_tests` and
+`paired_intervals` pair items by id.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -139,3 +142,128 @@ def per_type_tests(
             baseline_by_type.setdefault(kind, []).append(followed)
             model_by_type.setdefault(kind, []).append(model_followed)
     return {kind: mcnemar(baseline_by_type[kind], model_by_type[kind]) for kind in sorted(baseline_by_type)}
+
+
+# --- continuous scores: the paired bootstrap --------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """A paired bootstrap confidence interval for the difference of two models' mean scores on the same `n`
+    items (model minus baseline): items are resampled with their two scores together, so what the items have
+    in common cancels and only the models' difference varies. BCa interval (scipy), seeded."""
+
+    n: int
+    baseline_mean: float
+    model_mean: float
+    low: float
+    high: float
+    confidence: float
+    resamples: int
+    seed: int
+
+    @property
+    def difference(self) -> float:
+        return self.model_mean - self.baseline_mean
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"difference": self.difference}
+
+
+def paired_bootstrap(
+    baseline: Sequence[float],
+    model: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = 0,
+) -> PairedInterval:
+    """The paired bootstrap interval of mean(model) - mean(baseline), one score per item from each."""
+    if len(baseline) != len(model):
+        raise ValueError(
+            f"a paired bootstrap needs one score per item from each model: baseline has {len(baseline)}, "
+            f"model has {len(model)}"
+        )
+    if not baseline:
+        raise ValueError("a paired bootstrap needs at least one item")
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    differences = np.asarray(model, dtype=float) - np.asarray(baseline, dtype=float)
+    mean = float(differences.mean())
+    if len(differences) < 2 or np.ptp(differences) <= 1e-12 * max(1.0, abs(mean)):
+        low = high = mean  # every resample has the same mean (to rounding): the interval is that point
+    else:
+        low, high = math.nan, math.nan
+        # BCa corrects the percentile interval's bias and skew; where its correction cannot be computed
+        # (nearly every difference the same), the percentile interval stands.
+        for method in ("BCa", "percentile"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result = bootstrap(
+                    (differences,),
+                    np.mean,
+                    n_resamples=resamples,
+                    confidence_level=confidence,
+                    method=method,
+                    vectorized=True,
+                    rng=np.random.default_rng(seed),
+                )
+            low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+            if math.isfinite(low) and math.isfinite(high):
+                break
+    return PairedInterval(
+        n=len(differences),
+        baseline_mean=float(np.mean(baseline)),
+        model_mean=float(np.mean(model)),
+        low=low,
+        high=high,
+        confidence=confidence,
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def _paired_scores(
+    baseline_items: Sequence[Mapping[str, Any]], model_items: Sequence[Mapping[str, Any]], key: str
+) -> tuple[list[float], list[float]]:
+    """Both models' per-item scores under `key` (a number, or a list of numbers/None per turn), paired by
+    item id and turn; a score either side lacks is left out."""
+    baseline_scores: list[float] = []
+    model_scores: list[float] = []
+    for b, m in _paired_items(baseline_items, model_items, key):
+        b_values, m_values = b[key], m[key]
+        if not isinstance(b_values, list):
+            b_values, m_values = [b_values], [m_values]
+        for b_value, m_value in zip(b_values, m_values, strict=False):
+            if b_value is not None and m_value is not None:
+                baseline_scores.append(float(b_value))
+                model_scores.append(float(m_value))
+    return baseline_scores, model_scores
+
+
+# Continuous per-item scores a suite's items carry, and the headline metric each stands behind.
+_CONTINUOUS = {"reference": {"rouge_l": "rouge_l"}, "mtbench": {"overall": "ratings"}}
+
+
+def paired_intervals(
+    baseline_items: Sequence[Mapping[str, Any]],
+    model_items: Sequence[Mapping[str, Any]],
+    suite: str,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, PairedInterval]:
+    """Paired bootstrap intervals per continuous metric: reference's "rouge_l" (item["rouge_l"]), MT-Bench's
+    "overall" (item["ratings"], paired by turn). Other suites, or no shared scores: {}."""
+    intervals: dict[str, PairedInterval] = {}
+    for metric, key in _CONTINUOUS.get(suite, {}).items():
+        baseline_scores, model_scores = _paired_scores(baseline_items, model_items, key)
+        if baseline_scores:
+            intervals[metric] = paired_bootstrap(
+                baseline_scores, model_scores, resamples=resamples, seed=seed
+            )
+    return intervals

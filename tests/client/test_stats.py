@@ -9,11 +9,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from client.report import paired_comparison, render_markdown, write_report
 from client.suite import SuiteResult
-from tuneserve.stats import PairedTest, format_p, holm, mcnemar, paired_tests
+from tuneserve.stats import (
+    PairedTest,
+    format_p,
+    holm,
+    mcnemar,
+    paired_bootstrap,
+    paired_intervals,
+    paired_tests,
+)
 
 
 def _outcomes(gained: int, lost: int, both: int = 0, neither: int = 0) -> tuple[list[bool], list[bool]]:
@@ -215,7 +225,8 @@ def test_report_tasks_paired_section(tmp_path: Path) -> None:
 
     paths = write_report(tmp_path, META, results)
     document = json.loads(paths["results"].read_text())
-    assert list(document) == ["meta", "models", "paired"]
+    assert list(document) == ["meta", "models", "paired", "intervals"]
+    assert document["intervals"] == {}  # pass/fail items: the McNemar test, no interval
     assert list(document["paired"]) == ["fmt", "caps"]
     fmt = document["paired"]["fmt"]["accuracy"]
     assert fmt == {
@@ -272,3 +283,73 @@ def test_report_without_items_or_second_model_has_no_paired_section(tmp_path: Pa
 
     only_baseline = {"base": _tasks_results()["base"]}
     assert "Paired comparison" not in render_markdown(META, only_baseline)
+
+
+# --- paired bootstrap ------------------------------------------------------------------------------
+
+
+def test_the_bootstrap_interval_is_paired_so_what_items_share_cancels() -> None:
+    # Items as different from each other as scores get (0.05 .. 0.95), the model 0.1 above on each, with
+    # a little noise: an unpaired interval would be about +-0.07 wide, the paired one a few thousandths.
+    rng = np.random.default_rng(1)
+    baseline = list(np.linspace(0.05, 0.85, 200))
+    model = [b + 0.1 + noise for b, noise in zip(baseline, rng.normal(0, 0.01, 200), strict=True)]
+    ci = paired_bootstrap(baseline, model)
+    assert ci.low < 0.1 < ci.high and ci.high - ci.low < 0.005
+    assert ci.difference == pytest.approx(0.1, abs=0.002)
+    assert (ci.n, ci.resamples, ci.confidence, ci.seed) == (200, 10_000, 0.95, 0)
+
+
+def test_the_bootstrap_interval_agrees_with_normal_theory_on_a_large_sample() -> None:
+    # For the mean of 400 normal differences the BCa interval and the t interval coincide closely.
+    rng = np.random.default_rng(7)
+    baseline = list(rng.normal(5, 1, 400))
+    model = [b + d for b, d in zip(baseline, rng.normal(0.3, 1.0, 400), strict=True)]
+    differences = np.asarray(model) - np.asarray(baseline)
+    half = scipy_stats.t.ppf(0.975, 399) * differences.std(ddof=1) / math.sqrt(400)
+    ci = paired_bootstrap(baseline, model)
+    assert ci.low == pytest.approx(differences.mean() - half, abs=0.1 * half)
+    assert ci.high == pytest.approx(differences.mean() + half, abs=0.1 * half)
+
+
+def test_the_bootstrap_is_seeded_and_handles_degenerate_samples() -> None:
+    rng = np.random.default_rng(3)
+    baseline, model = list(rng.random(50)), list(rng.random(50))
+    assert paired_bootstrap(baseline, model) == paired_bootstrap(baseline, model)
+    assert paired_bootstrap(baseline, model, seed=1) != paired_bootstrap(baseline, model)
+    shifted = paired_bootstrap([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])  # every difference 0.5
+    assert (shifted.low, shifted.high) == (0.5, 0.5)
+    assert paired_bootstrap([2.0], [3.0]).low == 1.0
+    with pytest.raises(ValueError, match="one score per item"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one item"):
+        paired_bootstrap([], [])
+
+
+def test_paired_intervals_pair_by_item_and_by_turn() -> None:
+    baseline = [{"id": "a", "rouge_l": 0.2}, {"id": "b", "rouge_l": 0.4}, {"id": "c", "rouge_l": 0.9}]
+    model = [{"id": "b", "rouge_l": 0.5}, {"id": "a", "rouge_l": 0.3}, {"id": "z", "rouge_l": 0.0}]
+    ci = paired_intervals(baseline, model, "reference")["rouge_l"]
+    assert ci.n == 2 and ci.difference == pytest.approx(0.1)
+    judged = [{"id": "1", "ratings": [5.0, None]}, {"id": "2", "ratings": [7.0, 6.0]}]
+    other = [{"id": "1", "ratings": [6.0, 9.0]}, {"id": "2", "ratings": [None, 8.0]}]
+    overall = paired_intervals(judged, other, "mtbench")["overall"]
+    assert (overall.n, overall.baseline_mean, overall.model_mean) == (2, 5.5, 7.0)  # turns both rated
+    assert paired_intervals(baseline, model, "tasks") == {}
+
+
+def test_report_reference_suite_has_intervals(tmp_path: Path) -> None:
+    def result(scores: list[float]) -> SuiteResult:
+        items = [{"id": str(i), "responses": ["x"], "rouge_l": s} for i, s in enumerate(scores)]
+        return SuiteResult("reference", {"rouge_l": sum(scores) / len(scores)}, {}, items)
+
+    scores = [0.125 * (i % 8) for i in range(40)]  # exact in binary: every difference is exactly 0.25
+    results = {"base": result(scores), "tuned": result([s + 0.25 for s in scores])}
+    paths = write_report(tmp_path, {**META, "suite": "reference"}, results)
+    document = json.loads(paths["results"].read_text())
+    interval = document["intervals"]["tuned"]["rouge_l"]
+    assert interval["difference"] == interval["low"] == interval["high"] == 0.25
+    markdown = paths["report"].read_text()
+    assert "## Paired bootstrap intervals" in markdown
+    assert "| `tuned` | rouge_l | 40 | 0.438 | 0.688 (+0.250) | [+0.250, +0.250] |" in markdown
+    assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
