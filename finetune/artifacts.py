@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import FinetuneConfig
+from finetune.prompting import template_fingerprint
 from tuneserve import package_version
-from tuneserve.manifest import adapter_files, folder_sha256
+from tuneserve.manifest import adapter_files, folder_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def base_identity(base_model: str, revision: str | None, commit: str | None) -> 
             "name": base_model,
             "path": str(local.resolve()),
             "content_sha256": content,
+            # Config and weights only: a server decides "the same network" by this, and how prompts are
+            # rendered by the manifest's template fingerprint, so a changed template is named as such.
+            "weights_sha256": weights_sha256(local),
         }
     return {"source": "hub", "name": base_model, "revision": revision, "commit": commit}
 
@@ -53,6 +57,7 @@ def build_manifest(
     data_hash: str,
     metrics: dict[str, Any],
     data_paths: list[str] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return {
@@ -69,6 +74,9 @@ def build_manifest(
         "steps": metrics["steps"],
         "final_eval_loss": metrics["final_eval_loss"],
         "files": adapter_files(adapter_dir),
+        # How prompts were rendered in training; the server refuses to serve the adapter where it renders
+        # them otherwise (the template lock).
+        "template": template_fingerprint(tokenizer) if tokenizer is not None else None,
     }
 
 

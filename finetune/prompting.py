@@ -242,3 +242,92 @@ def encode_raw(tokenizer: ChatTokenizer, prompt: str, completion: str, eos_id: i
     return EncodedSample(
         input_ids=prompt_ids + completion_ids, labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids
     )
+
+
+# --- the template lock: how a tokenizer renders prompts, recorded at training and checked when served -----
+
+# Chats whose token ids show how a tokenizer and its chat template render prompts: one turn, and a system
+# prompt with an earlier exchange. Fixed forever: an adapter's manifest stores their ids.
+GOLDEN_CHATS: tuple[tuple[Message, ...], ...] = (
+    ({"role": "user", "content": "Hello! What can you do?"},),
+    (
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And another one?"},
+    ),
+)
+_FINGERPRINT_FIELDS = (
+    "chat_template_sha256",
+    "special_tokens_sha256",
+    "tokenizer_sha256",
+    "bos_token_id",
+    "eos_token_id",
+    "generation_prompt",
+)
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def template_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """How `tokenizer` turns chats into tokens: hashes of its chat template, special tokens and vocabulary,
+    its BOS/EOS ids, the generation prompt's text, and the ids of GOLDEN_CHATS rendered for generation (a
+    chat the template refuses is recorded by its error). `finetune run` writes it into the manifest; the
+    server compares it with its own (`fingerprint_difference`) before serving an adapter."""
+    golden: list[dict[str, Any]] = []
+    for chat in GOLDEN_CHATS:
+        try:
+            ids = encode_prompt(tokenizer, chat)
+        except Exception as exc:  # a template that refuses a system turn, or no template at all
+            golden.append({"error": f"{type(exc).__name__}: {exc}"})
+            continue
+        golden.append({"ids": ids, "tokens": [str(token) for token in tokenizer.convert_ids_to_tokens(ids)]})
+    try:
+        with_prompt = render_prompt(tokenizer, GOLDEN_CHATS[0], add_generation_prompt=True)
+        without = render_prompt(tokenizer, GOLDEN_CHATS[0], add_generation_prompt=False)
+        generation_prompt: str | None = with_prompt.removeprefix(without)
+    except Exception:
+        generation_prompt = None
+    special = {name: str(value) for name, value in tokenizer.special_tokens_map.items()}
+    return {
+        "chat_template_sha256": _sha256(getattr(tokenizer, "chat_template", None) or ""),
+        "special_tokens_sha256": _sha256(json.dumps(special, sort_keys=True)),
+        "tokenizer_sha256": _sha256(json.dumps(sorted(tokenizer.get_vocab().items()))),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "generation_prompt": generation_prompt,
+        "golden": golden,
+    }
+
+
+def fingerprint_difference(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """None when two fingerprints agree; else what differs first, as a sentence: the first differing token
+    of the first golden chat that differs (by its text and id on each side), or else the differing field."""
+    for index, (old, new) in enumerate(zip(recorded.get("golden") or [], current["golden"], strict=False)):
+        if old == new:
+            continue
+        where = f"golden conversation {index + 1} of {len(GOLDEN_CHATS)}"
+        if "ids" not in old or "ids" not in new:
+            trained, served = old.get("error") or "rendered", new.get("error") or "rendered"
+            return f"{where}: trained {trained}, served {served}"
+        position = next(
+            (i for i, (a, b) in enumerate(zip(old["ids"], new["ids"], strict=False)) if a != b),
+            min(len(old["ids"]), len(new["ids"])),
+        )
+        trained, served = _token_at(old, position), _token_at(new, position)
+        return f"{where} differs at token {position}: trained {trained}, served {served}"
+    for field in _FINGERPRINT_FIELDS:
+        if field in recorded and recorded[field] != current.get(field):
+            return f"{field} differs: trained {recorded[field]!r}, served {current.get(field)!r}"
+    return None
+
+
+def _token_at(rendered: Mapping[str, Any], position: int) -> str:
+    ids = rendered["ids"]
+    if position >= len(ids):
+        return f"the end of the prompt ({len(ids)} tokens)"
+    return f"{rendered['tokens'][position]!r} (id {ids[position]})"

@@ -703,6 +703,7 @@ class LoraRecipe:
             data_hash=self.data_report.data_hash,
             data_paths=self.data_paths,
             metrics=metrics,
+            tokenizer=self.tokenizer,
         )
         if self.parent is not None:
             manifest["parent"] = self.parent.record()

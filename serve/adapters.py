@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.prompting import fingerprint_difference
 from finetune.servable import base_linear_shapes, check_lora_weights, inspect_adapter
 from tuneserve.hub import is_hub_id
-from tuneserve.manifest import ADAPTER_WEIGHTS, MANIFEST, adapter_version, folder_sha256
+from tuneserve.manifest import ADAPTER_WEIGHTS, MANIFEST, adapter_version, folder_sha256, weights_sha256
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -102,6 +103,8 @@ class AdapterRegistry:
         max_lora_rank: int,
         served_name: str | None = None,
         base_config: Any = None,
+        template: dict[str, Any] | None = None,
+        allow_template_mismatch: bool = False,
     ) -> None:
         if adapters_dir is not None and not adapters_dir.is_dir():
             raise ValueError(
@@ -111,6 +114,11 @@ class AdapterRegistry:
         self.served_name = served_name or base_model
         # The base's transformers config (the engine's); None: read from base_model when first needed.
         self.base_config = base_config
+        # How this server renders prompts (finetune.prompting.template_fingerprint of the base's tokenizer);
+        # None until the tokenizer is loaded, and then every adapter's recorded fingerprint must match it.
+        self.template = template
+        self.allow_template_mismatch = allow_template_mismatch
+        self._base_weights_sha256: str | None = None
         self._linears: dict[str, tuple[int, int]] | None = None
         self._linears_error: str | None = None  # why the base's linear layers cannot be listed
         self.adapters_dir = adapters_dir
@@ -137,6 +145,7 @@ class AdapterRegistry:
             raise AdapterError(str(exc)) from exc
         self._check_weights(path, info.base_model)
         base_check = self._check_base(name, path, info.base_model)
+        self._check_template(name, path)  # the same network: does it see prompts as in training?
         return Adapter(
             name=name,
             path=path,
@@ -399,6 +408,27 @@ class AdapterRegistry:
                 self._linears = {}
         return self._linears or None
 
+    def _check_template(self, name: str, path: Path) -> None:
+        """The template lock: an adapter whose manifest records how its training rendered prompts is served
+        only where this server renders them the same way (or with a warning, if allowed)."""
+        recorded = self._manifest_field(path, "template")
+        if not isinstance(recorded, dict) or self.template is None:
+            return  # trained elsewhere, or before the lock existed: nothing recorded to compare
+        difference = fingerprint_difference(recorded, self.template)
+        if difference is None:
+            return
+        message = (
+            f"adapter {name!r} was trained with prompts rendered otherwise than this server renders them for "
+            f"{self.base_model!r}: {difference}"
+        )
+        if self.allow_template_mismatch:
+            log.warning("%s; serving it anyway (--allow-template-mismatch)", message)
+            return
+        raise AdapterError(
+            f"{message}. Serve it on the tokenizer and chat template it was trained with, or pass "
+            "--allow-template-mismatch to serve it anyway"
+        )
+
     def _check_base(self, name: str, path: Path, declared: str | None) -> str:
         """How the adapter fits the served base (a BASE_* value), after _check_weights; AdapterError if not.
 
@@ -408,6 +438,20 @@ class AdapterRegistry:
         trained from. Where the base's layers cannot be listed, nothing but the name is left to check.
         """
         recorded = self._manifest_base(path)
+        if (
+            recorded is not None
+            and recorded.get("source") == "local"
+            and recorded.get("weights_sha256")
+            and Path(self.base_model).is_dir()
+        ):
+            # The network alone: the template lock (_check_template) judges the tokenizer and template.
+            if recorded["weights_sha256"] == self._served_base_weights_sha256():
+                return BASE_BY_CONTENT
+            raise AdapterError(
+                f"adapter {name!r} was trained on base model {recorded.get('name')!r} (weights sha256 "
+                f"{recorded['weights_sha256'][:12]}...), but this server serves {self.base_model!r} (weights "
+                f"sha256 {self._served_base_weights_sha256()[:12]}...); they are different models"
+            )
         if (
             recorded is not None
             and recorded.get("source") == "local"
@@ -454,6 +498,19 @@ class AdapterRegistry:
             self.base_model,
         )
         return BASE_BY_SHAPES
+
+    @staticmethod
+    def _manifest_field(path: Path, field: str) -> Any:
+        """A field of the folder's finetune manifest; None if it has no readable one."""
+        try:
+            return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get(field)
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _served_base_weights_sha256(self) -> str:
+        if self._base_weights_sha256 is None:
+            self._base_weights_sha256 = weights_sha256(Path(self.base_model))
+        return self._base_weights_sha256
 
     @staticmethod
     def _manifest_base(path: Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from finetune.prompting import template_fingerprint
 from serve import protocol
 from serve.adapters import AdapterError, AdapterRegistry, parse_lora_option
 from serve.engine import build_engine
@@ -186,8 +187,10 @@ async def start_serving(
             adapters_dir=settings.adapters_dir,
             max_lora_rank=settings.max_lora_rank,
             served_name=settings.model_id,
+            allow_template_mismatch=settings.allow_template_mismatch,
         )
         tokenizer = await asyncio.to_thread(tokenizer_factory, settings)
+        registry.template = await asyncio.to_thread(template_fingerprint, tokenizer)
         engine = await asyncio.to_thread(engine_factory, settings)  # ~30 s; /health answers 503 meanwhile
         app.state.engine = engine
         registry.base_config = engine.model_config.hf_config

@@ -48,6 +48,12 @@ class ServeSettings(BaseSettings):
         description="A request naming an adapter that is not loaded loads it from an allowed source first: a "
         "folder name in the adapters dir, s3://BUCKET/PREFIX/NAME, or ORG/NAME[@REVISION] on the hub.",
     )
+    allow_template_mismatch: bool = Field(
+        False,
+        description="Serve an adapter whose manifest records prompts rendered otherwise than this server "
+        "renders them (another chat template, special tokens or vocabulary), with a warning instead of a "
+        "refusal.",
+    )
     adapter_cache_dir: Path | None = Field(
         None,
         description="Adapters fetched from S3 or the hub, one server per folder (default: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,31 @@ def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
     return digest.hexdigest()
 
 
-def folder_sha256(folder: Path) -> str:
-    """One hash over every non-hidden file's relative path and content (a model folder's identity)."""
+def folder_sha256(folder: Path, only: Callable[[Path], bool] | None = None) -> str:
+    """One hash over every non-hidden file's relative path and content (a model folder's identity), or over
+    the files `only` accepts (by relative path)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts) or (only is not None and not only(relative)):
             continue
         digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def is_model_file(relative: Path) -> bool:
+    """The files that make a model compute what it computes: its config and weights (not its tokenizer)."""
+    name = relative.name
+    return name == "config.json" or name.endswith(".index.json") or name.endswith(WEIGHT_SUFFIXES)
+
+
+def weights_sha256(folder: Path) -> str:
+    """A model folder's config and weights, hashed: the same network whatever its tokenizer files hold. How
+    prompts are rendered is the template fingerprint's to check (finetune.prompting.template_fingerprint)."""
+    return folder_sha256(folder, only=is_model_file)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
