@@ -89,6 +89,11 @@ class BenchConfig(CommandSettings):
         description="an earlier results.json: score its responses again, asking no model (a judge still "
         "answers)",
     )
+    tokenizer: str | None = Field(
+        None,
+        description="a local tokenizer (folder or hub id), e.g. the base an adapter was trained on: before "
+        "any prompt, check through the endpoint's /tokenize that it renders chats into the same tokens",
+    )
     gate: Path | None = Field(
         None,
         description="a gate file (YAML rules on the differences from the baseline): judge the run, write "
@@ -385,6 +390,10 @@ async def run_bench(config: BenchConfig) -> BenchReport:
             assert config.base_url is not None
             model_runner = runner(config.base_url, config.api_key, config.cache_scope)
             models_listing = await served_models(model_runner.client, config.models)
+            if config.tokenizer is not None:
+                from client.rendering import check_rendering
+
+                await check_rendering(model_runner.base_url, config.api_key, config.models, config.tokenizer)
             base_url = model_runner.base_url
             sampling = asdict(config.sampling)
             # Every model's prompts share the concurrency limit, so the server stays busy while one model's

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tuneserve.rendering import GOLDEN_CHATS
+
 IGNORE_INDEX = -100
 
 Message = Mapping[str, Any]
@@ -246,17 +248,6 @@ def encode_raw(tokenizer: ChatTokenizer, prompt: str, completion: str, eos_id: i
 
 # --- the template lock: how a tokenizer renders prompts, recorded at training and checked when served -----
 
-# Chats whose token ids show how a tokenizer and its chat template render prompts: one turn, and a system
-# prompt with an earlier exchange. Fixed forever: an adapter's manifest stores their ids.
-GOLDEN_CHATS: tuple[tuple[Message, ...], ...] = (
-    ({"role": "user", "content": "Hello! What can you do?"},),
-    (
-        {"role": "system", "content": "You answer in one word."},
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Blue."},
-        {"role": "user", "content": "And another one?"},
-    ),
-)
 _FINGERPRINT_FIELDS = (
     "chat_template_sha256",
     "special_tokens_sha256",

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from finetune.prompting import GOLDEN_CHATS, fingerprint_difference, template_fingerprint
+from client.__main__ import main as client_main
+from client.tasks import write_task_data
+from finetune.prompting import fingerprint_difference, template_fingerprint
 from serve.adapters import BASE_BY_CONTENT, AdapterError, AdapterRegistry
 from tests.e2e import start_server, stop_server, wait_healthy
 from tuneserve.manifest import MANIFEST, weights_sha256
+from tuneserve.rendering import GOLDEN_CHATS
 
 
 def _with_system_prompt(tiny_base: Path, out: Path) -> Path:
@@ -82,8 +85,8 @@ def test_an_adapter_is_refused_where_prompts_render_otherwise(
 
 
 @pytest.mark.slow
-def test_the_server_refuses_it_at_start_and_serves_the_rest(
-    adapters_dir: Path, tiny_base: Path, tmp_path: Path
+def test_the_server_refuses_it_at_start_and_the_client_sees_it_too(
+    adapters_dir: Path, tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import httpx
 
@@ -92,10 +95,20 @@ def test_the_server_refuses_it_at_start_and_serves_the_rest(
     served.mkdir()
     shutil.copytree(adapters_dir / "fmt", served / "fmt")
     shutil.copytree(adapters_dir / "elsewhere", served / "elsewhere")  # plain PEFT: nothing recorded
+    tasks = write_task_data(tmp_path / "tasks", ["uppercase"], n_train=0, n_test=2)["test"]
     server = start_server(changed, served, tmp_path / "server.log")
     try:
         wait_healthy(server)
         models = {entry["id"] for entry in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        # The client catches the same difference through /tokenize before it sends a prompt.
+        bench = ["bench", "--base-url", f"{server.url}/v1", "--models", str(changed), "--suite", "tasks"]
+        bench += ["--data", str(tasks), "--max-tokens", "8", "--no-progress"]
+        assert client_main([*bench, "--out", str(tmp_path / "b1"), "--tokenizer", str(tiny_base)]) == 2
+        error = capsys.readouterr().err
+        assert "golden conversation 1 of 2 differs at token 1: local 'user' (id " in error
+        assert not (tmp_path / "b1" / "results.json").exists()
+        assert client_main([*bench, "--out", str(tmp_path / "b2"), "--tokenizer", str(changed)]) == 0
+        assert (tmp_path / "b2" / "results.json").is_file()
     finally:
         stop_server(server)
     assert "elsewhere" in models and "fmt" not in models
