@@ -217,10 +217,19 @@ def evaluate_gate(gate: GateConfig, document: Mapping[str, Any]) -> list[RuleOut
     return outcomes
 
 
-def gate_report(outcomes: Sequence[RuleOutcome], gate_path: Path, results_path: Path) -> dict[str, Any]:
-    """gate.json: whether the run passed, each rule's checks, and the results file it judged (by hash)."""
+def gate_report(
+    outcomes: Sequence[RuleOutcome], gate_path: Path, results_path: Path, document: Mapping[str, Any]
+) -> dict[str, Any]:
+    """gate.json: whether the run passed, each rule's checks, the results file it judged (by hash), and the
+    version of each model the endpoint listed (what `POST /v1/lora_adapters/promote` checks)."""
+    listing = (document.get("meta") or {}).get("models_listing") or []
     return {
         "passed": all(outcome.passed for outcome in outcomes),
+        "versions": {
+            str(card["id"]): card.get("version")
+            for card in listing
+            if isinstance(card, Mapping) and card.get("id") in document["models"]
+        },
         "gate": str(gate_path),
         "results": str(results_path),
         "results_sha256": hashlib.sha256(Path(results_path).read_bytes()).hexdigest(),
@@ -262,7 +271,7 @@ def run_gate(gate_path: Path, results_path: Path, out: Path | None = None) -> bo
     except (OSError, ValueError) as err:
         raise GateError(f"results {results_path}: {err}") from err
     outcomes = evaluate_gate(gate, document)
-    report = gate_report(outcomes, gate_path, results_path)
+    report = gate_report(outcomes, gate_path, results_path, document)
     target = out if out is not None else Path(results_path).with_name("gate.json")
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(format_outcomes(outcomes))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.prompting import fingerprint_difference
+from finetune.prompting import fingerprint_difference, template_fingerprint
 from finetune.servable import base_linear_shapes, check_lora_weights, inspect_adapter
 from tuneserve.hub import is_hub_id
 from tuneserve.manifest import ADAPTER_WEIGHTS, MANIFEST, adapter_version, folder_sha256, weights_sha256
@@ -114,9 +114,10 @@ class AdapterRegistry:
         self.served_name = served_name or base_model
         # The base's transformers config (the engine's); None: read from base_model when first needed.
         self.base_config = base_config
-        # How this server renders prompts (finetune.prompting.template_fingerprint of the base's tokenizer);
-        # None until the tokenizer is loaded, and then every adapter's recorded fingerprint must match it.
+        # How this server renders prompts (finetune.prompting.template_fingerprint of the base's tokenizer),
+        # given or worked out from `tokenizer` when an adapter first brings a fingerprint to compare with.
         self.template = template
+        self.tokenizer: Any = None
         self.allow_template_mismatch = allow_template_mismatch
         self._base_weights_sha256: str | None = None
         self._linears: dict[str, tuple[int, int]] | None = None
@@ -412,8 +413,12 @@ class AdapterRegistry:
         """The template lock: an adapter whose manifest records how its training rendered prompts is served
         only where this server renders them the same way (or with a warning, if allowed)."""
         recorded = self._manifest_field(path, "template")
-        if not isinstance(recorded, dict) or self.template is None:
+        if not isinstance(recorded, dict):
             return  # trained elsewhere, or before the lock existed: nothing recorded to compare
+        if self.template is None and self.tokenizer is not None:
+            self.template = template_fingerprint(self.tokenizer)
+        if self.template is None:
+            return  # no tokenizer yet (a registry used without a server)
         difference = fingerprint_difference(recorded, self.template)
         if difference is None:
             return

@@ -21,7 +21,6 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from finetune.prompting import template_fingerprint
 from serve import protocol
 from serve.adapters import AdapterError, AdapterRegistry, parse_lora_option
 from serve.engine import build_engine
@@ -190,7 +189,7 @@ async def start_serving(
             allow_template_mismatch=settings.allow_template_mismatch,
         )
         tokenizer = await asyncio.to_thread(tokenizer_factory, settings)
-        registry.template = await asyncio.to_thread(template_fingerprint, tokenizer)
+        registry.tokenizer = tokenizer  # the template lock's fingerprint, worked out when first needed
         engine = await asyncio.to_thread(engine_factory, settings)  # ~30 s; /health answers 503 meanwhile
         app.state.engine = engine
         registry.base_config = engine.model_config.hf_config

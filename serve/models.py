@@ -8,7 +8,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,7 +108,10 @@ class ServedModels:
     def list_models(self) -> protocol.ModelList:
         cards = [self._card(self.model_id, parent=None)]
         # An adapter's root is its name, not its path: every key sees this list; admins get paths elsewhere.
-        cards += [self._card(adapter.name, parent=self.model_id) for adapter in self.registry]
+        cards += [
+            self._card(adapter.name, parent=self.model_id, version=adapter.version)
+            for adapter in self.registry
+        ]
         # An alias is a model of its own to clients (its target is the admin's business).
         cards += [self._card(alias, parent=self.model_id) for alias in self.registry.aliases()]
         return protocol.ModelList(data=cards)
@@ -116,7 +119,12 @@ class ServedModels:
     def card(self, model: str) -> protocol.ModelCard:
         """The card of one served model; 404 for anything else."""
         self.resolve(model)
-        return self._card(model, parent=None if model == self.model_id else self.model_id)
+        adapter = self.registry.get(model)
+        return self._card(
+            model,
+            parent=None if model == self.model_id else self.model_id,
+            version=adapter.version if adapter is not None else None,
+        )
 
     # -------------------------------------------------------------------------------------- aliases
     async def set_alias(
@@ -149,6 +157,38 @@ class ServedModels:
             task.add_done_callback(self._draining.discard)
         return previous, self.registry.get(model)
 
+    async def promote(
+        self, alias: str, model: str, gate: Mapping[str, Any], *, unload_previous: bool = True
+    ) -> tuple[str | None, Adapter]:
+        """Point `alias` at the served adapter `model` only on the word of a passing gate report (the
+        gate.json of `python -m client gate` or `bench --gate`) that judged this very version of it; else
+        409 saying why (the failing rules, or the version the report judged)."""
+        adapter = self.registry.get(model)
+        if adapter is None:
+            raise AdapterError(f"adapter {model!r} is not served; load it before promoting it", status=404)
+        if gate.get("passed") is not True:
+            rules = gate.get("rules")
+            failing = [
+                str(rule.get("rule"))
+                for rule in (rules if isinstance(rules, list) else [])
+                if isinstance(rule, Mapping) and rule.get("passed") is not True
+            ]
+            raise AdapterError(
+                f"the gate report did not pass, so {model!r} is not promoted to {alias!r}; failing rules: "
+                + ("; ".join(failing) if failing else "none listed (not a gate report?)"),
+                status=409,
+            )
+        versions = gate.get("versions")
+        judged = versions.get(model) if isinstance(versions, Mapping) else None
+        if judged != adapter.version:
+            raise AdapterError(
+                f"the gate report judged {model!r} at version {judged!r}, but this server serves version "
+                f"{adapter.version!r}; gate the version you promote",
+                status=409,
+            )
+        previous, _ = await self.set_alias(alias, model, unload_previous=unload_previous)
+        return previous, adapter
+
     async def delete_alias(self, alias: str) -> str:
         return self.registry.remove_alias(alias)
 
@@ -158,7 +198,7 @@ class ServedModels:
         except AdapterError as exc:  # still busy after --unload-timeout, or unloaded by an admin meanwhile
             log.warning("previous alias target %s stays loaded: %s", name, exc)
 
-    def _card(self, name: str, parent: str | None) -> protocol.ModelCard:
+    def _card(self, name: str, parent: str | None, version: str | None = None) -> protocol.ModelCard:
         return protocol.ModelCard(
             id=name,
             created=self.created,
@@ -166,6 +206,7 @@ class ServedModels:
             root=name,
             parent=parent,
             max_model_len=self.max_model_len,
+            version=version,
         )
 
     # ------------------------------------------------------------------------------------- adapters

@@ -1112,6 +1112,9 @@ class ModelCard(BaseModel):
     parent: str | None = None
     root: str | None = None
     max_model_len: int | None = None
+    # Ours, beside vLLM's fields: an adapter's version (serve.adapters: the sha256 of the weights its
+    # finetune manifest lists, else NAME@N), so a benchmark records which version it scored.
+    version: str | None = None
 
 
 class ModelList(BaseModel):

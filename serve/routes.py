@@ -513,6 +513,36 @@ async def set_alias(body: AliasToServed | AliasToNewAdapter, models: ModelsDep) 
     }
 
 
+class Promotion(BaseModel):
+    """Point `alias` at the served adapter `model`, on the word of a passing gate report that judged it."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN})
+    model: str = Field(min_length=1, max_length=1024)
+    gate: dict[str, Any] = Field(
+        description="the gate.json that `python -m client gate` or `bench --gate` wrote"
+    )
+    unload_previous: bool = True
+
+
+@router.post(
+    "/v1/lora_adapters/promote", dependencies=ADMIN_KEY, responses=errors(400, 401, 403, 404, 409, 503)
+)
+async def promote_adapter(body: Promotion, models: ModelsDep) -> dict[str, Any]:
+    """An alias moves to a new version only if a passing gate report judged that version (its manifest's
+    hash); otherwise 409 with the failing rules or the version the report judged."""
+    previous, adapter = await models.promote(
+        body.alias, body.model, body.gate, unload_previous=body.unload_previous
+    )
+    return {
+        "alias": body.alias,
+        "model": body.model,
+        "version": adapter.version,
+        "previous": previous,
+        "results_sha256": body.gate.get("results_sha256"),
+    }
+
+
 @router.delete("/v1/aliases/{alias}", dependencies=ADMIN_KEY, responses=errors(401, 403, 404, 503))
 async def delete_alias(alias: str, models: ModelsDep) -> dict[str, Any]:
     return {"alias": alias, "deleted": True, "model": await models.delete_alias(alias)}
