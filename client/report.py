@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from client.suite import SuiteResult
+from client.suites import paired_bleu
 from tuneserve.stats import PairedInterval, PairedTest, format_p, holm, paired_intervals, paired_tests
 from tuneserve.tables import format_value, markdown_table, side_by_side
 
@@ -46,12 +47,14 @@ Intervals = dict[str, dict[str, PairedInterval]]
 
 def interval_comparison(results: Mapping[str, SuiteResult]) -> Intervals:
     """Model -> metric -> paired bootstrap interval of its difference from the first model (the baseline),
-    for the continuous scores (ROUGE-L, judge ratings); models without them are left out."""
+    for the continuous scores (ROUGE-L, corpus BLEU, judge ratings); models without them are left out."""
     models = list(results)
     baseline = results[models[0]]
     comparison: Intervals = {}
     for model in models[1:]:
         intervals = paired_intervals(baseline.items, results[model].items, baseline.suite)
+        if baseline.suite == "reference" and (bleu := paired_bleu(baseline.items, results[model].items)):
+            intervals["bleu"] = bleu
         if intervals:
             comparison[model] = intervals
     return comparison

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from client.suite import BenchPrompt, Suite, SuiteResult
 from client.tasks import TaskItem, verify
 from tuneserve.jsonl import read_jsonl
+from tuneserve.stats import PairedInterval, paired_bootstrap_of
 
 if TYPE_CHECKING:
     from client.ifeval import IFEvalItem
@@ -183,6 +184,47 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score) / 100
+
+
+def paired_bleu(
+    baseline_items: Sequence[dict[str, Any]], model_items: Sequence[dict[str, Any]], *, seed: int = 0
+) -> PairedInterval | None:
+    """The paired bootstrap interval of the difference in corpus BLEU (on the [0, 1] scale) between two
+    models' replies to the same reference items (paired by id). Each reply's BLEU sufficient statistics
+    (n-gram matches and totals, lengths) are taken once with sacrebleu; a resample's corpus BLEU is
+    sacrebleu's score of their sums, as sacrebleu's own paired bootstrap computes it."""
+    from sacrebleu.metrics import BLEU
+
+    model_by_id = {str(item["id"]): item for item in model_items}
+    pairs = [
+        (b, model_by_id[str(b["id"])])
+        for b in baseline_items
+        if "reference" in b and b.get("responses") and model_by_id.get(str(b["id"]), {}).get("responses")
+    ]
+    if not pairs:
+        return None
+    import numpy as np
+
+    bleu = BLEU()
+    references = [[str(b["reference"]) for b, _ in pairs]]
+    baseline_stats = np.array(
+        bleu._extract_corpus_statistics([str(b["responses"][0]) for b, _ in pairs], references)
+    )
+    model_stats = np.array(
+        bleu._extract_corpus_statistics([str(m["responses"][0]) for _, m in pairs], references)
+    )
+
+    def score(stats: Any, indices: Any) -> float:
+        return float(bleu._compute_score_from_stats(stats[indices].sum(axis=0).tolist()).score) / 100
+
+    everything = np.arange(len(pairs))
+    return paired_bootstrap_of(
+        len(pairs),
+        score(baseline_stats, everything),
+        score(model_stats, everything),
+        lambda indices: score(model_stats, indices) - score(baseline_stats, indices),
+        seed=seed,
+    )
 
 
 def _reference_item(record: Any, index: int) -> ReferenceItem | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -190,31 +190,13 @@ def paired_bootstrap(
     if not baseline:
         raise ValueError("a paired bootstrap needs at least one item")
     import numpy as np
-    from scipy.stats import bootstrap
 
     differences = np.asarray(model, dtype=float) - np.asarray(baseline, dtype=float)
     mean = float(differences.mean())
     if len(differences) < 2 or np.ptp(differences) <= 1e-12 * max(1.0, abs(mean)):
         low = high = mean  # every resample has the same mean (to rounding): the interval is that point
     else:
-        low, high = math.nan, math.nan
-        # BCa corrects the percentile interval's bias and skew; where its correction cannot be computed
-        # (nearly every difference the same), the percentile interval stands.
-        for method in ("BCa", "percentile"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                result = bootstrap(
-                    (differences,),
-                    np.mean,
-                    n_resamples=resamples,
-                    confidence_level=confidence,
-                    method=method,
-                    vectorized=True,
-                    rng=np.random.default_rng(seed),
-                )
-            low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-            if math.isfinite(low) and math.isfinite(high):
-                break
+        low, high = _bootstrap_interval(differences, np.mean, True, resamples, confidence, seed)
     return PairedInterval(
         n=len(differences),
         baseline_mean=float(np.mean(baseline)),
@@ -225,6 +207,68 @@ def paired_bootstrap(
         resamples=resamples,
         seed=seed,
     )
+
+
+def paired_bootstrap_of(
+    n: int,
+    baseline_score: float,
+    model_score: float,
+    difference: Callable[[Any], float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = 0,
+) -> PairedInterval:
+    """The paired bootstrap interval of a score that is not a mean of per-item scores (corpus BLEU):
+    `difference(indices)` is the model's score minus the baseline's on the items at `indices` (a numpy
+    array, items repeated as drawn), so both are always scored on the same resample."""
+    if n < 1:
+        raise ValueError("a paired bootstrap needs at least one item")
+    import numpy as np
+
+    indices = np.arange(n)
+    if n < 2:
+        low = high = model_score - baseline_score
+    else:
+        low, high = _bootstrap_interval(indices, difference, False, resamples, confidence, seed)
+    return PairedInterval(
+        n=n,
+        baseline_mean=baseline_score,
+        model_mean=model_score,
+        low=low,
+        high=high,
+        confidence=confidence,
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def _bootstrap_interval(
+    data: Any, statistic: Callable[..., Any], vectorized: bool, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """scipy's bootstrap interval of `statistic` over `data`, seeded: BCa, which corrects the percentile
+    interval's bias and skew, or the percentile interval where BCa's correction cannot be computed (nearly
+    every resample alike)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    low = high = math.nan
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = bootstrap(
+                (data,),
+                statistic,
+                n_resamples=resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=vectorized,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            break
+    return low, high
 
 
 def _paired_scores(

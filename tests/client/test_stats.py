@@ -353,3 +353,45 @@ def test_report_reference_suite_has_intervals(tmp_path: Path) -> None:
     assert "## Paired bootstrap intervals" in markdown
     assert "| `tuned` | rouge_l | 40 | 0.438 | 0.688 (+0.250) | [+0.250, +0.250] |" in markdown
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_bleu_interval_resamples_sacrebleus_sufficient_statistics() -> None:
+    from client.suites import corpus_bleu, paired_bleu
+
+    references = [
+        f"the {noun} sat on the mat near the door" for noun in ("cat", "dog", "fox", "owl", "hen")
+    ] * 4
+    weak = ["a cat is here", "the dog", "near the door", "on the mat", "the owl sat"] * 4
+    strong = [reference.replace("door", "window") for reference in references]
+
+    def items(replies: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"id": str(i), "reference": ref, "responses": [reply]}
+            for i, (ref, reply) in enumerate(zip(references, replies, strict=True))
+        ]
+
+    interval = paired_bleu(items(weak), items(strong))
+    assert interval is not None and interval.n == 20
+    # On all the items, the scores are sacrebleu's corpus BLEU of the same replies, exactly.
+    assert interval.baseline_mean == corpus_bleu(weak, references)
+    assert interval.model_mean == corpus_bleu(strong, references)
+    assert 0 < interval.low < interval.difference < interval.high
+    same = paired_bleu(items(weak), items(weak))
+    assert same is not None and (same.low, same.high) == (0.0, 0.0)
+    assert paired_bleu(items(weak), [{"id": "other", "reference": "x", "responses": ["y"]}]) is None
+
+
+def test_report_reference_suite_gives_bleu_an_interval(tmp_path: Path) -> None:
+    def result(replies: list[str]) -> SuiteResult:
+        items = [
+            {"id": str(i), "reference": "one two three four five", "responses": [reply], "rouge_l": 0.5}
+            for i, reply in enumerate(replies)
+        ]
+        return SuiteResult("reference", {"rouge_l": 0.5, "bleu": 0.0}, {}, items)
+
+    results = {"base": result(["one two"] * 10), "tuned": result(["one two three four five"] * 10)}
+    document = json.loads(
+        write_report(tmp_path, {**META, "suite": "reference"}, results)["results"].read_text()
+    )
+    assert set(document["intervals"]["tuned"]) == {"rouge_l", "bleu"}
+    assert document["intervals"]["tuned"]["bleu"]["model_mean"] == pytest.approx(1.0)
