@@ -154,7 +154,11 @@ def _group_test(
 
 
 # The metrics a paired test stands behind: headline ones (tuneserve.stats.paired_tests) and per group.
-_TESTED_HEADLINE = {"ifeval": {"prompt_strict", "instruction_strict"}, "tasks": {"accuracy"}}
+_TESTED_HEADLINE = {
+    "ifeval": {"prompt_strict", "instruction_strict"},
+    "tasks": {"accuracy"},
+    "reference": {"exact_match"},
+}
 _TESTED_GROUP = {"ifeval": {"strict"}, "tasks": {"accuracy"}}
 
 

@@ -100,7 +100,8 @@ def paired_tests(
     """Exact McNemar tests per metric, on the items (SuiteResult.items, or results.json's) both models have.
 
     ifeval: "prompt_strict" (item["prompt_strict"]) and "instruction_strict" (item["follow_strict"],
-    flattened in order); tasks: "accuracy" (item["passed"]). Other suites, or no shared items: {}.
+    flattened in order); tasks: "accuracy" (item["passed"]); reference: "exact_match". Other suites, or no
+    shared items: {}.
     """
     tests: dict[str, PairedTest] = {}
     if suite == "ifeval":
@@ -125,6 +126,12 @@ def paired_tests(
         pairs = _paired_items(baseline_items, model_items, "passed")
         if pairs:
             tests["accuracy"] = mcnemar([b["passed"] for b, _ in pairs], [m["passed"] for _, m in pairs])
+    elif suite == "reference":
+        pairs = _paired_items(baseline_items, model_items, "exact_match")
+        if pairs:
+            tests["exact_match"] = mcnemar(
+                [bool(b["exact_match"]) for b, _ in pairs], [bool(m["exact_match"]) for _, m in pairs]
+            )
     return tests
 
 

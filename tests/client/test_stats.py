@@ -176,7 +176,9 @@ def test_paired_tests_need_per_item_outcomes() -> None:
     assert paired_tests([], [], "tasks") == {}
     assert paired_tests(_task_items([True]), _task_items([False], ["other"]), "tasks") == {}
     reference = [{"id": "a", "responses": ["x"], "exact_match": True}]
-    assert paired_tests(reference, reference, "reference") == {}
+    assert set(paired_tests(reference, reference, "reference")) == {"exact_match"}
+    judged = [{"id": "a", "responses": ["x"], "ratings": [5.0, 6.0]}]
+    assert paired_tests(judged, judged, "mtbench") == {}  # ratings: the bootstrap interval instead
     assert paired_tests([{"id": "a", "responses": ["x"]}], [{"id": "a", "responses": ["y"]}], "tasks") == {}
 
 
@@ -395,3 +397,11 @@ def test_report_reference_suite_gives_bleu_an_interval(tmp_path: Path) -> None:
     )
     assert set(document["intervals"]["tuned"]) == {"rouge_l", "bleu"}
     assert document["intervals"]["tuned"]["bleu"]["model_mean"] == pytest.approx(1.0)
+
+
+def test_paired_tests_reference_exact_match() -> None:
+    baseline = [{"id": str(i), "exact_match": i < 2} for i in range(12)]
+    model = [{"id": str(i), "exact_match": i >= 1} for i in range(12)]  # gains 10, loses 1
+    test = paired_tests(baseline, model, "reference")["exact_match"]
+    assert (test.n, test.gained, test.lost) == (12, 10, 1)
+    assert test.p_value == pytest.approx(_exact_mcnemar(10, 1))
