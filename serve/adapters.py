@@ -437,40 +437,30 @@ class AdapterRegistry:
     def _check_base(self, name: str, path: Path, declared: str | None) -> str:
         """How the adapter fits the served base (a BASE_* value), after _check_weights; AdapterError if not.
 
-        finetune's manifest records the content hash of a local base: that decides. Otherwise the weights
+        finetune's manifest records the hash of a local base's weights (or, older, of its whole folder): that
+        decides. Otherwise the weights
         (already checked against the base's linear layers) decide, and a declared name other than the
         served base's is only a warning: adapters trained elsewhere name the hub id or the path they were
         trained from. Where the base's layers cannot be listed, nothing but the name is left to check.
         """
         recorded = self._manifest_base(path)
-        if (
-            recorded is not None
-            and recorded.get("source") == "local"
-            and recorded.get("weights_sha256")
-            and Path(self.base_model).is_dir()
-        ):
-            # The network alone: the template lock (_check_template) judges the tokenizer and template.
-            if recorded["weights_sha256"] == self._served_base_weights_sha256():
-                return BASE_BY_CONTENT
-            raise AdapterError(
-                f"adapter {name!r} was trained on base model {recorded.get('name')!r} (weights sha256 "
-                f"{recorded['weights_sha256'][:12]}...), but this server serves {self.base_model!r} (weights "
-                f"sha256 {self._served_base_weights_sha256()[:12]}...); they are different models"
-            )
-        if (
-            recorded is not None
-            and recorded.get("source") == "local"
-            and recorded.get("content_sha256")
-            and Path(self.base_model).is_dir()
-        ):
-            if recorded["content_sha256"] == self._served_base_sha256():
-                return BASE_BY_CONTENT
-            raise AdapterError(
-                f"adapter {name!r} was trained on base model {recorded.get('name')!r} "
-                f"(content sha256 {recorded['content_sha256'][:12]}...), "
-                f"but this server serves {self.base_model!r} "
-                f"(content sha256 {self._served_base_sha256()[:12]}...); they are different models"
-            )
+        if recorded is not None and recorded.get("source") == "local" and Path(self.base_model).is_dir():
+            # The config and weights alone when recorded (the template lock, _check_template, judges the
+            # tokenizer and template); else, from adapters made before, the whole folder's content.
+            for what, served_hash in (
+                ("weights", self._served_base_weights_sha256),
+                ("content", self._served_base_sha256),
+            ):
+                trained = recorded.get(f"{what}_sha256")
+                if not trained:
+                    continue
+                if trained == served_hash():
+                    return BASE_BY_CONTENT
+                raise AdapterError(
+                    f"adapter {name!r} was trained on base model {recorded.get('name')!r} ({what} sha256 "
+                    f"{trained[:12]}...), but this server serves {self.base_model!r} ({what} sha256 "
+                    f"{served_hash()[:12]}...); they are different models"
+                )
         checked = self._base_linears() is not None
         if not declared:
             log.warning(
