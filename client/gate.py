@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from client.cli import Commands, CommandSettings, add_command
-from tuneserve.stats import PairedTest, format_p, holm, mcnemar, paired_tests, per_type_tests
+from tuneserve.stats import PairedTest, format_p, holm, paired_tests, per_type_tests
 
 ALL_GROUPS = "*"
 
@@ -143,13 +143,8 @@ def _group_test(
     if suite == "ifeval":
         return per_type_tests(baseline, model).get(group)
     if suite == "tasks":
-        model_by_id = {str(item["id"]): item for item in model}
-        pairs = [
-            (item, model_by_id[str(item["id"])])
-            for item in baseline
-            if item.get("family") == group and str(item["id"]) in model_by_id
-        ]
-        return mcnemar([b["passed"] for b, _ in pairs], [m["passed"] for _, m in pairs]) if pairs else None
+        in_family = [item for item in baseline if item.get("family") == group]
+        return paired_tests(in_family, model, suite).get("accuracy")
     return None
 
 

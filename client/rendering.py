@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from client.bench import BenchError
-from tuneserve.rendering import GOLDEN_CHATS
+from tuneserve.rendering import GOLDEN_CHATS, first_difference
 
 
 def local_ids(tokenizer: Any, chat: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -63,10 +63,7 @@ async def check_rendering(base_url: str, api_key: str, models: Sequence[str], to
 def _difference(
     tokenizer: Any, path: str, model: str, index: int, expected: list[int], served: list[int]
 ) -> str:
-    position = next(
-        (i for i, (a, b) in enumerate(zip(expected, served, strict=False)) if a != b),
-        min(len(expected), len(served)),
-    )
+    position = first_difference(expected, served)
 
     def token(ids: list[int]) -> str:
         if position >= len(ids):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tuneserve.rendering import GOLDEN_CHATS
+from tuneserve.rendering import GOLDEN_CHATS, first_difference
 
 IGNORE_INDEX = -100
 
@@ -305,10 +305,7 @@ def fingerprint_difference(recorded: Mapping[str, Any], current: Mapping[str, An
         if "ids" not in old or "ids" not in new:
             trained, served = old.get("error") or "rendered", new.get("error") or "rendered"
             return f"{where}: trained {trained}, served {served}"
-        position = next(
-            (i for i, (a, b) in enumerate(zip(old["ids"], new["ids"], strict=False)) if a != b),
-            min(len(old["ids"]), len(new["ids"])),
-        )
+        position = first_difference(old["ids"], new["ids"])
         trained, served = _token_at(old, position), _token_at(new, position)
         return f"{where} differs at token {position}: trained {trained}, served {served}"
     for field in _FINGERPRINT_FIELDS:

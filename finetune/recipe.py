@@ -56,7 +56,6 @@ class TrainState:
     label_tokens: int = 0
     train_seconds: float = 0.0
     best_eval_loss: float | None = None  # the lowest eval loss seen
-    best_task_score: float | None = None  # the highest task score seen
     best_step: int | None = None  # the best step by training.best_metric, whose weights best_weights holds
     best_value: float | None = None  # training.best_metric at best_step
     evals_without_improvement: int = 0
@@ -541,9 +540,6 @@ class LoraRecipe:
             passed, n = self._task_passes()
             score = values["task_score"] = passed / n
             state.task_history.append({"step": state.step, "score": score, "passed": passed, "n": n})
-            state.best_task_score = (
-                score if state.best_task_score is None else max(state.best_task_score, score)
-            )
             log.info("step %d: task score %.3f (%d of %d prompts followed)", state.step, score, passed, n)
         value = values.get(training.best_metric)
         if value is None:  # eval loss chosen, and the eval split came out empty
@@ -734,7 +730,7 @@ class LoraRecipe:
             "task_score": state.task_history,
             "initial_task_score": state.task_history[0]["score"] if state.task_history else None,
             "final_task_score": state.task_history[-1]["score"] if state.task_history else None,
-            "best_task_score": state.best_task_score,
+            "best_task_score": max((p["score"] for p in state.task_history), default=None),
             "best_metric": self.config.training.best_metric,
             "best_step": state.best_step,
             "best_value": state.best_value,

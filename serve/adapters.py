@@ -145,8 +145,9 @@ class AdapterRegistry:
         except ValueError as exc:
             raise AdapterError(str(exc)) from exc
         self._check_weights(path, info.base_model)
-        base_check = self._check_base(name, path, info.base_model)
-        self._check_template(name, path)  # the same network: does it see prompts as in training?
+        manifest = self._read_manifest(path)  # read once: the base, the template and the version use it
+        base_check = self._check_base(name, path, info.base_model, manifest)
+        self._check_template(name, manifest)  # the same network: does it see prompts as in training?
         return Adapter(
             name=name,
             path=path,
@@ -154,23 +155,29 @@ class AdapterRegistry:
             rank=info.rank,
             base_model=info.base_model,
             base_check=base_check,
-            version=self._version(name, path),
+            version=self._version(name, manifest),
         )
 
-    def _version(self, name: str, path: Path) -> str:
-        files = self._manifest_files(path)
-        if files:
+    def _version(self, name: str, manifest: dict[str, Any] | None) -> str:
+        files = (manifest or {}).get("files")
+        if isinstance(files, dict) and files:
             return adapter_version(files)
         self._loads[name] = self._loads.get(name, 0) + 1
         return f"{name}@{self._loads[name]}"
 
     @staticmethod
-    def _manifest_files(path: Path) -> dict[str, str] | None:
-        try:
-            files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+    def _read_manifest(path: Path) -> dict[str, Any] | None:
+        """The folder's finetune manifest; None if it has none, or one that cannot be read (with a warning:
+        the checks then fall back to what adapters from other trainers are checked by)."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
             return None
-        return files if isinstance(files, dict) else None
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("adapter %s: ignoring unreadable %s (%s)", path, MANIFEST, exc)
+            return None
+        return manifest if isinstance(manifest, dict) else None
 
     def register(self, adapter: Adapter) -> None:
         """Add a validated adapter; 409 if its name is taken."""
@@ -409,10 +416,10 @@ class AdapterRegistry:
                 self._linears = {}
         return self._linears or None
 
-    def _check_template(self, name: str, path: Path) -> None:
+    def _check_template(self, name: str, manifest: dict[str, Any] | None) -> None:
         """The template lock: an adapter whose manifest records how its training rendered prompts is served
         only where this server renders them the same way (or with a warning, if allowed)."""
-        recorded = self._manifest_field(path, "template")
+        recorded = (manifest or {}).get("template")
         if not isinstance(recorded, dict):
             return  # trained elsewhere, or before the lock existed: nothing recorded to compare
         if self.template is None and self.tokenizer is not None:
@@ -434,7 +441,9 @@ class AdapterRegistry:
             "--allow-template-mismatch to serve it anyway"
         )
 
-    def _check_base(self, name: str, path: Path, declared: str | None) -> str:
+    def _check_base(
+        self, name: str, path: Path, declared: str | None, manifest: dict[str, Any] | None
+    ) -> str:
         """How the adapter fits the served base (a BASE_* value), after _check_weights; AdapterError if not.
 
         finetune's manifest records the hash of a local base's weights (or, older, of its whole folder): that
@@ -443,8 +452,12 @@ class AdapterRegistry:
         served base's is only a warning: adapters trained elsewhere name the hub id or the path they were
         trained from. Where the base's layers cannot be listed, nothing but the name is left to check.
         """
-        recorded = self._manifest_base(path)
-        if recorded is not None and recorded.get("source") == "local" and Path(self.base_model).is_dir():
+        recorded = (manifest or {}).get("base_model")
+        if (
+            isinstance(recorded, dict)
+            and recorded.get("source") == "local"
+            and Path(self.base_model).is_dir()
+        ):
             # The config and weights alone when recorded (the template lock, _check_template, judges the
             # tokenizer and template); else, from adapters made before, the whole folder's content.
             for what, served_hash in (
@@ -494,33 +507,10 @@ class AdapterRegistry:
         )
         return BASE_BY_SHAPES
 
-    @staticmethod
-    def _manifest_field(path: Path, field: str) -> Any:
-        """A field of the folder's finetune manifest; None if it has no readable one."""
-        try:
-            return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get(field)
-        except (OSError, ValueError, AttributeError):
-            return None
-
     def _served_base_weights_sha256(self) -> str:
         if self._base_weights_sha256 is None:
             self._base_weights_sha256 = weights_sha256(Path(self.base_model))
         return self._base_weights_sha256
-
-    @staticmethod
-    def _manifest_base(path: Path) -> dict[str, Any] | None:
-        """The `base_model` record of the folder's finetune manifest, if it has a readable one."""
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            return None
-        try:
-            record = json.loads(manifest_path.read_text(encoding="utf-8"))["base_model"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "adapter %s: ignoring unreadable %s (%s); checking the base by name", path, MANIFEST, exc
-            )
-            return None
-        return record if isinstance(record, dict) else None
 
     def _served_base_sha256(self) -> str:
         if self._base_sha256 is None:

@@ -6,8 +6,15 @@ bench --tokenizer` compares an endpoint's rendering of them with a local tokeniz
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    """The position of the first token where two renderings differ (the shorter's length if one is the
+    other's prefix); call it only on renderings that differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
 
 GOLDEN_CHATS: tuple[tuple[Mapping[str, Any], ...], ...] = (
     ({"role": "user", "content": "Hello! What can you do?"},),
