@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 LOCK   := requirements/cpu-lock.txt
 comma  := ,
 
-.PHONY: install lock test lint typecheck pytest soak demo ifeval bench base tiny-base clean
+.PHONY: install lock test lint typecheck pytest soak demo ifeval bench base tiny-base image image-test container-engine clean
 DEMO_OUT ?= demo-out
 
 install: $(STAMP)
@@ -36,7 +36,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile Dockerfile.cpu
 
 typecheck: install
 	$(BIN)/mypy
@@ -93,6 +93,22 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.finetune_throughput
 	$(BIN)/python -m bench.batch_invariance
 	$(BIN)/python -m bench.cluster_overhead
+
+# The server's container image (python -m pipeline image): the CPU one (Dockerfile.cpu) here, the CUDA one
+# (Dockerfile) with ENGINE=gpu. podman when present, else docker; without either (or with a docker CLI whose
+# daemon does not answer) podman comes from Debian's packages, with debootstrap for the CPU image's base.
+container-engine:
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null || docker info >/dev/null 2>&1 || \
+	  apt-get install -y -q podman runc debootstrap >/dev/null || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q podman runc debootstrap >/dev/null; }
+
+image: install container-engine
+	$(BIN)/python -m pipeline image $(if $(filter gpu,$(ENGINE)),--gpu)
+
+# Build (or reuse the cached layers of) the CPU image and run it as the README says: a first build takes
+# several minutes, so this is not part of make test.
+image-test: install container-engine
+	TUNESERVE_IMAGE_TEST=1 $(BIN)/python -m pytest tests/image $(PYTEST_ARGS)
 
 # After a change to pyproject.toml's dependencies: install them without the lock's pins, write the new lock
 # (then make test).

@@ -1,7 +1,8 @@
 """Command line of the pipeline: `python -m pipeline <command> ...`.
 
 `demo` runs the whole product end to end (fine-tune, serve, bench, load, report) through the command lines
-of finetune, serve and client; `base NAME` builds (or reuses) a base in its cache folder (.cache/NAME).
+of finetune, serve and client; `base NAME` builds (or reuses) a base in its cache folder (.cache/NAME);
+`image` builds the server's container image.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from pipeline.bases import REPO_ROOT, build_base_command
 from pipeline.demo import add_demo_command
+from pipeline.image import add_image_command
 
 
 def _add_base_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_command(commands)
     _add_base_command(commands)
+    add_image_command(commands)
     return parser
 
 

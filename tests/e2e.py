@@ -46,6 +46,15 @@ QUESTIONS = [
 ]
 
 
+def engine_flags() -> list[str]:
+    """ENGINE_ARGS as the server's command-line flags."""
+    flags: list[str] = []
+    for key, value in ENGINE_ARGS.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
 def train_adapter(tiny_base: Path, families: list[str], data_dir: Path, out: Path) -> Path:
     from client.tasks import write_task_data
 
@@ -163,10 +172,7 @@ def start_server(
         "--adapters-dir",
         str(adapters_dir),
     ]
-    args += ["--host", "127.0.0.1", "--port", str(port)]
-    for key, value in ENGINE_ARGS.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+    args += ["--host", "127.0.0.1", "--port", str(port), *engine_flags()]
     server = Server(
         name="serve",
         command=[*args, *extra],

@@ -27,7 +27,8 @@ from serve.cluster.ingress import request_model
 from serve.cluster.replica import AFFINITY_HEADER, REPLICA_HEADER, per_node_settings
 from serve.cluster.settings import ClusterSettings
 from serve.settings import ServeSettings
-from tests.e2e import ENGINE_ARGS, QUESTIONS, start_server, stop_server, wait_healthy
+from tests.e2e import QUESTIONS, start_server, stop_server, wait_healthy
+from tests.e2e import engine_flags as e2e_engine_flags
 from tests.finetune.conftest import REPO_ROOT
 
 # Six adapters, two replicas with two LoRA slots each (ENGINE_ARGS' max_loras): the copies serve under their
@@ -45,11 +46,7 @@ MAX_TOKENS = 24
 
 
 def engine_flags() -> list[str]:
-    flags: list[str] = []
-    for key, value in ENGINE_ARGS.items():
-        flag = "--" + key.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
-    return [*flags, *SERVE_FLAGS]
+    return [*e2e_engine_flags(), *SERVE_FLAGS]
 
 
 # ----------------------------------------------------------------------------------- the command line

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from pipeline.launch import ServerProcess, free_port
-from tests.e2e import ENGINE_ARGS, Server, start_server, stop_server
+from tests.e2e import Server, engine_flags, start_server, stop_server
 from tests.finetune.conftest import REPO_ROOT
 from tests.toolcalls import TOOLS, WEATHER_QUESTION
 
@@ -58,9 +58,7 @@ def servers(
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_base)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--generation-config", "vllm", *PARSER_FLAGS]
     command += ["--enable-lora", "--lora-modules", lora]
-    for key, value in ENGINE_ARGS.items():
-        flag = "--" + key.replace("_", "-")
-        command += [flag] if value is True else [flag, str(value)]
+    command += engine_flags()
     theirs = ServerProcess("vllm", command, f"http://127.0.0.1:{port}", root / "vllm.log", cwd=REPO_ROOT)
     theirs.launch()
     try:

@@ -20,7 +20,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VLL
 from pipeline.launch import ServerProcess, free_port
 from serve import protocol
 from serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from tests.e2e import ENGINE_ARGS, Server, start_server, stop_server
+from tests.e2e import Server, engine_flags, start_server, stop_server
 from tests.finetune.conftest import REPO_ROOT
 
 # Fields OpenAI's API has (ours models them, or refuses them by name).
@@ -250,9 +250,7 @@ def both_servers(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     command += ["--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--enable-lora"]
     # vLLM's defaults for unset sampling fields (ours are OpenAI's), not the base's generation_config.
     command += ["--generation-config", "vllm"]
-    for key, value in ENGINE_ARGS.items():
-        flag = "--" + key.replace("_", "-")
-        command += [flag] if value is True else [flag, str(value)]
+    command += engine_flags()
     theirs = ServerProcess("vllm", command, f"http://127.0.0.1:{port}", root / "vllm.log", cwd=REPO_ROOT)
     theirs.launch()
     try:
