@@ -352,7 +352,7 @@ def build_app(
 ) -> FastAPI:
     """The app; `request_stop` asks the HTTP server to shut down (the engine failed to start, or died);
     `clock` times the keys' rate limits."""
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(max_loras=settings.max_loras)
     tenants = settings.tenants(clock)
     if settings.api_keys_file is not None:
         log.info("API keys of %d tenants: %s", len(tenants.keys), ", ".join(tenants.names))

@@ -4,7 +4,11 @@ vLLM lacks: vLLM labels everything with the base's name only, these tell the bas
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
+import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
@@ -28,7 +32,7 @@ class ServerMetrics:
     `vllm:lora_requests_info`) in prometheus_client's process-wide registry; `render` serves it, then ours.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_loras: int = 1) -> None:
         self.registry = CollectorRegistry()
         labels = ["model", "endpoint"]
         self.requests = Counter(
@@ -86,6 +90,15 @@ class ServerMetrics:
             buckets=histogram_buckets("request_latency"),  # vLLM's for its queue time
             registry=self.registry,
         )
+        self.lora_slot_wait = Histogram(
+            "tuneserve_lora_slot_wait_seconds",
+            "Part of an adapter request's time in vLLM's queue during which the engine's batch held "
+            "--max-loras other adapters, so vLLM could not schedule it (to the engine step).",
+            ["model"],
+            buckets=histogram_buckets("request_latency"),
+            registry=self.registry,
+        )
+        self.lora_slots = LoRASlotTimeline(max_loras)
         self.adapters = _AdapterTiersCollector()
         self.registry.register(self.adapters)
         self.served = CollectorRegistry(auto_describe=False)
@@ -105,8 +118,9 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.served)
 
-    def track(self, model: str) -> GenerationTracker:
-        return GenerationTracker(self, model)
+    def track(self, model: str, lora_id: int | None = None) -> GenerationTracker:
+        """A tracker of one engine request for `model`, whose adapter (if any) has the engine id `lora_id`."""
+        return GenerationTracker(self, model, lora_id)
 
     def count_tenant(self, tenant: str, status: int) -> None:
         self.tenant_requests.labels(tenant, str(status)).inc()
@@ -205,12 +219,16 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 
 class GenerationTracker:
     """Records one engine request's per-model series from vLLM's own request stats (`RequestOutput.metrics`,
-    which the engine fills since this server keeps vLLM's stats on)."""
+    which the engine fills since this server keeps vLLM's stats on). `close` must end every tracker."""
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+    def __init__(self, metrics: ServerMetrics, model: str, lora_id: int | None = None) -> None:
         self.metrics = metrics
         self.model = model
         self.first_token_seen = False
+        self.lora_id = lora_id
+        self.slots = metrics.lora_slots
+        self.ticket = self.slots.submitted() if lora_id is not None else None
+        self.running = False  # holds a place in the engine's batch (as far as the slots are concerned)
 
     def first_token(self, output: RequestOutput) -> None:
         if not self.first_token_seen and output.metrics is not None:
@@ -221,14 +239,106 @@ class GenerationTracker:
                 self.metrics.queue_time.labels(self.model).observe(
                     max(0.0, stats.scheduled_ts - stats.queued_ts)
                 )
+                if self.lora_id is not None and self.ticket is not None:
+                    waited = self.slots.scheduled(
+                        self.ticket, self.lora_id, stats.queued_ts, stats.scheduled_ts
+                    )
+                    self.metrics.lora_slot_wait.labels(self.model).observe(waited)
+                    self.ticket, self.running = None, True
 
     def finished(self, output: RequestOutput) -> None:
         if output.metrics is not None:
             self.metrics.e2e.labels(self.model).observe(time.time() - output.metrics.arrival_time)
+            if self.running and self.lora_id is not None and output.metrics.last_token_ts:
+                self.slots.ended(self.lora_id, output.metrics.last_token_ts)
+                self.running = False
 
     def aborted(self) -> None:
         self.metrics.aborted.labels(self.model).inc()
 
+    def close(self) -> None:
+        """The engine request is over (finished, aborted or refused): its place in the slots is released."""
+        if self.ticket is not None:
+            self.slots.forget(self.ticket)
+            self.ticket = None
+        if self.running and self.lora_id is not None:
+            self.slots.ended(self.lora_id, self.slots.clock())
+            self.running = False
+
     def tokens(self, prompt: int, generated: int) -> None:
         self.metrics.prompt_tokens.labels(self.model).inc(prompt)
         self.metrics.generation_tokens.labels(self.model).inc(generated)
+
+
+class LoRASlotTimeline:
+    """Which adapters the engine's batch held over time, to tell how long a queued request's adapter was shut
+    out: vLLM's scheduler skips a waiting request whose adapter would make the batch hold more than
+    --max-loras adapters. vLLM reports neither that nor which adapters wait (its per-adapter waiting counts
+    arrive only once a request is scheduled), so the batch is rebuilt here from each adapter request's
+    scheduled and last-token times: engine-core timestamps on the system's monotonic clock, as precise as an
+    engine step (a request enters the batch here when its first token arrives, stamped with its scheduling
+    time, so a prefill of several steps is seen late). A preempted request counts as held until it ends.
+
+    Events are kept from the submission of the oldest request still waiting to be scheduled (`horizon`): no
+    later wait can reach back further, so older ones fold into `base`, the batch at the horizon.
+    """
+
+    def __init__(self, max_loras: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_loras = max_loras
+        self.clock = clock  # the engine core's clock
+        self.base: collections.Counter[int] = collections.Counter()  # adapter id -> requests in the batch
+        self.horizon = float("-inf")
+        self.events: list[tuple[float, int, int]] = []  # (time, adapter id, +1 scheduled / -1 ended), sorted
+        self.waiting: dict[int, float] = {}  # ticket -> submission time, of requests not yet scheduled
+        self.tickets = itertools.count()
+
+    def submitted(self) -> int:
+        ticket = next(self.tickets)
+        self.waiting[ticket] = self.clock()
+        return ticket
+
+    def scheduled(self, ticket: int, lora_id: int, queued: float, scheduled: float) -> float:
+        """Seconds of [queued, scheduled] during which `lora_id` was not in a batch of --max-loras adapters;
+        the request then holds its adapter's place until `ended`."""
+        held = collections.Counter(self.base)
+        start, shut_out = queued, 0.0
+        for at, other, change in self.events:
+            if at >= scheduled:
+                break
+            if at > start:
+                if self._shut_out(held, lora_id):
+                    shut_out += at - start
+                start = at
+            held[other] += change
+        if self._shut_out(held, lora_id) and scheduled > start:
+            shut_out += scheduled - start
+        self.waiting.pop(ticket, None)
+        self._add(scheduled, lora_id, 1)
+        return shut_out
+
+    def ended(self, lora_id: int, at: float) -> None:
+        self._add(at, lora_id, -1)
+
+    def forget(self, ticket: int) -> None:
+        """A request that was never scheduled (refused or aborted while queued)."""
+        self.waiting.pop(ticket, None)
+        self._fold()
+
+    def _shut_out(self, held: collections.Counter[int], lora_id: int) -> bool:
+        adapters = {other for other, count in held.items() if count > 0}
+        return lora_id not in adapters and len(adapters) >= self.max_loras
+
+    def _add(self, at: float, lora_id: int, change: int) -> None:
+        if at <= self.horizon:
+            self.base[lora_id] += change
+        else:
+            bisect.insort(self.events, (at, lora_id, change))
+        self._fold()
+
+    def _fold(self) -> None:
+        self.horizon = max(self.horizon, min(self.waiting.values(), default=self.clock()))
+        folded = bisect.bisect_right(self.events, (self.horizon, math.inf, math.inf))
+        for _, lora_id, change in self.events[:folded]:
+            self.base[lora_id] += change
+        del self.events[:folded]
+        self.base = +self.base  # drop adapters no longer held

@@ -597,7 +597,7 @@ class TrackedStream:
             raise OpenAIError("the engine has stopped; restart the server", status=503, type="server_error")
         self.lora = self.serving.models.request_started(self.lora, self.model)
         try:
-            tracker = self.serving.metrics.track(self.model)
+            tracker = self.serving.metrics.track(self.model, self.lora.lora_int_id if self.lora else None)
             generated: dict[int, int] = {}
             delta = self.params.output_kind.name == "DELTA"  # DELTA outputs carry new tokens only
             finished = False
@@ -626,6 +626,7 @@ class TrackedStream:
                     tracker.aborted()
                 self.completion_tokens = sum(generated.values())
                 tracker.tokens(self.prompt_tokens, self.completion_tokens)
+                tracker.close()
         finally:
             # After the engine request ended or was aborted: an unload waiting on this adapter may go on.
             self.serving.models.request_finished(self.lora)

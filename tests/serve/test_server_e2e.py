@@ -588,6 +588,55 @@ def test_metrics_follow_each_adapter_through_the_engines_tiers(client: openai.Op
     assert ours_queue - ours_queue_before == pytest.approx(vllm_queue - vllm_queue_before, rel=1e-6, abs=1e-9)
 
 
+def test_a_third_adapter_waits_for_a_lora_slot_and_only_then(client: openai.OpenAI, server: Server) -> None:
+    # 2 LoRA slots: while fmt and caps generate, vLLM cannot schedule words; asked one at a time, none waits.
+    def waits(name: str) -> tuple[float, float, float]:
+        return (
+            metric(server, "tuneserve_lora_slot_wait_seconds_count", name),
+            metric(server, "tuneserve_lora_slot_wait_seconds_sum", name),
+            metric(server, "tuneserve_request_queue_time_seconds_sum", name),
+        )
+
+    names = ["fmt", "caps", "words"]
+    before = {name: waits(name) for name in names}
+    for name in names:
+        chat(client, name, QUESTIONS[0])
+    for name in names:
+        count, wait, _ = waits(name)
+        assert (count, wait) == (before[name][0] + 1, before[name][1]), name
+
+    before = {name: waits(name) for name in names}
+    started = threading.Barrier(3)
+
+    def hold_a_slot(name: str) -> None:
+        stream = client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": QUESTIONS[1]}],
+            max_tokens=300,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for i, _ in enumerate(stream):
+            if i == 1:
+                started.wait(timeout=60)
+
+    holders = [threading.Thread(target=hold_a_slot, args=(name,)) for name in ("fmt", "caps")]
+    for holder in holders:
+        holder.start()
+    started.wait(timeout=60)  # both generating
+    sent = time.monotonic()
+    chat(client, "words", QUESTIONS[0])
+    answered_in = time.monotonic() - sent
+    for holder in holders:
+        holder.join(timeout=120)
+    count, wait, queued = (now - then for now, then in zip(waits("words"), before["words"], strict=True))
+    assert count == 1
+    # It waited for a slot (most of its time), never longer than it was queued or than its whole answer.
+    assert 0.1 < wait <= queued + 1e-6 and wait < answered_in
+    for name in ("fmt", "caps"):
+        assert waits(name)[1] == before[name][1], name  # scheduled at once: 2 slots for 2 adapters
+
+
 def test_aborted_stream_frees_its_request(server: Server) -> None:
     aborted = metric(server, "tuneserve_requests_aborted_total", "words")
     body = {
