@@ -1,7 +1,8 @@
-# GPU image: vLLM's official CUDA image (same engine version as the `gpu` extra) plus this package.
-#   docker build -t tuneserve .
-#   docker run --gpus all -p 8000:8000 -v $PWD/adapters:/adapters \
-#     -v ~/.cache/huggingface:/home/app/.cache/huggingface tuneserve \
+# GPU image: vLLM's official CUDA image (same engine version as the `gpu` extra) plus this package; the CPU
+# image (Dockerfile.cpu) keeps the same entrypoint, user, port and HEALTHCHECK.
+#   docker build -t tuneserve:gpu .
+#   docker run --gpus all -p 8000:8000 --shm-size 1g -v $PWD/adapters:/adapters \
+#     -v ~/.cache/huggingface:/home/app/.cache/huggingface tuneserve:gpu \
 #     --base-model Qwen/Qwen2.5-7B-Instruct --adapters-dir /adapters
 FROM vllm/vllm-openai:v0.32.0
 
