@@ -228,7 +228,7 @@ class GenerationTracker:
         self.lora_id = lora_id
         self.slots = metrics.lora_slots
         self.ticket = self.slots.submitted() if lora_id is not None else None
-        self.running = False  # holds a place in the engine's batch (as far as the slots are concerned)
+        self.running: int | None = None  # the adapter whose place in the engine's batch this request holds
 
     def first_token(self, output: RequestOutput) -> None:
         if not self.first_token_seen and output.metrics is not None:
@@ -239,19 +239,19 @@ class GenerationTracker:
                 self.metrics.queue_time.labels(self.model).observe(
                     max(0.0, stats.scheduled_ts - stats.queued_ts)
                 )
-                if self.lora_id is not None and self.ticket is not None:
+                if self.ticket is not None and self.lora_id is not None:
                     waited = self.slots.scheduled(
                         self.ticket, self.lora_id, stats.queued_ts, stats.scheduled_ts
                     )
                     self.metrics.lora_slot_wait.labels(self.model).observe(waited)
-                    self.ticket, self.running = None, True
+                    self.ticket, self.running = None, self.lora_id
 
     def finished(self, output: RequestOutput) -> None:
         if output.metrics is not None:
             self.metrics.e2e.labels(self.model).observe(time.time() - output.metrics.arrival_time)
-            if self.running and self.lora_id is not None and output.metrics.last_token_ts:
-                self.slots.ended(self.lora_id, output.metrics.last_token_ts)
-                self.running = False
+            if self.running is not None and output.metrics.last_token_ts:
+                self.slots.ended(self.running, output.metrics.last_token_ts)
+                self.running = None
 
     def aborted(self) -> None:
         self.metrics.aborted.labels(self.model).inc()
@@ -261,9 +261,9 @@ class GenerationTracker:
         if self.ticket is not None:
             self.slots.forget(self.ticket)
             self.ticket = None
-        if self.running and self.lora_id is not None:
-            self.slots.ended(self.lora_id, self.slots.clock())
-            self.running = False
+        if self.running is not None:
+            self.slots.ended(self.running, self.slots.clock())
+            self.running = None
 
     def tokens(self, prompt: int, generated: int) -> None:
         self.metrics.prompt_tokens.labels(self.model).inc(prompt)
